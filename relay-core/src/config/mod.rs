@@ -1,0 +1,260 @@
+//! Config files for both roles, parsed once into validated types.
+//!
+//! The schema structs (in `sentry_file` and `agent_file`) mirror SPEC.md key by key with
+//! `deny_unknown_fields`; each is converted once into the types below, which hold
+//! `SocketAddr`, `Duration` and `PublicKey` values and never an `Option` that "must be set".
+//! Every error names the file, the line and column, and the key path. Keys that SPEC.md
+//! defines but this version does not implement yet are refused by name rather than ignored:
+//! silently ignoring, say, a `deny` list would be a security hole.
+
+mod agent_file;
+mod error;
+mod sentry_file;
+pub mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{DeserializeOwned, IgnoredAny};
+use toml::Spanned;
+
+use error::Locator;
+pub use error::{ConfigError, ConfigErrors};
+
+use crate::keys::PublicKey;
+
+/// Default `idle_timeout` of a route: a relayed connection silent both ways this long is
+/// closed. P2P links of most chains ping well within it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// A parsed config file of either role.
+#[derive(Debug, Clone)]
+pub enum Config {
+    Sentry(SentryConfig),
+    Agent(AgentConfig),
+}
+
+/// `sentry serve`'s config.
+#[derive(Debug, Clone)]
+pub struct SentryConfig {
+    /// The private key file, resolved against the config file's directory.
+    pub private_key: PathBuf,
+    /// Where agents connect over QUIC (UDP).
+    pub quic_listen: SocketAddr,
+    /// Agents allowed to connect, by pinned key. Names and keys are unique.
+    pub agents: Vec<AgentPeer>,
+    /// Public listeners. Names are unique, listen addresses do not overlap, and every
+    /// upstream names a configured agent.
+    pub routes: Vec<Route>,
+}
+
+/// An agent the sentry lets in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentPeer {
+    pub name: String,
+    pub public_key: PublicKey,
+}
+
+/// A public TCP listener relayed to agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Failover order: the first connected agent that answers ok serves (at least one).
+    pub upstreams: Vec<Upstream>,
+    /// A relayed connection silent in both directions this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// `agent/service` in a route's upstream list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub agent: String,
+    pub service: String,
+}
+
+/// `sentry agent`'s config.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub name: String,
+    /// The private key file, resolved against the config file's directory.
+    pub private_key: PathBuf,
+    /// Sentries to keep a tunnel to (at least one).
+    pub sentries: Vec<SentryPeer>,
+    /// The only targets a sentry can reach (at least one, names unique).
+    pub services: Vec<Service>,
+}
+
+/// A sentry the agent dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentryPeer {
+    /// `HOST:PORT`, resolved at every connection attempt.
+    pub address: String,
+    pub public_key: PublicKey,
+    pub transport: TransportKind,
+}
+
+/// How the agent reaches a sentry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Quic,
+}
+
+/// A service the agent exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub target: SocketAddr,
+}
+
+/// Read and validate a config file of either role; the role is told by its top table
+/// (`[sentry]` or `[agent]`).
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = read(path)?;
+    let loc = Locator {
+        file: path,
+        text: &text,
+    };
+    let table: toml::Table = toml::from_str(&text).map_err(|e| toml_error(&loc, "", &e))?;
+    let is_table = |key: &str| table.get(key).is_some_and(toml::Value::is_table);
+    if is_table("sentry") {
+        sentry_file::parse(&loc).map(Config::Sentry)
+    } else if is_table("agent") {
+        agent_file::parse(&loc).map(Config::Agent)
+    } else {
+        Err(loc
+            .error(
+                None,
+                "",
+                "neither a sentry config (it has no [sentry] table) nor an agent config \
+                 (it has no [agent] table)",
+            )
+            .into())
+    }
+}
+
+/// Read and validate a `sentry serve` config.
+pub fn load_sentry(path: &Path) -> Result<SentryConfig, ConfigErrors> {
+    let text = read(path)?;
+    sentry_file::parse(&Locator {
+        file: path,
+        text: &text,
+    })
+}
+
+/// Read and validate a `sentry agent` config.
+pub fn load_agent(path: &Path) -> Result<AgentConfig, ConfigErrors> {
+    let text = read(path)?;
+    agent_file::parse(&Locator {
+        file: path,
+        text: &text,
+    })
+}
+
+/// Validate sentry config text; `path` names it in errors and anchors relative key paths.
+pub fn parse_sentry(path: &Path, text: &str) -> Result<SentryConfig, ConfigErrors> {
+    sentry_file::parse(&Locator { file: path, text })
+}
+
+/// Validate agent config text; `path` names it in errors and anchors relative key paths.
+pub fn parse_agent(path: &Path, text: &str) -> Result<AgentConfig, ConfigErrors> {
+    agent_file::parse(&Locator { file: path, text })
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigError {
+            file: path.to_owned(),
+            position: None,
+            key: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }
+        .into()
+    })
+}
+
+fn toml_error(loc: &Locator<'_>, key: &str, error: &toml::de::Error) -> ConfigError {
+    loc.error(error.span(), key, error.message().trim_end())
+}
+
+/// Deserialize the whole file into a schema struct, keeping the key path of the first error.
+fn deserialize<T: DeserializeOwned>(loc: &Locator<'_>) -> Result<T, ConfigErrors> {
+    let de = toml::Deserializer::parse(loc.text).map_err(|e| toml_error(loc, "", &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        toml_error(loc, &key, e.inner()).into()
+    })
+}
+
+/// A key SPEC.md defines that this version does not implement yet.
+type Reserved = Option<Spanned<IgnoredAny>>;
+
+/// Collects validation errors so the operator sees all of them at once.
+struct Checker<'a> {
+    loc: &'a Locator<'a>,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Checker<'a> {
+    fn new(loc: &'a Locator<'a>) -> Self {
+        Self {
+            loc,
+            errors: Vec::new(),
+        }
+    }
+
+    fn fail<T>(
+        &mut self,
+        spanned: &Spanned<T>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let error = self.loc.error(Some(spanned.span()), key, message);
+        self.errors.push(error);
+    }
+
+    fn reserved(&mut self, value: &Reserved, key: impl Into<String>, arrives_with: &str) {
+        if let Some(value) = value {
+            self.fail(
+                value,
+                key,
+                format!("not supported by this version of sentry yet ({arrives_with}); remove it"),
+            );
+        }
+    }
+
+    /// Report names seen twice; `key` builds the key path of entry `i`.
+    fn unique<'n>(
+        &mut self,
+        names: impl IntoIterator<Item = &'n Spanned<impl AsRef<str> + 'n>>,
+        what: &str,
+        key: impl Fn(usize) -> String,
+    ) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, name) in names.into_iter().enumerate() {
+            if !seen.insert(name.get_ref().as_ref().to_owned()) {
+                self.fail(
+                    name,
+                    key(i),
+                    format!("duplicate {what} {:?}", name.get_ref().as_ref()),
+                );
+            }
+        }
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+
+    /// A key file path, relative paths taken from the config file's directory.
+    fn key_path(&self, path: &str) -> PathBuf {
+        let base = self.loc.file.parent().unwrap_or_else(|| Path::new("."));
+        base.join(path)
+    }
+}

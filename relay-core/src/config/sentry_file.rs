@@ -1,0 +1,267 @@
+//! The schema of `sentry.toml` and its conversion into [`SentryConfig`].
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::units::{Addr, HumanDuration, Key, Name, check_name};
+use super::{
+    AgentPeer, Checker, ConfigErrors, DEFAULT_IDLE_TIMEOUT, Locator, Reserved, Route, SentryConfig,
+    Upstream, deserialize,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Doc {
+    sentry: SentryTable,
+    #[serde(default)]
+    agent: Vec<AgentTable>,
+    wireguard_peer: Reserved,
+    #[serde(default)]
+    route: Vec<RouteTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SentryTable {
+    private_key: Spanned<String>,
+    quic_listen: Spanned<Addr>,
+    wireguard_listen: Reserved,
+    wireguard_address: Reserved,
+    tls_listen: Reserved,
+    metrics_listen: Reserved,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentTable {
+    name: Spanned<Name>,
+    public_key: Spanned<Key>,
+    wireguard_address: Reserved,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Protocol {
+    Tcp,
+    Udp,
+    Jsonrpc,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ProxyProtocol {
+    Off,
+    V1,
+    V2,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTable {
+    name: Spanned<Name>,
+    listen: Spanned<Addr>,
+    protocol: Option<Spanned<Protocol>>,
+    upstream: Spanned<Vec<Spanned<String>>>,
+    idle_timeout: Option<HumanDuration>,
+    proxy_protocol: Option<Spanned<ProxyProtocol>>,
+    allow: Reserved,
+    deny: Reserved,
+    max_connections: Reserved,
+    max_connections_per_ip: Reserved,
+    connect_rate_per_ip: Reserved,
+    jsonrpc: Reserved,
+    tls: Reserved,
+}
+
+pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
+    let doc: Doc = deserialize(loc)?;
+    let mut check = Checker::new(loc);
+    let s = &doc.sentry;
+    check.reserved(
+        &s.wireguard_listen,
+        "sentry.wireguard_listen",
+        "the WireGuard transport",
+    );
+    check.reserved(
+        &s.wireguard_address,
+        "sentry.wireguard_address",
+        "the WireGuard transport",
+    );
+    check.reserved(&s.tls_listen, "sentry.tls_listen", "the TLS transport");
+    check.reserved(
+        &s.metrics_listen,
+        "sentry.metrics_listen",
+        "metrics and health",
+    );
+    check.reserved(
+        &doc.wireguard_peer,
+        "wireguard_peer",
+        "the WireGuard transport",
+    );
+
+    check.unique(doc.agent.iter().map(|a| &a.name), "agent name", |i| {
+        format!("agent[{i}].name")
+    });
+    let mut keys = HashSet::new();
+    for (i, agent) in doc.agent.iter().enumerate() {
+        check.reserved(
+            &agent.wireguard_address,
+            format!("agent[{i}].wireguard_address"),
+            "the WireGuard transport",
+        );
+        if !keys.insert(agent.public_key.get_ref().0) {
+            check.fail(
+                &agent.public_key,
+                format!("agent[{i}].public_key"),
+                "this key is already pinned for another agent; each agent needs its own key",
+            );
+        }
+    }
+    let agents: Vec<AgentPeer> = doc
+        .agent
+        .iter()
+        .map(|a| AgentPeer {
+            name: a.name.get_ref().0.clone(),
+            public_key: a.public_key.get_ref().0,
+        })
+        .collect();
+
+    check.unique(doc.route.iter().map(|r| &r.name), "route name", |i| {
+        format!("route[{i}].name")
+    });
+    let mut routes = Vec::with_capacity(doc.route.len());
+    let mut listens: Vec<SocketAddr> = Vec::new();
+    for (i, table) in doc.route.iter().enumerate() {
+        let listen = table.listen.get_ref().0;
+        if let Some(other) = listens.iter().position(|l| overlaps(*l, listen)) {
+            check.fail(
+                &table.listen,
+                format!("route[{i}].listen"),
+                format!(
+                    "{listen} overlaps the listen address of route[{other}] ({})",
+                    listens[other]
+                ),
+            );
+        }
+        listens.push(listen);
+        routes.push(route(&mut check, i, table, &agents));
+    }
+
+    let config = SentryConfig {
+        private_key: check.key_path(s.private_key.get_ref()),
+        quic_listen: s.quic_listen.get_ref().0,
+        agents,
+        routes,
+    };
+    check.finish(config)
+}
+
+fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentPeer]) -> Route {
+    let key = |field: &str| format!("route[{i}].{field}");
+    if let Some(protocol) = &table.protocol {
+        match protocol.get_ref() {
+            Protocol::Tcp => {}
+            Protocol::Udp => check.fail(
+                protocol,
+                key("protocol"),
+                "protocol \"udp\" is not supported by this version of sentry yet; use \"tcp\"",
+            ),
+            Protocol::Jsonrpc => check.fail(
+                protocol,
+                key("protocol"),
+                "protocol \"jsonrpc\" is not supported by this version of sentry yet; use \"tcp\"",
+            ),
+        }
+    }
+    if let Some(proxy) = &table.proxy_protocol {
+        if !matches!(proxy.get_ref(), ProxyProtocol::Off) {
+            check.fail(
+                proxy,
+                key("proxy_protocol"),
+                "PROXY protocol is not supported by this version of sentry yet; use \"off\"",
+            );
+        }
+    }
+    for (field, value, what) in [
+        ("allow", &table.allow, "admission control"),
+        ("deny", &table.deny, "admission control"),
+        (
+            "max_connections",
+            &table.max_connections,
+            "admission control",
+        ),
+        (
+            "max_connections_per_ip",
+            &table.max_connections_per_ip,
+            "admission control",
+        ),
+        (
+            "connect_rate_per_ip",
+            &table.connect_rate_per_ip,
+            "admission control",
+        ),
+        ("jsonrpc", &table.jsonrpc, "JSON-RPC routes"),
+        ("tls", &table.tls, "JSON-RPC routes"),
+    ] {
+        check.reserved(value, key(field), what);
+    }
+    if table.upstream.get_ref().is_empty() {
+        check.fail(
+            &table.upstream,
+            key("upstream"),
+            "a route needs at least one upstream (\"agent/service\")",
+        );
+    }
+    check.unique(table.upstream.get_ref().iter(), "upstream", |j| {
+        format!("route[{i}].upstream[{j}]")
+    });
+    let mut upstreams = Vec::new();
+    for (j, entry) in table.upstream.get_ref().iter().enumerate() {
+        match upstream(entry.get_ref(), agents) {
+            Ok(up) => upstreams.push(up),
+            Err(message) => check.fail(entry, format!("route[{i}].upstream[{j}]"), message),
+        }
+    }
+    Route {
+        name: table.name.get_ref().0.clone(),
+        listen: table.listen.get_ref().0,
+        upstreams,
+        idle_timeout: table
+            .idle_timeout
+            .as_ref()
+            .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+    }
+}
+
+fn upstream(text: &str, agents: &[AgentPeer]) -> Result<Upstream, String> {
+    let Some((agent, service)) = text.split_once('/') else {
+        return Err(format!(
+            "invalid upstream {text:?}: expected \"agent/service\", such as \"validator-1/p2p\""
+        ));
+    };
+    check_name(agent)
+        .and_then(|()| check_name(service))
+        .map_err(|e| format!("invalid upstream {text:?}: {e}"))?;
+    if !agents.iter().any(|a| a.name == agent) {
+        let known: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+        return Err(format!(
+            "upstream {text:?} names agent {agent:?}, which no [[agent]] defines (known: {known:?})"
+        ));
+    }
+    Ok(Upstream {
+        agent: agent.to_owned(),
+        service: service.to_owned(),
+    })
+}
+
+/// Two TCP listen addresses conflict when their ports match and either their IPs match or one
+/// is a wildcard (a `[::]` socket may also take IPv4, so wildcards conflict across families).
+/// Port 0 (any free port, used by tests and the demo) never conflicts.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}

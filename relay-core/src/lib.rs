@@ -1,0 +1,16 @@
+//! `relay-core`: everything the `sentry` binary does except the command line.
+//!
+//! The pure core (config parsing and validation, keys, the relay header, backoff) takes its
+//! inputs as arguments and never reads the clock or the network. The shell (the QUIC
+//! transport, the sentry and agent engines, the byte pump) moves bytes and drives timers.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod backoff;
+pub mod clock;
+pub mod config;
+pub mod keys;
+pub mod log_limit;
+pub mod relay;
+pub mod sentry;
+pub mod transport;

@@ -1,0 +1,320 @@
+//! The relay header codec: pure, bounded, versioned.
+//!
+//! Wire form (all integers big-endian):
+//!
+//! ```text
+//! version:u8 (=1)  body_len:u8  body[body_len]
+//! body = flags:u8 (=0)  route_len:u8 route  service_len:u8 service
+//!        family:u8 (4|6)  ip[4|16]  port:u16
+//! ```
+//!
+//! The length prefix lets a reader take exactly one header off a stream without reading into
+//! the payload, and bounds it: no header is longer than [`MAX_HEADER_LEN`]. Names are checked
+//! with the same rule as config names, so a hostile sentry cannot smuggle odd bytes into the
+//! agent's logs. Unknown versions and flags are refused, not guessed at.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::config::units::check_name;
+
+/// The header version this build writes and reads.
+pub const VERSION: u8 = 1;
+/// Upper bound of an encoded header (2 prefix bytes plus a body of at most 255).
+pub const MAX_HEADER_LEN: usize = 2 + u8::MAX as usize;
+
+/// What the sentry tells the agent about a relayed connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The sentry route the client came in on (for the agent's logs).
+    pub route: String,
+    /// The agent service to connect to.
+    pub service: String,
+    /// The public client's address as the sentry saw it.
+    pub client: SocketAddr,
+}
+
+/// The agent's one-byte answer to a header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Connected to the service; payload follows.
+    Ok = 0,
+    /// The agent exports no service of that name.
+    UnknownService = 1,
+    /// The service refused the connection (nothing listening).
+    ConnectRefused = 2,
+    /// The service could not be reached in time, or another local error.
+    ConnectFailed = 3,
+    /// The header was malformed or of an unknown version.
+    BadHeader = 4,
+    /// The agent is shutting down and takes no new connections; try another upstream.
+    ShuttingDown = 5,
+}
+
+/// Why a header could not be decoded or encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("unsupported relay header version {0}")]
+    Version(u8),
+    #[error("relay header truncated")]
+    Truncated,
+    #[error("relay header has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("relay header has unknown flags {0:#04x}")]
+    Flags(u8),
+    #[error("relay header has an invalid name")]
+    Name,
+    #[error("relay header has unknown address family {0}")]
+    Family(u8),
+    #[error("relay header too long")]
+    TooLong,
+    #[error("reading the relay header: {0}")]
+    Io(std::io::ErrorKind),
+}
+
+impl Header {
+    /// The wire form. Fails only for names that config validation would have refused.
+    pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&[VERSION, 0, 0]);
+        for name in [&self.route, &self.service] {
+            check_name(name).map_err(|_| HeaderError::Name)?;
+            out.push(u8::try_from(name.len()).map_err(|_| HeaderError::Name)?);
+            out.extend_from_slice(name.as_bytes());
+        }
+        match self.client.ip() {
+            IpAddr::V4(ip) => {
+                out.push(4);
+                out.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                out.push(6);
+                out.extend_from_slice(&ip.octets());
+            }
+        }
+        out.extend_from_slice(&self.client.port().to_be_bytes());
+        out[1] = u8::try_from(out.len() - 2).map_err(|_| HeaderError::TooLong)?;
+        Ok(out)
+    }
+
+    /// Decode one complete header; `bytes` must hold exactly one.
+    pub fn decode(bytes: &[u8]) -> Result<Self, HeaderError> {
+        let (&[version, len], body) = split(bytes, 2)? else {
+            unreachable!("split returned 2 bytes")
+        };
+        if version != VERSION {
+            return Err(HeaderError::Version(version));
+        }
+        match body.len().cmp(&usize::from(len)) {
+            std::cmp::Ordering::Less => Err(HeaderError::Truncated),
+            std::cmp::Ordering::Greater => {
+                Err(HeaderError::Trailing(body.len() - usize::from(len)))
+            }
+            std::cmp::Ordering::Equal => Self::decode_body(body),
+        }
+    }
+
+    fn decode_body(body: &[u8]) -> Result<Self, HeaderError> {
+        let (&[flags], rest) = split(body, 1)? else {
+            unreachable!()
+        };
+        if flags != 0 {
+            return Err(HeaderError::Flags(flags));
+        }
+        let (route, rest) = name(rest)?;
+        let (service, rest) = name(rest)?;
+        let (&[family], rest) = split(rest, 1)? else {
+            unreachable!()
+        };
+        let (ip, rest) = match family {
+            4 => {
+                let (ip, rest) = split(rest, 4)?;
+                let ip: [u8; 4] = ip.try_into().map_err(|_| HeaderError::Truncated)?;
+                (IpAddr::V4(Ipv4Addr::from(ip)), rest)
+            }
+            6 => {
+                let (ip, rest) = split(rest, 16)?;
+                let ip: [u8; 16] = ip.try_into().map_err(|_| HeaderError::Truncated)?;
+                (IpAddr::V6(Ipv6Addr::from(ip)), rest)
+            }
+            other => return Err(HeaderError::Family(other)),
+        };
+        let (&[hi, lo], rest) = split(rest, 2)? else {
+            unreachable!()
+        };
+        if !rest.is_empty() {
+            return Err(HeaderError::Trailing(rest.len()));
+        }
+        Ok(Self {
+            route,
+            service,
+            client: SocketAddr::new(ip, u16::from_be_bytes([hi, lo])),
+        })
+    }
+
+    /// Read exactly one header from a stream (at most [`MAX_HEADER_LEN`] bytes).
+    ///
+    /// Not cancel-safe: a cancelled read leaves the stream mid-header.
+    pub async fn read_from<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, HeaderError> {
+        let mut buf = [0u8; MAX_HEADER_LEN];
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => HeaderError::Truncated,
+            kind => HeaderError::Io(kind),
+        };
+        reader.read_exact(&mut buf[..2]).await.map_err(io)?;
+        if buf[0] != VERSION {
+            return Err(HeaderError::Version(buf[0]));
+        }
+        let end = 2 + usize::from(buf[1]);
+        reader.read_exact(&mut buf[2..end]).await.map_err(io)?;
+        Self::decode(&buf[..end])
+    }
+}
+
+impl Status {
+    /// The status a byte stands for; `None` for bytes this version does not know.
+    #[must_use]
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            0 => Self::Ok,
+            1 => Self::UnknownService,
+            2 => Self::ConnectRefused,
+            3 => Self::ConnectFailed,
+            4 => Self::BadHeader,
+            5 => Self::ShuttingDown,
+            _ => return None,
+        })
+    }
+}
+
+fn split(bytes: &[u8], n: usize) -> Result<(&[u8], &[u8]), HeaderError> {
+    if bytes.len() < n {
+        Err(HeaderError::Truncated)
+    } else {
+        Ok(bytes.split_at(n))
+    }
+}
+
+fn name(bytes: &[u8]) -> Result<(String, &[u8]), HeaderError> {
+    let (&[len], rest) = split(bytes, 1)? else {
+        unreachable!()
+    };
+    let (raw, rest) = split(rest, usize::from(len))?;
+    let text = std::str::from_utf8(raw).map_err(|_| HeaderError::Name)?;
+    check_name(text).map_err(|_| HeaderError::Name)?;
+    Ok((text.to_owned(), rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Header {
+        Header {
+            route: "p2p".into(),
+            service: "validator-p2p".into(),
+            client: "203.0.113.10:40000".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn known_bytes() {
+        let bytes = sample().encode().unwrap();
+        let mut want = vec![1, 0, 0, 3, b'p', b'2', b'p', 13];
+        want.extend_from_slice(b"validator-p2p");
+        want.extend_from_slice(&[4, 203, 0, 113, 10, 0x9c, 0x40]);
+        want[1] = u8::try_from(want.len() - 2).unwrap();
+        assert_eq!(bytes, want);
+        assert_eq!(Header::decode(&bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn rejects_malformed() {
+        let good = sample().encode().unwrap();
+        let mut version = good.clone();
+        version[0] = 2;
+        assert_eq!(Header::decode(&version), Err(HeaderError::Version(2)));
+        assert_eq!(
+            Header::decode(&good[..good.len() - 1]),
+            Err(HeaderError::Truncated)
+        );
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(Header::decode(&long), Err(HeaderError::Trailing(1)));
+        let mut flags = good.clone();
+        flags[2] = 0x80;
+        assert_eq!(Header::decode(&flags), Err(HeaderError::Flags(0x80)));
+        let mut name = good.clone();
+        name[4] = b'/';
+        assert_eq!(Header::decode(&name), Err(HeaderError::Name));
+        let mut family = good.clone();
+        let at = good.len() - 7;
+        family[at] = 5;
+        assert_eq!(Header::decode(&family), Err(HeaderError::Family(5)));
+        // A body length that claims more than the names and address use.
+        let mut padded = good.clone();
+        padded.push(0);
+        padded[1] += 1;
+        assert_eq!(Header::decode(&padded), Err(HeaderError::Trailing(1)));
+        assert_eq!(Header::decode(&[]), Err(HeaderError::Truncated));
+        assert_eq!(Header::decode(&[1]), Err(HeaderError::Truncated));
+    }
+
+    #[test]
+    fn encode_refuses_bad_names() {
+        let mut h = sample();
+        h.service = "a b".into();
+        assert_eq!(h.encode(), Err(HeaderError::Name));
+    }
+
+    #[tokio::test]
+    async fn reads_exactly_one_header_from_a_stream() {
+        let mut bytes = sample().encode().unwrap();
+        bytes.extend_from_slice(b"payload");
+        let mut reader = &bytes[..];
+        assert_eq!(Header::read_from(&mut reader).await.unwrap(), sample());
+        assert_eq!(reader, b"payload");
+        let mut short = &bytes[..5];
+        assert_eq!(
+            Header::read_from(&mut short).await,
+            Err(HeaderError::Truncated)
+        );
+    }
+
+    #[test]
+    fn status_bytes() {
+        for s in [
+            Status::Ok,
+            Status::UnknownService,
+            Status::ConnectRefused,
+            Status::ConnectFailed,
+            Status::BadHeader,
+            Status::ShuttingDown,
+        ] {
+            assert_eq!(Status::from_byte(s as u8), Some(s));
+        }
+        assert_eq!(Status::from_byte(6), None);
+    }
+
+    fn name_strategy() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9._-]{1,64}"
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(route in name_strategy(), service in name_strategy(), ip in any::<std::net::IpAddr>(), port in any::<u16>()) {
+            let h = Header { route, service, client: SocketAddr::new(ip, port) };
+            let bytes = h.encode().unwrap();
+            prop_assert!(bytes.len() <= MAX_HEADER_LEN);
+            prop_assert_eq!(Header::decode(&bytes).unwrap(), h);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Header::decode(&bytes);
+        }
+    }
+}

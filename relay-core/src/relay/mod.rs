@@ -1,0 +1,12 @@
+//! The relay protocol spoken inside each tunnel stream, and the byte pump.
+//!
+//! Every relayed connection is one bidirectional tunnel stream. The sentry writes a
+//! [`Header`] first; the agent answers with one [`Status`] byte before any payload, so the
+//! sentry can fail over or close the client at once when the validator is down. After `Ok`,
+//! both sides [`pump`] bytes until both directions have finished.
+
+mod header;
+mod pump;
+
+pub use header::{Header, HeaderError, MAX_HEADER_LEN, Status, VERSION};
+pub use pump::{PumpEnd, PumpStats, pump};

@@ -1,0 +1,207 @@
+//! Moves bytes both ways between a client socket and a tunnel stream.
+//!
+//! Each direction reads into its own buffer and writes what it read before reading again,
+//! so memory per connection is bounded by the two buffers and a slow reader slows its writer
+//! (backpressure) instead of growing a queue. A buffer starts small (an idle P2P link should
+//! not cost 128 KiB) and doubles up to [`MAX_BUF`] while reads keep filling it.
+//!
+//! End of stream in one direction is passed on as a half-close (`shutdown` of the writer) and
+//! the other direction keeps flowing. The pump ends when both directions have finished, when
+//! either fails, or when neither moved a byte for the idle timeout.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::clock;
+
+/// First buffer size of each direction.
+const MIN_BUF: usize = 4 * 1024;
+/// Largest buffer of each direction; large enough that bulk transfers cost few syscalls.
+const MAX_BUF: usize = 256 * 1024;
+
+/// Bytes moved by a pump.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PumpStats {
+    /// Client to tunnel.
+    pub up: u64,
+    /// Tunnel to client.
+    pub down: u64,
+}
+
+/// How a pump ended.
+#[derive(Debug)]
+pub enum PumpEnd {
+    /// Both directions reached end of stream and were half-closed in turn.
+    Done,
+    /// Neither direction moved a byte for the idle timeout.
+    Idle,
+    /// The client side failed (read or write).
+    ClientError(std::io::Error),
+    /// The tunnel side failed (read or write, including a reset stream).
+    TunnelError(std::io::Error),
+}
+
+enum Side {
+    Client,
+    Tunnel,
+}
+
+/// Pump until both directions finish, one fails, or `idle` passes without traffic.
+///
+/// The streams are borrowed so that the caller can reset a tunnel stream after an error
+/// (dropping a QUIC send stream would finish it cleanly, telling the peer all is well).
+pub async fn pump<CR, CW, TR, TW>(
+    client_read: &mut CR,
+    client_write: &mut CW,
+    tunnel_read: &mut TR,
+    tunnel_write: &mut TW,
+    idle: Duration,
+) -> (PumpEnd, PumpStats)
+where
+    CR: AsyncRead + Unpin + ?Sized,
+    CW: AsyncWrite + Unpin + ?Sized,
+    TR: AsyncRead + Unpin + ?Sized,
+    TW: AsyncWrite + Unpin + ?Sized,
+{
+    let start = clock::now();
+    let last = AtomicU64::new(0);
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let directions = async {
+        tokio::try_join!(
+            one_way(
+                client_read,
+                tunnel_write,
+                (Side::Client, Side::Tunnel),
+                start,
+                &last,
+                &up
+            ),
+            one_way(
+                tunnel_read,
+                client_write,
+                (Side::Tunnel, Side::Client),
+                start,
+                &last,
+                &down
+            ),
+        )
+    };
+    let end = tokio::select! {
+        result = directions => match result {
+            Ok(_) => PumpEnd::Done,
+            Err((Side::Client, e)) => PumpEnd::ClientError(e),
+            Err((Side::Tunnel, e)) => PumpEnd::TunnelError(e),
+        },
+        () = idle_watch(start, &last, idle) => PumpEnd::Idle,
+    };
+    let stats = PumpStats {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+    };
+    (end, stats)
+}
+
+async fn one_way<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    (read_side, write_side): (Side, Side),
+    start: Instant,
+    last: &AtomicU64,
+    moved: &AtomicU64,
+) -> Result<(), (Side, std::io::Error)>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = vec![0u8; MIN_BUF];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => return Err((read_side, e)),
+        };
+        if n == 0 {
+            return writer.shutdown().await.map_err(|e| (write_side, e));
+        }
+        if let Err(e) = writer.write_all(&buf[..n]).await {
+            return Err((write_side, e));
+        }
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(millis_since(start), Ordering::Relaxed);
+        if n == buf.len() && buf.len() < MAX_BUF {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
+async fn idle_watch(start: Instant, last: &AtomicU64, idle: Duration) {
+    loop {
+        let last_ms = last.load(Ordering::Relaxed);
+        let deadline = start + Duration::from_millis(last_ms) + idle;
+        tokio::time::sleep_until(deadline.into()).await;
+        if last.load(Ordering::Relaxed) == last_ms {
+            return;
+        }
+    }
+}
+
+fn millis_since(start: Instant) -> u64 {
+    u64::try_from(clock::now().duration_since(start).as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn moves_both_ways_and_half_closes() {
+        let (mut client_app, client_end) = duplex(1024);
+        let (tunnel_end, mut agent_app) = duplex(1024);
+        let (mut cr, mut cw) = tokio::io::split(client_end);
+        let (mut tr, mut tw) = tokio::io::split(tunnel_end);
+        let pump = tokio::spawn(async move {
+            pump(&mut cr, &mut cw, &mut tr, &mut tw, Duration::from_secs(60)).await
+        });
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let send = payload.clone();
+        let writer = tokio::spawn(async move {
+            client_app.write_all(&send).await.unwrap();
+            client_app.shutdown().await.unwrap();
+            // The reverse direction still flows after our half-close.
+            let mut back = Vec::new();
+            client_app.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        agent_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, payload);
+        agent_app
+            .write_all(b"reply after half-close")
+            .await
+            .unwrap();
+        agent_app.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"reply after half-close");
+        let (end, stats) = pump.await.unwrap();
+        assert!(matches!(end, PumpEnd::Done), "{end:?}");
+        assert_eq!(
+            stats,
+            PumpStats {
+                up: 100_000,
+                down: 22
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_ends_a_silent_pump() {
+        let (_client_app, client_end) = duplex(64);
+        let (tunnel_end, _agent_app) = duplex(64);
+        let (mut cr, mut cw) = tokio::io::split(client_end);
+        let (mut tr, mut tw) = tokio::io::split(tunnel_end);
+        let (end, _) = pump(&mut cr, &mut cw, &mut tr, &mut tw, Duration::from_secs(5)).await;
+        assert!(matches!(end, PumpEnd::Idle), "{end:?}");
+    }
+}

@@ -1,0 +1,190 @@
+//! QUIC endpoints for the tunnel: quinn with rustls and ring, pinned keys, tuned for relaying.
+//!
+//! Tuning (see `benches/README.md` for the measurements behind it):
+//! - UDP socket buffers of [`SOCKET_BUFFER`]: the Linux default of 212 KiB drops packets at a
+//!   few Gbit/s and caps throughput. The kernel caps the request at `net.core.rmem_max` /
+//!   `wmem_max` for an unprivileged daemon; we log when it did.
+//! - Flow-control windows sized for bandwidth × delay of a fast WAN path (1 Gbit/s × 100 ms
+//!   is 12.5 MB) while the connection window bounds what one tunnel can buffer in all.
+//! - Keep-alive every [`KEEP_ALIVE`], far inside the 30 s UDP timeout of common NATs, and an
+//!   idle timeout of [`IDLE_TIMEOUT`] (three missed keep-alives) so a dead peer is noticed fast.
+//! - The stateless-reset key is derived from the host key, so a restarted daemon can tell
+//!   its peer at once that the old connection is gone, instead of leaving it to time out.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{
+    ClientConfig, Connection, Endpoint, EndpointConfig, IdleTimeout, ServerConfig, TransportConfig,
+    VarInt,
+};
+use rustls::pki_types::CertificateDer;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::pin::{self, ALPN, AgentVerifier, Identity, SentryVerifier};
+use crate::keys::{PrivateKey, PublicKey};
+
+/// Requested UDP socket send and receive buffer size.
+pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// How often an idle tunnel sends a keep-alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How long a silent tunnel lives.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Per-stream receive window.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// Per-connection receive and send window.
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Relayed connections one tunnel carries at once.
+pub const MAX_STREAMS: u32 = 16 * 1024;
+
+/// Application close and reset codes on the tunnel.
+pub mod code {
+    use quinn::VarInt;
+    /// The daemon is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    /// The same agent connected again; this older tunnel is retired.
+    pub const REPLACED: VarInt = VarInt::from_u32(1);
+    /// The agent did not answer a relay header in time.
+    pub const UNRESPONSIVE: VarInt = VarInt::from_u32(2);
+    /// A relayed connection failed on one side; the stream is reset.
+    pub const RELAY_ERROR: VarInt = VarInt::from_u32(3);
+}
+
+/// Why an endpoint could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("binding UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] pin::IdentityError),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// The transport parameters both sides use. `peer_streams` is how many bidirectional streams
+/// the peer may open at once: the sentry opens them, the agent accepts them.
+#[must_use]
+pub fn transport_config(peer_streams: u32) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        IdleTimeout::try_from(IDLE_TIMEOUT).expect("invariant: 15 s fits a VarInt"),
+    ));
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(peer_streams));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(None);
+    t
+}
+
+/// The sentry's endpoint: accepts agents whose keys are in `agents` (key → name).
+pub fn server_endpoint(
+    listen: SocketAddr,
+    key: &PrivateKey,
+    agents: HashMap<PublicKey, String>,
+) -> Result<Endpoint, QuicError> {
+    let id = Identity::new(key)?;
+    let tls = rustls::ServerConfig::builder_with_provider(pin::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| QuicError::Tls(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(AgentVerifier::new(agents)))
+        .with_single_cert(vec![id.cert], id.key)
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut tls = tls;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut server = ServerConfig::with_crypto(Arc::new(crypto));
+    // Agents never open streams towards the sentry.
+    server.transport_config(Arc::new(transport_config(0)));
+    endpoint(listen, key, Some(server))
+}
+
+/// An agent's endpoint on `bind` (an unspecified address of the sentry's family).
+pub fn client_endpoint(bind: SocketAddr, key: &PrivateKey) -> Result<Endpoint, QuicError> {
+    endpoint(bind, key, None)
+}
+
+/// The agent's connection settings towards a sentry whose key is `pin`.
+pub fn client_config(key: &PrivateKey, pin: PublicKey) -> Result<ClientConfig, QuicError> {
+    let id = Identity::new(key)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(pin::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| QuicError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SentryVerifier::new(pin)))
+        .with_client_auth_cert(vec![id.cert], id.key)
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut client = ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport_config(MAX_STREAMS)));
+    Ok(client)
+}
+
+/// The pinned key the peer of an established connection authenticated with.
+#[must_use]
+pub fn peer_key(conn: &Connection) -> Option<PublicKey> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certs.first().and_then(pin::peer_key)
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    key: &PrivateKey,
+    server: Option<ServerConfig>,
+) -> Result<Endpoint, QuicError> {
+    let bind = |source| QuicError::Bind { addr, source };
+    let socket = udp_socket(addr).map_err(bind)?;
+    let reset_key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &key.derive("sentry quic stateless reset v1"),
+    );
+    let config = EndpointConfig::new(Arc::new(reset_key));
+    Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // A `[::]` listener serves IPv4 too, as operators expect from a wildcard.
+        let _ = socket.set_only_v6(false);
+    }
+    for (what, set, get) in [
+        (
+            "receive",
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
+        ),
+        (
+            "send",
+            Socket::set_send_buffer_size,
+            Socket::send_buffer_size,
+        ),
+    ] {
+        // Linux doubles the value it grants, to account for bookkeeping.
+        let granted = set(&socket, SOCKET_BUFFER)
+            .and_then(|()| get(&socket))
+            .unwrap_or(0)
+            / 2;
+        if granted < SOCKET_BUFFER {
+            tracing::warn!(
+                requested = SOCKET_BUFFER,
+                granted,
+                "UDP {what} buffer smaller than requested; throughput may suffer: raise \
+                 net.core.rmem_max and net.core.wmem_max to at least {SOCKET_BUFFER}"
+            );
+        }
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}

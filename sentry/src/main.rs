@@ -1,0 +1,260 @@
+//! `sentry`: keep a blockchain validator private behind a hardened public host.
+//!
+//! The command line only: parse arguments, load and validate config and keys, set up logging
+//! and signals, and hand over to `relay-core`. Exit status: 0 success, 2 bad usage or invalid
+//! config (including key files), 1 runtime failure.
+#![forbid(unsafe_code)]
+
+mod demo;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use relay_core::config::{self, Config};
+use relay_core::keys::{self, PrivateKey};
+use tracing::{info, warn};
+
+/// How long open relayed connections may take to finish after SIGTERM/SIGINT.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+const ABOUT: &str = "Keep a blockchain validator private: a public sentry relays P2P and RPC \
+                     traffic over an authenticated QUIC tunnel to an agent behind NAT.";
+
+const AFTER_HELP: &str = "\
+Getting started:
+  sentry demo                              see it work on this machine, nothing to set up
+  sentry keygen --out sentry.key           on the public host; prints the key agents pin
+  sentry keygen --out agent.key            on the validator host; prints the key the sentry pins
+  sentry check --config sentry.toml        validate a config (either role) before starting
+  sentry serve --config sentry.toml        on the public host
+  sentry agent --config agent.toml         beside the validator; it dials out, opens no port
+
+Example configs: configs/sentry.example.toml and configs/agent.example.toml.
+Logs go to stderr; set the filter with RUST_LOG (default: info).";
+
+#[derive(Parser)]
+#[command(name = "sentry", version, about = ABOUT, after_help = AFTER_HELP)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the public sentry daemon: accept clients on the routes, relay them to agents.
+    Serve {
+        /// The sentry config file (see configs/sentry.example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the agent beside the validator: dial the sentries, connect relayed streams to the
+    /// services this config exports and to nothing else.
+    Agent {
+        /// The agent config file (see configs/agent.example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Write a new private key (mode 0600) and print its public key for peers to pin.
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the public key of a private key file.
+    Pubkey {
+        /// The private key file.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Validate a config file of either role (and its key file) without starting anything.
+    Check {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a sentry, an agent and a sample validator on loopback with throwaway keys, push
+    /// sample traffic through, and print what happened and what to try.
+    Demo {
+        /// Exit after the self-check: status 0 only if every check passed.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+/// A failure and the exit status it maps to.
+enum Failure {
+    /// Bad usage or an invalid config or key file: exit 2.
+    Invalid(String),
+    /// Anything at run time: exit 1.
+    Runtime(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story; its daemons' logs only when something is wrong.
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_filter);
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Agent { config } => agent(&config),
+        Command::Keygen { out } => keygen(&out),
+        Command::Pubkey { key } => pubkey(&key),
+        Command::Check { config } => check(&config),
+        Command::Demo { once } => runtime().and_then(|rt| rt.block_on(demo::run(once))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Invalid(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Runtime(format!("starting the async runtime: {e}")))
+}
+
+fn load_key(path: &Path) -> Result<PrivateKey, Failure> {
+    keys::load_private_key(path).map_err(|e| Failure::Invalid(e.to_string()))
+}
+
+fn serve(path: &Path) -> Result<(), Failure> {
+    let config = config::load_sentry(path).map_err(|e| Failure::Invalid(e.to_string()))?;
+    let key = load_key(&config.private_key)?;
+    runtime()?.block_on(async {
+        let sentry = relay_core::sentry::Sentry::bind(&config, &key)
+            .await
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
+        info!(
+            quic = %sentry.handle().quic_addr(),
+            public_key = %key.public_key(),
+            agents = config.agents.len(),
+            routes = config.routes.len(),
+            "sentry ready"
+        );
+        sentry.run(shutdown_signal(), DRAIN_TIMEOUT).await;
+        Ok(())
+    })
+}
+
+fn agent(path: &Path) -> Result<(), Failure> {
+    let config = config::load_agent(path).map_err(|e| Failure::Invalid(e.to_string()))?;
+    let key = load_key(&config.private_key)?;
+    runtime()?.block_on(async {
+        info!(
+            name = %config.name,
+            public_key = %key.public_key(),
+            sentries = config.sentries.len(),
+            services = config.services.len(),
+            "agent starting"
+        );
+        relay_core::agent::run(&config, &key, shutdown_signal(), DRAIN_TIMEOUT)
+            .await
+            .map_err(|e| Failure::Runtime(e.to_string()))
+    })
+}
+
+fn keygen(out: &Path) -> Result<(), Failure> {
+    let key = PrivateKey::generate().map_err(|e| Failure::Runtime(e.to_string()))?;
+    keys::write_private_key(out, &key).map_err(|e| Failure::Invalid(e.to_string()))?;
+    println!("{}", key.public_key());
+    Ok(())
+}
+
+fn pubkey(path: &Path) -> Result<(), Failure> {
+    println!("{}", load_key(path)?.public_key());
+    Ok(())
+}
+
+fn check(path: &Path) -> Result<(), Failure> {
+    let config = config::load(path).map_err(|e| Failure::Invalid(e.to_string()))?;
+    match &config {
+        Config::Sentry(c) => {
+            let key = load_key(&c.private_key)?;
+            println!(
+                "{}: ok: sentry config, public key {}, {} agent(s), {} route(s)",
+                path.display(),
+                key.public_key(),
+                c.agents.len(),
+                c.routes.len()
+            );
+        }
+        Config::Agent(c) => {
+            let key = load_key(&c.private_key)?;
+            println!(
+                "{}: ok: agent config {:?}, public key {}, {} sentry(ies), {} service(s)",
+                path.display(),
+                c.name,
+                key.public_key(),
+                c.sentries.len(),
+                c.services.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT. A second one exits at once. SIGHUP is answered
+/// with a log line: reload is not in this version, and the default action would kill us.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => warn!("SIGHUP: config reload is not supported by this version; the running config stays"),
+        }
+    }
+    info!("shutting down (send the signal again to exit at once)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal: exiting now");
+        std::process::exit(1);
+    });
+}
