@@ -83,7 +83,9 @@ pub async fn run(
             .collect(),
     );
     let stop = CancellationToken::new();
-    let tunnels = TaskTracker::new();
+    // A JoinSet, not a detached spawn: dropping `run` (an aborted task) takes the tunnels down
+    // with it, as a killed process would.
+    let mut tunnels = tokio::task::JoinSet::new();
     for peer in &config.sentries {
         let client = quic::client_config(key, peer.public_key)?;
         let tunnel = Tunnel {
@@ -96,10 +98,9 @@ pub async fn run(
         };
         tunnels.spawn(tunnel.run());
     }
-    tunnels.close();
     shutdown.await;
     stop.cancel();
-    tunnels.wait().await;
+    while tunnels.join_next().await.is_some() {}
     info!("agent stopped");
     Ok(())
 }

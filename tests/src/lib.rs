@@ -1,1 +1,265 @@
+//! Shared helpers of the integration tests: keys, configs written as TOML and parsed by the
+//! real parser, in-process sentry and agent, sample services, payloads and hashes.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_core::config::{self, AgentConfig, SentryConfig};
+use relay_core::keys::PrivateKey;
+use relay_core::sentry::{Sentry, SentryHandle};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Generous bound for things that should take milliseconds; a hang fails instead of blocking CI.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A fresh host key.
+#[must_use]
+pub fn key() -> PrivateKey {
+    PrivateKey::generate().unwrap()
+}
+
+/// The repository root.
+#[must_use]
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// A sentry config on loopback. `agents`: (name, key); `routes`: (name, upstreams, extra TOML
+/// lines for the route table).
+#[must_use]
+pub fn sentry_config(
+    agents: &[(&str, &PrivateKey)],
+    routes: &[(&str, &[&str], &str)],
+) -> SentryConfig {
+    let mut text =
+        String::from("[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"127.0.0.1:0\"\n");
+    for (name, key) in agents {
+        text += &format!(
+            "\n[[agent]]\nname = \"{name}\"\npublic_key = \"{}\"\n",
+            key.public_key()
+        );
+    }
+    for (name, upstreams, extra) in routes {
+        let list: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
+        text += &format!(
+            "\n[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = [{}]\n{extra}\n",
+            list.join(", ")
+        );
+    }
+    config::parse_sentry(Path::new("test-sentry.toml"), &text).unwrap()
+}
+
+/// An agent config dialing `sentry` (pinning `sentry_key`) and exporting `services`.
+#[must_use]
+pub fn agent_config(
+    name: &str,
+    sentry: SocketAddr,
+    sentry_key: &PrivateKey,
+    services: &[(&str, SocketAddr)],
+) -> AgentConfig {
+    let mut text = format!(
+        "[agent]\nname = \"{name}\"\nprivate_key = \"agent.key\"\n\n[[sentry]]\naddress = \"{sentry}\"\npublic_key = \"{}\"\n",
+        sentry_key.public_key()
+    );
+    for (service, target) in services {
+        text += &format!("\n[[service]]\nname = \"{service}\"\ntarget = \"{target}\"\n");
+    }
+    config::parse_agent(Path::new("test-agent.toml"), &text).unwrap()
+}
+
+/// A sentry running in this process; stops (with no drain) when dropped.
+pub struct RunningSentry {
+    pub handle: SentryHandle,
+    _stop: oneshot::Sender<()>,
+}
+
+/// Bind and run a sentry.
+pub async fn start_sentry(config: &SentryConfig, key: &PrivateKey) -> RunningSentry {
+    let sentry = Sentry::bind(config, key).await.unwrap();
+    let handle = sentry.handle();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(sentry.run(
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::ZERO,
+    ));
+    RunningSentry {
+        handle,
+        _stop: stop,
+    }
+}
+
+impl RunningSentry {
+    /// The public address of a route.
+    #[must_use]
+    pub fn route(&self, name: &str) -> SocketAddr {
+        self.handle.route_addr(name).unwrap()
+    }
+
+    /// Wait (bounded) until `agent`'s tunnel is `up` or down.
+    pub async fn wait_agent(&self, agent: &str, up: bool) {
+        tokio::time::timeout(PATIENCE, self.handle.wait_agent(agent, up))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "agent {agent} not {} within {PATIENCE:?}",
+                    if up { "up" } else { "down" }
+                )
+            });
+    }
+}
+
+/// An agent running in this process; its task is aborted (the agent vanishes) when dropped.
+pub struct RunningAgent {
+    task: JoinHandle<()>,
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Run an agent.
+#[must_use]
+pub fn start_agent(config: AgentConfig, key: PrivateKey) -> RunningAgent {
+    let task = tokio::spawn(async move {
+        relay_core::agent::run(&config, &key, std::future::pending(), Duration::ZERO)
+            .await
+            .unwrap();
+    });
+    RunningAgent { task }
+}
+
+/// A TCP service on loopback running `serve` for every connection.
+pub async fn service<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(serve(tcp));
+        }
+    });
+    addr
+}
+
+/// Echoes every byte, then half-closes when the client does.
+pub async fn echo_service() -> SocketAddr {
+    service(|mut tcp| async move {
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// Writes `tag` first, then echoes: tells which service answered.
+pub async fn tagged_echo_service(tag: &'static str) -> SocketAddr {
+    service(move |mut tcp| async move {
+        let _ = tcp.write_all(tag.as_bytes()).await;
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// A free loopback port with nothing listening on it.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Deterministic payload: `len` bytes from `seed`, generated in 64 KiB blocks.
+pub fn payload_blocks(seed: u64, len: usize) -> impl Iterator<Item = Vec<u8>> {
+    const BLOCK: usize = 64 * 1024;
+    let mut state = seed | 1;
+    (0..len.div_ceil(BLOCK)).map(move |i| {
+        let size = BLOCK.min(len - i * BLOCK);
+        let mut block = Vec::with_capacity(size);
+        while block.len() < size {
+            // xorshift64*: cheap, deterministic, not for security.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let word = state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            let take = (size - block.len()).min(8);
+            block.extend_from_slice(&word[..take]);
+        }
+        block
+    })
+}
+
+/// Write `len` payload bytes from `seed` and return their SHA-256.
+pub async fn write_payload<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    seed: u64,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    for block in payload_blocks(seed, len) {
+        sha.update(&block);
+        w.write_all(&block).await?;
+    }
+    Ok(sha.finish().as_ref().to_vec())
+}
+
+/// Read to end of stream; return (bytes, SHA-256).
+pub async fn read_hash<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(usize, Vec<u8>)> {
+    let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((total, sha.finish().as_ref().to_vec()));
+        }
+        sha.update(&buf[..n]);
+        total += n;
+    }
+}
+
+/// Whether a fresh connection to `addr` is closed by the far side within `within`, without
+/// receiving a byte.
+pub async fn closed_without_data(addr: SocketAddr, within: Duration) -> bool {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let _ = tcp.write_all(b"ping").await;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// The `sentry` binary built by cargo for this profile: `SENTRY_BIN` if set, else the one in
+/// the target directory next to this test executable. Build it first with
+/// `cargo build -p sentry` (the README's test command does).
+#[must_use]
+pub fn sentry_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("SENTRY_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> -> target/<profile>/sentry
+    let bin = exe.parent().unwrap().parent().unwrap().join("sentry");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build -p sentry`",
+        bin.display()
+    );
+    bin
+}
