@@ -175,17 +175,41 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
 }
 
 fn toml_error(loc: &Locator<'_>, key: &str, error: &toml::de::Error) -> ConfigError {
-    loc.error(error.span(), key, error.message().trim_end())
+    let message = error.message().trim_end();
+    let mut key = key.to_owned();
+    if key.is_empty() && message.starts_with("duplicate key") {
+        // The parser points at the repeated key but does not name it.
+        let text = error
+            .span()
+            .and_then(|s| loc.text.get(s))
+            .unwrap_or_default();
+        if !text.is_empty() && text.len() <= 64 && !text.contains(['\n', '=']) {
+            key = text.trim().to_owned();
+        }
+    }
+    loc.error(error.span(), key, message)
+}
+
+/// The key path of a serde error, without the private segments `toml::Spanned` adds.
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    let text = path.to_string();
+    let kept: Vec<&str> = text
+        .split('.')
+        .filter(|segment| !segment.starts_with("$__serde_spanned"))
+        .collect();
+    let joined = kept.join(".");
+    if joined == "." || joined.is_empty() {
+        String::new()
+    } else {
+        joined
+    }
 }
 
 /// Deserialize the whole file into a schema struct, keeping the key path of the first error.
 fn deserialize<T: DeserializeOwned>(loc: &Locator<'_>) -> Result<T, ConfigErrors> {
     let de = toml::Deserializer::parse(loc.text).map_err(|e| toml_error(loc, "", &e))?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let key = if key == "." { String::new() } else { key };
-        toml_error(loc, &key, e.inner()).into()
-    })
+    serde_path_to_error::deserialize(de)
+        .map_err(|e| toml_error(loc, &key_path(e.path()), e.inner()).into())
 }
 
 /// A key SPEC.md defines that this version does not implement yet.

@@ -1,0 +1,314 @@
+//! The built `sentry` binary, driven as an operator would: keys, checks, exit statuses, and
+//! the two daemons relaying a real connection on loopback.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::{repo_root, sentry_bin};
+
+fn sentry(args: &[&str]) -> Output {
+    Command::new(sentry_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn keygen(path: &Path) -> String {
+    let out = sentry(&["keygen", "--out", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn keygen_writes_a_0600_key_and_pubkey_prints_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("host.key");
+    let public = keygen(&path);
+    assert_eq!(public.len(), 44, "{public}");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let out = sentry(&["pubkey", "--key", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), public);
+    // Never overwrites a key.
+    let again = sentry(&["keygen", "--out", path.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        text(&again.stderr).contains("already exists"),
+        "{}",
+        text(&again.stderr)
+    );
+    assert_eq!(
+        text(&sentry(&["pubkey", "--key", path.to_str().unwrap()]).stdout).trim(),
+        public
+    );
+}
+
+#[test]
+fn a_key_readable_by_others_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("sentry.key");
+    keygen(&key);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("sentry.toml");
+    std::fs::write(
+        &config,
+        "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    for command in ["serve", "check"] {
+        let out = sentry(&[command, "--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{command}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("readable by group or others") && stderr.contains("chmod 600"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_file_line_column_and_key_and_exits_2() {
+    let path = repo_root().join("tests/fixtures/invalid/bad-listen.toml");
+    let out = sentry(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:11:10: route[0].listen: invalid address",
+            path.display()
+        )),
+        "{stderr}"
+    );
+    // The daemons refuse the same way, before binding anything.
+    let out = sentry(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    // Bad usage is status 2 too.
+    assert_eq!(sentry(&["serve"]).status.code(), Some(2));
+    assert_eq!(sentry(&["no-such-command"]).status.code(), Some(2));
+}
+
+#[test]
+fn version_and_help() {
+    let out = sentry(&["--version"]);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).starts_with("sentry "),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = sentry(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for word in [
+        "serve",
+        "agent",
+        "keygen",
+        "pubkey",
+        "check",
+        "demo",
+        "Getting started",
+    ] {
+        assert!(help.contains(word), "--help lacks {word}");
+    }
+}
+
+#[test]
+fn demo_once_passes_its_self_check() {
+    let out = Command::new(sentry_bin())
+        .args(["demo", "--once"])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("6 of 6 checks passed"), "{stdout}");
+}
+
+/// A free port on loopback for `kind` ("tcp" or "udp"); the tiny race with other processes is
+/// acceptable in tests.
+fn free_port(udp: bool) -> u16 {
+    if udp {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    } else {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+}
+
+struct Daemon {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn start(role: &str, config: &Path) -> Self {
+        let mut child = Command::new(sentry_bin())
+            .args([role, "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Wait (bounded) until `count` log lines contain `needle`.
+    fn wait_log(&self, needle: &str, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count()
+                >= count
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "pid {}: fewer than {count} log lines with {needle:?} within {within:?}:\n{}",
+            self.pid(),
+            self.lines.lock().unwrap().join("\n")
+        );
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Wait (bounded) for exit; the exit code.
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("pid {} did not exit within {within:?}", self.pid());
+    }
+}
+
+fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut tcp in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tcp.read(&mut buf) {
+                    if n == 0 || tcp.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn echo_through(addr: SocketAddr) -> Result<Vec<u8>, std::io::Error> {
+    let mut tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    tcp.write_all(b"through the tunnel")?;
+    let mut buf = vec![0u8; 18];
+    tcp.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+#[test]
+fn the_two_daemons_relay_survive_an_agent_sigkill_and_stop_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sentry_pub = keygen(&dir.path().join("sentry.key"));
+    let agent_pub = keygen(&dir.path().join("agent.key"));
+    let (quic_port, p2p_port) = (free_port(true), free_port(false));
+    let sentry_toml = dir.path().join("sentry.toml");
+    std::fs::write(
+        &sentry_toml,
+        format!(
+            "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"127.0.0.1:{quic_port}\"\n\n\
+             [[agent]]\nname = \"validator-1\"\npublic_key = \"{agent_pub}\"\n\n\
+             [[route]]\nname = \"p2p\"\nlisten = \"127.0.0.1:{p2p_port}\"\nupstream = [\"validator-1/p2p\"]\n"
+        ),
+    )
+    .unwrap();
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\n\n\
+             [[sentry]]\naddress = \"127.0.0.1:{quic_port}\"\npublic_key = \"{sentry_pub}\"\n\n\
+             [[service]]\nname = \"p2p\"\ntarget = \"{}\"\n",
+            echo_server()
+        ),
+    )
+    .unwrap();
+    let check = sentry(&["check", "--config", sentry_toml.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    let check = sentry(&["check", "--config", agent_toml.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+
+    let mut serve = Daemon::start("serve", &sentry_toml);
+    serve.wait_log("sentry ready", 1, Duration::from_secs(20));
+    let mut agent = Daemon::start("agent", &agent_toml);
+    serve.wait_log("tunnel up", 1, Duration::from_secs(20));
+    let p2p: SocketAddr = format!("127.0.0.1:{p2p_port}").parse().unwrap();
+    assert_eq!(echo_through(p2p).unwrap(), b"through the tunnel");
+
+    // SIGKILL: no goodbye. The restarted agent's tunnel replaces the dead one at once.
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(5));
+    let mut agent = Daemon::start("agent", &agent_toml);
+    serve.wait_log("tunnel up", 2, Duration::from_secs(20));
+    assert_eq!(echo_through(p2p).unwrap(), b"through the tunnel");
+
+    // SIGTERM: both exit 0, promptly (nothing is open to drain).
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
+    serve.signal("TERM");
+    assert_eq!(serve.wait_exit(Duration::from_secs(10)), Some(0));
+}

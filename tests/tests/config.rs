@@ -1,0 +1,262 @@
+//! Config parsing against files: every example in `configs/` parses, and every invalid
+//! fixture fails with the expected file, line, column, key and message.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use relay_core::config::{self, Config};
+use tests::repo_root;
+
+fn toml_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_config_parses() {
+    let files = toml_files(&repo_root().join("configs"));
+    assert!(
+        files.len() >= 2,
+        "configs/ holds {} example configs",
+        files.len()
+    );
+    let (mut sentries, mut agents) = (0, 0);
+    for file in &files {
+        match config::load(file) {
+            Ok(Config::Sentry(c)) => {
+                assert!(!c.routes.is_empty(), "{}: no routes", file.display());
+                sentries += 1;
+            }
+            Ok(Config::Agent(c)) => {
+                assert!(!c.services.is_empty(), "{}: no services", file.display());
+                agents += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        sentries > 0 && agents > 0,
+        "{sentries} sentry and {agents} agent examples"
+    );
+}
+
+/// (fixture, "line:column" or "" for file-level, key path, message fragment)
+const INVALID: &[(&str, &str, &str, &str)] = &[
+    (
+        "agent-address-without-port",
+        "6:11",
+        "sentry[0].address",
+        "expected HOST:PORT",
+    ),
+    (
+        "agent-bad-service-name",
+        "10:8",
+        "service[0].name",
+        "invalid name \"p2p svc\"",
+    ),
+    (
+        "agent-duplicate-service",
+        "14:8",
+        "service[1].name",
+        "duplicate service name \"p2p\"",
+    ),
+    (
+        "agent-hostname-target",
+        "11:10",
+        "service[0].target",
+        "expected IP:PORT",
+    ),
+    ("agent-no-service", "", "service", "no [[service]] entry"),
+    (
+        "agent-unsupported-transport",
+        "8:13",
+        "sentry[0].transport",
+        "only \"quic\"",
+    ),
+    (
+        "bad-duration",
+        "13:16",
+        "route[0].idle_timeout",
+        "invalid duration \"15 minutes\"",
+    ),
+    (
+        "bad-listen",
+        "11:10",
+        "route[0].listen",
+        "invalid address \"0.0.0.0:71000\"",
+    ),
+    (
+        "bad-public-key",
+        "7:14",
+        "agent[0].public_key",
+        "invalid public key",
+    ),
+    (
+        "dangling-upstream",
+        "12:23",
+        "route[0].upstream[1]",
+        "names agent \"v9\", which no [[agent]] defines",
+    ),
+    (
+        "duplicate-agent-key",
+        "11:14",
+        "agent[1].public_key",
+        "already pinned for another agent",
+    ),
+    (
+        "duplicate-route-name",
+        "15:8",
+        "route[1].name",
+        "duplicate route name \"p2p\"",
+    ),
+    ("duplicate-toml-key", "4:1", "quic_listen", "duplicate key"),
+    (
+        "empty-upstream",
+        "12:12",
+        "route[0].upstream",
+        "at least one upstream",
+    ),
+    (
+        "missing-quic-listen",
+        "1:1",
+        "sentry",
+        "missing field `quic_listen`",
+    ),
+    ("no-role", "", "", "neither a sentry config"),
+    (
+        "overlapping-listen",
+        "16:10",
+        "route[1].listen",
+        "overlaps the listen address of route[0]",
+    ),
+    ("syntax-error", "3:28", "", "invalid basic string"),
+    (
+        "unknown-protocol",
+        "12:12",
+        "route[0].protocol",
+        "unknown variant `http`",
+    ),
+    (
+        "unknown-route-key",
+        "13:1",
+        "route[0].idle_timout",
+        "unknown field `idle_timout`",
+    ),
+    (
+        "unsupported-deny",
+        "13:8",
+        "route[0].deny",
+        "not supported by this version",
+    ),
+    (
+        "unsupported-metrics",
+        "4:18",
+        "sentry.metrics_listen",
+        "not supported by this version",
+    ),
+    (
+        "unsupported-protocol",
+        "12:12",
+        "route[0].protocol",
+        "protocol \"jsonrpc\" is not supported",
+    ),
+    (
+        "upstream-without-service",
+        "12:13",
+        "route[0].upstream[0]",
+        "expected \"agent/service\"",
+    ),
+];
+
+#[test]
+fn every_invalid_fixture_fails_where_expected() {
+    let dir = repo_root().join("tests/fixtures/invalid");
+    let files = toml_files(&dir);
+    assert!(!files.is_empty(), "no fixtures found in {}", dir.display());
+    let on_disk: BTreeSet<String> = files
+        .iter()
+        .map(|f| f.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let listed: BTreeSet<String> = INVALID
+        .iter()
+        .map(|(name, ..)| (*name).to_owned())
+        .collect();
+    assert_eq!(
+        on_disk, listed,
+        "every fixture needs an expectation, and every expectation a fixture"
+    );
+
+    for (name, position, key, fragment) in INVALID {
+        let path = dir.join(format!("{name}.toml"));
+        let errors = match config::load(&path) {
+            Ok(_) => panic!("{name}: accepted"),
+            Err(e) => e,
+        };
+        let first = &errors.0[0];
+        assert_eq!(first.file, path, "{name}");
+        let got_position = first
+            .position
+            .map_or(String::new(), |(l, c)| format!("{l}:{c}"));
+        assert_eq!(&got_position, position, "{name}: {first}");
+        assert_eq!(&first.key, key, "{name}: {first}");
+        assert!(first.message.contains(fragment), "{name}: {first}");
+        // The rendered line names the file, the position and the key, as operators read it.
+        let shown = first.to_string();
+        let prefix = if position.is_empty() {
+            path.display().to_string()
+        } else {
+            format!("{}:{position}", path.display())
+        };
+        assert!(shown.starts_with(&prefix), "{shown}");
+    }
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = r#"
+[sentry]
+private_key = "k"
+quic_listen = "0.0.0.0:4433"
+metrics_listen = "127.0.0.1:9900"
+
+[[route]]
+name = "a"
+listen = "0.0.0.0:1"
+upstream = ["nobody/x"]
+
+[[route]]
+name = "a"
+listen = "0.0.0.0:1"
+upstream = ["nobody/y"]
+"#;
+    let errors = config::parse_sentry(Path::new("many.toml"), text).unwrap_err();
+    let keys: Vec<&str> = errors.0.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "sentry.metrics_listen",
+            "route[1].name",
+            "route[0].upstream[0]",
+            "route[1].listen",
+            "route[1].upstream[0]"
+        ],
+        "{errors}"
+    );
+}
+
+#[test]
+fn relative_key_paths_follow_the_config_file() {
+    let text = "[sentry]\nprivate_key = \"keys/s.key\"\nquic_listen = \"0.0.0.0:4433\"\n";
+    let config = config::parse_sentry(Path::new("/etc/sentry/sentry.toml"), text).unwrap();
+    assert_eq!(config.private_key, Path::new("/etc/sentry/keys/s.key"));
+    let text =
+        "[sentry]\nprivate_key = \"/var/lib/sentry/s.key\"\nquic_listen = \"0.0.0.0:4433\"\n";
+    let config = config::parse_sentry(Path::new("/etc/sentry/sentry.toml"), text).unwrap();
+    assert_eq!(config.private_key, Path::new("/var/lib/sentry/s.key"));
+}
