@@ -237,7 +237,7 @@ async fn relay_stream(
         }
     };
     if shutting_down {
-        refuse(&mut send, Status::ShuttingDown, format!("shutting down")).await;
+        refuse(&mut send, Status::ShuttingDown, "shutting down".to_owned()).await;
         return;
     }
     let Some(&target) = services.get(&header.service) else {

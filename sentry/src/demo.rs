@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use relay_core::config::{self, SentryPeer, TransportKind};
 use relay_core::keys::{self, PrivateKey};
@@ -254,7 +254,7 @@ async fn bulk_echo(addr: SocketAddr) -> Result<String, String> {
     let io = |e: std::io::Error| e.to_string();
     let tcp = TcpStream::connect(addr).await.map_err(io)?;
     let (mut read, mut write) = tcp.into_split();
-    let started = Instant::now();
+    let started = relay_core::clock::now();
     let writer = tokio::spawn(async move {
         let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
         let mut block = vec![0u8; 64 * 1024];
@@ -323,7 +323,7 @@ async fn rpc_call(addr: SocketAddr) -> Result<String, String> {
 }
 
 async fn closed_at_once(addr: SocketAddr) -> Result<String, String> {
-    let started = Instant::now();
+    let started = relay_core::clock::now();
     let mut tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.write_all(b"anything").await;
     let mut buf = [0u8; 16];

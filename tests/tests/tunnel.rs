@@ -217,10 +217,9 @@ async fn a_sentry_with_the_wrong_key_is_refused_by_the_agent() {
         transport: TransportKind::Quic,
     };
     let client = quic::client_config(&agent_key, peer.public_key).unwrap();
-    let err = relay_core::agent::dial(&peer, &client, &agent_key)
-        .await
-        .err()
-        .expect("the agent accepted an unpinned sentry");
+    let Err(err) = relay_core::agent::dial(&peer, &client, &agent_key).await else {
+        panic!("the agent accepted an unpinned sentry");
+    };
     assert!(err.to_string().contains("certificate"), "{err}");
     // The full agent with that pin never brings the tunnel up either.
     let agent = start_agent(

@@ -176,14 +176,14 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
             ),
         }
     }
-    if let Some(proxy) = &table.proxy_protocol {
-        if !matches!(proxy.get_ref(), ProxyProtocol::Off) {
-            check.fail(
-                proxy,
-                key("proxy_protocol"),
-                "PROXY protocol is not supported by this version of sentry yet; use \"off\"",
-            );
-        }
+    if let Some(proxy) = &table.proxy_protocol
+        && !matches!(proxy.get_ref(), ProxyProtocol::Off)
+    {
+        check.fail(
+            proxy,
+            key("proxy_protocol"),
+            "PROXY protocol is not supported by this version of sentry yet; use \"off\"",
+        );
     }
     for (field, value, what) in [
         ("allow", &table.allow, "admission control"),
