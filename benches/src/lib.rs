@@ -1,1 +1,162 @@
+//! Shared pieces of the benchmarks: loopback sink and source services, timing, statistics.
+//!
+//! Benchmarks measure and print; they never assert a timing. Every run measures the baseline
+//! in the same process and interleaves repetitions, so machine noise hits all paths alike.
+#![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One block of payload, reused: the benchmark measures the relay, not a generator.
+pub const BLOCK: usize = 256 * 1024;
+
+/// Bytes per transfer (`BENCH_BYTES`, default 1 GiB) and repetitions (`BENCH_REPS`, default 5).
+#[must_use]
+pub fn settings() -> (usize, usize) {
+    let read = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    (read("BENCH_BYTES", 1 << 30), read("BENCH_REPS", 5))
+}
+
+/// A service that reads everything and answers one byte at end of stream.
+pub async fn sink() -> SocketAddr {
+    serve(|mut tcp| async move {
+        let mut buf = vec![0u8; BLOCK];
+        while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+        let _ = tcp.write_all(&[1]).await;
+    })
+    .await
+}
+
+/// A service that writes `bytes` and closes.
+pub async fn source(bytes: usize) -> SocketAddr {
+    serve(move |mut tcp| async move {
+        let block = vec![0x5au8; BLOCK];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(BLOCK);
+            if tcp.write_all(&block[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        let _ = tcp.shutdown().await;
+    })
+    .await
+}
+
+/// A plain userspace TCP relay (the baseline a tunnel is compared with): every accepted
+/// connection is spliced to `target` with `tokio::io::copy_bidirectional`.
+pub async fn plain_relay(target: SocketAddr) -> SocketAddr {
+    serve(move |mut client| async move {
+        let _ = client.set_nodelay(true);
+        if let Ok(mut upstream) = TcpStream::connect(target).await {
+            let _ = upstream.set_nodelay(true);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+    })
+    .await
+}
+
+async fn serve<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("bound address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(handle(tcp));
+        }
+    });
+    addr
+}
+
+/// Upload `bytes` to a sink behind `addr`; the time until the sink acknowledged all of it.
+pub async fn upload(addr: SocketAddr, bytes: usize) -> std::io::Result<Duration> {
+    let block = vec![0xa5u8; BLOCK];
+    let started = relay_core::clock::now();
+    let mut tcp = TcpStream::connect(addr).await?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(BLOCK);
+        tcp.write_all(&block[..n]).await?;
+        left -= n;
+    }
+    tcp.shutdown().await?;
+    let mut ack = [0u8; 1];
+    tcp.read_exact(&mut ack).await?;
+    Ok(started.elapsed())
+}
+
+/// Download everything a source behind `addr` sends; the time and the byte count.
+pub async fn download(addr: SocketAddr) -> std::io::Result<(Duration, usize)> {
+    let mut buf = vec![0u8; BLOCK];
+    let started = relay_core::clock::now();
+    let mut tcp = TcpStream::connect(addr).await?;
+    let mut total = 0;
+    loop {
+        let n = tcp.read(&mut buf).await?;
+        if n == 0 {
+            return Ok((started.elapsed(), total));
+        }
+        total += n;
+    }
+}
+
+/// Gbit/s of `bytes` in `time`.
+#[must_use]
+pub fn gbits(bytes: usize, time: Duration) -> f64 {
+    (bytes as f64 * 8.0) / time.as_secs_f64() / 1e9
+}
+
+/// (median, min, max) of samples.
+#[must_use]
+pub fn summary(samples: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    (
+        median,
+        sorted.first().copied().unwrap_or(0.0),
+        sorted.last().copied().unwrap_or(0.0),
+    )
+}
+
+/// The runtime every benchmark uses: as many workers as cores (two on the reference machine).
+#[must_use]
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_of_samples() {
+        assert_eq!(summary(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(summary(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert_eq!(summary(&[]), (0.0, 0.0, 0.0));
+    }
+}

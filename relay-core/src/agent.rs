@@ -27,7 +27,7 @@ use crate::keys::PrivateKey;
 use crate::log_limit::LogLimit;
 use crate::relay::{Header, PumpEnd, Status, pump};
 use crate::transport::pin::SERVER_NAME;
-use crate::transport::quic::{self, QuicError, code};
+use crate::transport::quic::{self, QuicError, Tuning, code};
 
 /// Longest a connection attempt to a service may take before the agent answers
 /// `ConnectFailed`. Kept below the sentry's status timeout.
@@ -87,7 +87,7 @@ pub async fn run(
     // with it, as a killed process would.
     let mut tunnels = tokio::task::JoinSet::new();
     for peer in &config.sentries {
-        let client = quic::client_config(key, peer.public_key)?;
+        let client = quic::client_config(key, peer.public_key, &Tuning::default())?;
         let tunnel = Tunnel {
             peer: peer.clone(),
             client,
@@ -204,7 +204,7 @@ pub async fn dial(
         SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
     };
     // A fresh socket per attempt: a new source port gets a fresh NAT mapping.
-    let endpoint = quic::client_endpoint(bind, key)?;
+    let endpoint = quic::client_endpoint(bind, key, &Tuning::default())?;
     let connecting = endpoint.connect_with(client.clone(), remote, SERVER_NAME)?;
     match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => Ok((endpoint, conn)),

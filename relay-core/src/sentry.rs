@@ -28,7 +28,7 @@ use crate::config::{Route, SentryConfig};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
 use crate::relay::{Header, PumpEnd, Status, pump};
-use crate::transport::quic::{self, QuicError, code};
+use crate::transport::quic::{self, QuicError, Tuning, code};
 
 /// Longest an agent's QUIC handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,7 +96,8 @@ impl Sentry {
             .iter()
             .map(|a| (a.public_key, a.name.clone()))
             .collect();
-        let endpoint = quic::server_endpoint(config.quic_listen, key, names.clone())?;
+        let endpoint =
+            quic::server_endpoint(config.quic_listen, key, names.clone(), &Tuning::default())?;
         let quic_addr = endpoint.local_addr().map_err(|source| QuicError::Bind {
             addr: config.quic_listen,
             source,

@@ -346,7 +346,8 @@ async fn rogue_agent(sentry: SocketAddr, sentry_key: &PrivateKey) -> Result<Stri
         public_key: sentry_key.public_key(),
         transport: TransportKind::Quic,
     };
-    let client = quic::client_config(&rogue, peer.public_key).map_err(|e| e.to_string())?;
+    let client = quic::client_config(&rogue, peer.public_key, &quic::Tuning::default())
+        .map_err(|e| e.to_string())?;
     match relay_core::agent::dial(&peer, &client, &rogue).await {
         Err(e) => Ok(format!(
             "a key not listed in [[agent]] was refused during the handshake ({e})"

@@ -181,7 +181,7 @@ async fn an_unlisted_agent_key_is_refused_in_the_handshake() {
         public_key: sentry_key.public_key(),
         transport: TransportKind::Quic,
     };
-    let client = quic::client_config(&rogue, peer.public_key).unwrap();
+    let client = quic::client_config(&rogue, peer.public_key, &quic::Tuning::default()).unwrap();
     match relay_core::agent::dial(&peer, &client, &rogue).await {
         Err(e) => assert!(e.to_string().contains("handshake"), "{e}"),
         Ok((_endpoint, conn)) => {
@@ -216,7 +216,8 @@ async fn a_sentry_with_the_wrong_key_is_refused_by_the_agent() {
         public_key: impostor_pin.public_key(),
         transport: TransportKind::Quic,
     };
-    let client = quic::client_config(&agent_key, peer.public_key).unwrap();
+    let client =
+        quic::client_config(&agent_key, peer.public_key, &quic::Tuning::default()).unwrap();
     let Err(err) = relay_core::agent::dial(&peer, &client, &agent_key).await else {
         panic!("the agent accepted an unpinned sentry");
     };
@@ -244,6 +245,7 @@ async fn the_agent_refuses_services_it_does_not_export() {
         "127.0.0.1:0".parse().unwrap(),
         &sentry_key,
         std::iter::once((agent_key.public_key(), "v1".to_owned())).collect(),
+        &quic::Tuning::default(),
     )
     .unwrap();
     let quic_addr = endpoint.local_addr().unwrap();

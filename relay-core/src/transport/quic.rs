@@ -40,6 +40,36 @@ pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Relayed connections one tunnel carries at once.
 pub const MAX_STREAMS: u32 = 16 * 1024;
 
+/// The knobs the tuning above sets, so a benchmark can measure each against quinn's defaults.
+/// The daemons always use [`Tuning::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// UDP socket buffer request; `None` leaves the kernel default.
+    pub socket_buffer: Option<usize>,
+    /// (stream, connection) flow-control windows; `None` leaves quinn's defaults.
+    pub windows: Option<(u32, u32)>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            socket_buffer: Some(SOCKET_BUFFER),
+            windows: Some((STREAM_WINDOW, CONNECTION_WINDOW)),
+        }
+    }
+}
+
+impl Tuning {
+    /// No tuning at all: kernel socket buffers, quinn's default windows.
+    #[must_use]
+    pub const fn untuned() -> Self {
+        Self {
+            socket_buffer: None,
+            windows: None,
+        }
+    }
+}
+
 /// Application close and reset codes on the tunnel.
 pub mod code {
     use quinn::VarInt;
@@ -70,15 +100,17 @@ pub enum QuicError {
 /// The transport parameters both sides use. `peer_streams` is how many bidirectional streams
 /// the peer may open at once: the sentry opens them, the agent accepts them.
 #[must_use]
-pub fn transport_config(peer_streams: u32) -> TransportConfig {
+pub fn transport_config(peer_streams: u32, tuning: &Tuning) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
         IdleTimeout::try_from(IDLE_TIMEOUT).expect("invariant: 15 s fits a VarInt"),
     ));
-    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
-    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
-    t.send_window(u64::from(CONNECTION_WINDOW));
+    if let Some((stream, connection)) = tuning.windows {
+        t.stream_receive_window(VarInt::from_u32(stream));
+        t.receive_window(VarInt::from_u32(connection));
+        t.send_window(u64::from(connection));
+    }
     t.max_concurrent_bidi_streams(VarInt::from_u32(peer_streams));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     t.datagram_receive_buffer_size(None);
@@ -90,6 +122,7 @@ pub fn server_endpoint(
     listen: SocketAddr,
     key: &PrivateKey,
     agents: HashMap<PublicKey, String>,
+    tuning: &Tuning,
 ) -> Result<Endpoint, QuicError> {
     let id = Identity::new(key)?;
     let tls = rustls::ServerConfig::builder_with_provider(pin::provider())
@@ -103,17 +136,25 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = ServerConfig::with_crypto(Arc::new(crypto));
     // Agents never open streams towards the sentry.
-    server.transport_config(Arc::new(transport_config(0)));
-    endpoint(listen, key, Some(server))
+    server.transport_config(Arc::new(transport_config(0, tuning)));
+    endpoint(listen, key, Some(server), tuning)
 }
 
 /// An agent's endpoint on `bind` (an unspecified address of the sentry's family).
-pub fn client_endpoint(bind: SocketAddr, key: &PrivateKey) -> Result<Endpoint, QuicError> {
-    endpoint(bind, key, None)
+pub fn client_endpoint(
+    bind: SocketAddr,
+    key: &PrivateKey,
+    tuning: &Tuning,
+) -> Result<Endpoint, QuicError> {
+    endpoint(bind, key, None, tuning)
 }
 
 /// The agent's connection settings towards a sentry whose key is `pin`.
-pub fn client_config(key: &PrivateKey, pin: PublicKey) -> Result<ClientConfig, QuicError> {
+pub fn client_config(
+    key: &PrivateKey,
+    pin: PublicKey,
+    tuning: &Tuning,
+) -> Result<ClientConfig, QuicError> {
     let id = Identity::new(key)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(pin::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -125,7 +166,7 @@ pub fn client_config(key: &PrivateKey, pin: PublicKey) -> Result<ClientConfig, Q
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut client = ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config(MAX_STREAMS)));
+    client.transport_config(Arc::new(transport_config(MAX_STREAMS, tuning)));
     Ok(client)
 }
 
@@ -141,9 +182,10 @@ fn endpoint(
     addr: SocketAddr,
     key: &PrivateKey,
     server: Option<ServerConfig>,
+    tuning: &Tuning,
 ) -> Result<Endpoint, QuicError> {
     let bind = |source| QuicError::Bind { addr, source };
-    let socket = udp_socket(addr).map_err(bind)?;
+    let socket = udp_socket(addr, tuning.socket_buffer).map_err(bind)?;
     let reset_key = ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         &key.derive("sentry quic stateless reset v1"),
@@ -152,39 +194,39 @@ fn endpoint(
     Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
 }
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+fn udp_socket(addr: SocketAddr, buffer: Option<usize>) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // A `[::]` listener serves IPv4 too, as operators expect from a wildcard.
         let _ = socket.set_only_v6(false);
     }
-    for (what, set, get) in [
-        (
-            "receive",
-            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
-            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
-        ),
-        (
-            "send",
-            Socket::set_send_buffer_size,
-            Socket::send_buffer_size,
-        ),
-    ] {
-        // Linux doubles the value it grants, to account for bookkeeping.
-        let granted = set(&socket, SOCKET_BUFFER)
-            .and_then(|()| get(&socket))
-            .unwrap_or(0)
-            / 2;
-        if granted < SOCKET_BUFFER {
-            tracing::warn!(
-                requested = SOCKET_BUFFER,
-                granted,
-                "UDP {what} buffer smaller than requested; throughput may suffer: raise \
-                 net.core.rmem_max and net.core.wmem_max to at least {SOCKET_BUFFER}"
-            );
-        }
+    if let Some(wanted) = buffer {
+        set_buffers(&socket, wanted);
     }
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// Ask for `wanted` bytes of send and receive buffer; warn (once per socket) when the kernel's
+/// `net.core.rmem_max` / `wmem_max` granted less.
+fn set_buffers(socket: &Socket, wanted: usize) {
+    // Linux reports twice what it grants (bookkeeping overhead).
+    let receive = socket
+        .set_recv_buffer_size(wanted)
+        .and_then(|()| socket.recv_buffer_size())
+        .map_or(0, |b| b / 2);
+    let send = socket
+        .set_send_buffer_size(wanted)
+        .and_then(|()| socket.send_buffer_size())
+        .map_or(0, |b| b / 2);
+    if receive < wanted || send < wanted {
+        tracing::warn!(
+            requested = wanted,
+            receive,
+            send,
+            "UDP socket buffers smaller than requested; throughput may suffer: raise \
+             net.core.rmem_max and net.core.wmem_max to at least {wanted}"
+        );
+    }
 }
