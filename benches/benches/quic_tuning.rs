@@ -7,8 +7,9 @@
 //! (`BENCH_BYTES` per transfer, default 1 GiB; `BENCH_REPS`, default 5).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use benches::{BLOCK, gbits, runtime, settings, summary};
+use benches::{BLOCK, TRANSFER_LIMIT, gbits, runtime, settings, summary};
 use relay_core::keys::PrivateKey;
 use relay_core::transport::quic::{self, SOCKET_BUFFER, Tuning};
 
@@ -55,9 +56,15 @@ fn main() {
     });
 }
 
-/// Send `bytes` over one stream from a client to a server endpoint; Gbit/s until the server
-/// has read everything.
+/// Send `bytes` over one stream from the server endpoint (the sentry, which opens every relayed
+/// stream) to the client endpoint (the agent); Gbit/s until the client has read everything.
 async fn transfer(bytes: usize, tuning: &Tuning) -> f64 {
+    tokio::time::timeout(TRANSFER_LIMIT, transfer_inner(bytes, tuning))
+        .await
+        .unwrap_or_else(|_| panic!("transfer of {bytes} bytes took over {TRANSFER_LIMIT:?}"))
+}
+
+async fn transfer_inner(bytes: usize, tuning: &Tuning) -> f64 {
     let (server_key, client_key) = (
         PrivateKey::generate().expect("key"),
         PrivateKey::generate().expect("key"),
@@ -71,11 +78,14 @@ async fn transfer(bytes: usize, tuning: &Tuning) -> f64 {
     )
     .expect("server");
     let server_addr = server.local_addr().expect("addr");
+    let client = quic::client_endpoint("127.0.0.1:0".parse().expect("addr"), &client_key, tuning)
+        .expect("client");
+    let config =
+        quic::client_config(&client_key, server_key.public_key(), tuning).expect("client config");
     let reader = tokio::spawn(async move {
-        let conn = server
-            .accept()
-            .await
-            .expect("incoming")
+        let conn = client
+            .connect_with(config, server_addr, "sentry")
+            .expect("connect")
             .await
             .expect("handshake");
         let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
@@ -86,15 +96,14 @@ async fn transfer(bytes: usize, tuning: &Tuning) -> f64 {
         send.write_all(&[1]).await.expect("ack");
         send.finish().expect("finish");
         let _ = send.stopped().await;
+        conn.close(0u32.into(), b"done");
+        client.wait_idle().await;
         total
     });
-    let client = quic::client_endpoint("127.0.0.1:0".parse().expect("addr"), &client_key, tuning)
-        .expect("client");
-    let config =
-        quic::client_config(&client_key, server_key.public_key(), tuning).expect("client config");
-    let conn = client
-        .connect_with(config, server_addr, "sentry")
-        .expect("connect")
+    let conn = server
+        .accept()
+        .await
+        .expect("incoming")
         .await
         .expect("handshake");
     let block = vec![0x3cu8; BLOCK];
@@ -111,8 +120,7 @@ async fn transfer(bytes: usize, tuning: &Tuning) -> f64 {
     recv.read_exact(&mut ack).await.expect("ack");
     let elapsed = started.elapsed();
     assert_eq!(reader.await.expect("reader"), bytes);
-    conn.close(0u32.into(), b"done");
-    client.wait_idle().await;
+    server.close(0u32.into(), b"done");
     gbits(bytes, elapsed)
 }
 

@@ -82,8 +82,26 @@ where
     addr
 }
 
+/// Longest one transfer may take: a stalled path fails the benchmark instead of hanging it.
+pub const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
+
+fn limited<T>(
+    result: Result<std::io::Result<T>, tokio::time::error::Elapsed>,
+) -> std::io::Result<T> {
+    result.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("transfer took over {TRANSFER_LIMIT:?}"),
+        ))
+    })
+}
+
 /// Upload `bytes` to a sink behind `addr`; the time until the sink acknowledged all of it.
 pub async fn upload(addr: SocketAddr, bytes: usize) -> std::io::Result<Duration> {
+    limited(tokio::time::timeout(TRANSFER_LIMIT, upload_inner(addr, bytes)).await)
+}
+
+async fn upload_inner(addr: SocketAddr, bytes: usize) -> std::io::Result<Duration> {
     let block = vec![0xa5u8; BLOCK];
     let started = relay_core::clock::now();
     let mut tcp = TcpStream::connect(addr).await?;
@@ -101,6 +119,10 @@ pub async fn upload(addr: SocketAddr, bytes: usize) -> std::io::Result<Duration>
 
 /// Download everything a source behind `addr` sends; the time and the byte count.
 pub async fn download(addr: SocketAddr) -> std::io::Result<(Duration, usize)> {
+    limited(tokio::time::timeout(TRANSFER_LIMIT, download_inner(addr)).await)
+}
+
+async fn download_inner(addr: SocketAddr) -> std::io::Result<(Duration, usize)> {
     let mut buf = vec![0u8; BLOCK];
     let started = relay_core::clock::now();
     let mut tcp = TcpStream::connect(addr).await?;
