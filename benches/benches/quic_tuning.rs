@@ -7,7 +7,6 @@
 //! (`BENCH_BYTES` per transfer, default 1 GiB; `BENCH_REPS`, default 5).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use benches::{BLOCK, TRANSFER_LIMIT, gbits, runtime, settings, summary};
 use relay_core::keys::PrivateKey;
