@@ -21,6 +21,7 @@ use quinn::{
     ClientConfig, Connection, Endpoint, EndpointConfig, IdleTimeout, ServerConfig, TransportConfig,
     VarInt,
 };
+use quinn_proto::HashedConnectionIdGenerator;
 use rustls::pki_types::CertificateDer;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -190,7 +191,15 @@ fn endpoint(
         ring::hmac::HMAC_SHA256,
         &key.derive("sentry quic stateless reset v1"),
     );
-    let config = EndpointConfig::new(Arc::new(reset_key));
+    let mut config = EndpointConfig::new(Arc::new(reset_key));
+    // The connection-ID signing key, derived from the host key like the reset key. quinn
+    // drops packets whose connection ID it cannot validate without answering; with a fresh
+    // random key per start, a restarted daemon silently dropped its peer's packets and the
+    // peer waited out its idle timeout. With a stable key it recognises the old IDs and sends
+    // the stateless reset at once.
+    let cid_seed = key.derive("sentry quic connection id v1");
+    let cid_key = u64::from_le_bytes(cid_seed[..8].try_into().expect("invariant: 8 of 32 bytes"));
+    config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
     Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime)).map_err(bind)
 }
 
