@@ -263,3 +263,7 @@ pub fn sentry_bin() -> PathBuf {
     );
     bin
 }
+
+pub mod daemon;
+pub mod netns;
+pub mod stand_in;

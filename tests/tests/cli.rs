@@ -4,13 +4,15 @@
 // Plain threads and deadlines here, outside the daemon: the clock rule is for relay-core.
 #![allow(clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
+use rustix::process::Signal;
+use tests::daemon::Daemon;
 use tests::{repo_root, sentry_bin};
 
 fn sentry(args: &[&str]) -> Output {
@@ -154,87 +156,6 @@ fn free_port(udp: bool) -> u16 {
     }
 }
 
-struct Daemon {
-    child: Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    fn start(role: &str, config: &Path) -> Self {
-        let mut child = Command::new(sentry_bin())
-            .args([role, "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// Wait (bounded) until `count` log lines contain `needle`.
-    fn wait_log(&self, needle: &str, count: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| l.contains(needle))
-                .count()
-                >= count
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "pid {}: fewer than {count} log lines with {needle:?} within {within:?}:\n{}",
-            self.pid(),
-            self.lines.lock().unwrap().join("\n")
-        );
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Wait (bounded) for exit; the exit code.
-    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("pid {} did not exit within {within:?}", self.pid());
-    }
-}
-
 fn echo_server() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -302,15 +223,15 @@ fn the_two_daemons_relay_survive_an_agent_sigkill_and_stop_cleanly_on_sigterm() 
     assert_eq!(echo_through(p2p).unwrap(), b"through the tunnel");
 
     // SIGKILL: no goodbye. The restarted agent's tunnel replaces the dead one at once.
-    agent.signal("KILL");
+    agent.signal(Signal::KILL);
     agent.wait_exit(Duration::from_secs(5));
     let mut agent = Daemon::start("agent", &agent_toml);
     serve.wait_log("tunnel up", 2, Duration::from_secs(20));
     assert_eq!(echo_through(p2p).unwrap(), b"through the tunnel");
 
     // SIGTERM: both exit 0, promptly (nothing is open to drain).
-    agent.signal("TERM");
+    agent.signal(Signal::TERM);
     assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(0));
-    serve.signal("TERM");
+    serve.signal(Signal::TERM);
     assert_eq!(serve.wait_exit(Duration::from_secs(10)), Some(0));
 }

@@ -1,0 +1,670 @@
+//! The real-network tier: the built `sentry` binary, configured by files as an operator would,
+//! serving a client on a public segment from a validator behind a real NAT router (iptables
+//! MASQUERADE in a network namespace), with faults injected: NAT silence, NAT rebinding, killed
+//! processes, slow and lossy links, failover. See `tests/src/netns.rs` for the topology.
+//!
+//! Needs root, `ip`, `iptables` and `conntrack`. Without them each test prints why it was
+//! skipped and passes; under `CI=true` it fails instead.
+#![allow(clippy::unwrap_used)]
+// Plain threads and deadlines here, outside the daemon: the clock rule is for relay-core.
+#![allow(clippy::disallowed_methods)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use relay_core::keys::{PrivateKey, write_private_key};
+use rustix::process::Signal;
+use tests::daemon::Daemon;
+use tests::netns::{
+    CLIENT, Host, NAT_UDP_TIMEOUT, ROUTER_LAN, ROUTER_WAN, SENTRY, Topology, VALIDATOR,
+};
+use tests::stand_in::{self, SlowLink, StandIn, echo_roundtrip, jsonrpc_call};
+
+const QUIC_PORT: u16 = 7443;
+/// goloop's P2P and JSON-RPC ports, on the sentry and on the validator alike.
+const P2P_PORT: u16 = 7100;
+const RPC_PORT: u16 = 9000;
+/// The validator's second echo service, for a second agent.
+const P2P2_PORT: u16 = 7101;
+/// Bound for anything that should take a moment; a hang fails the test instead.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn public(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(SENTRY, port))
+}
+
+fn private(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VALIDATOR, port))
+}
+
+fn listen(t: &Topology, host: Host, addr: SocketAddr) -> TcpListener {
+    t.enter(host, || TcpListener::bind(addr).unwrap())
+}
+
+/// A key file in the test's dir; its public key.
+fn key_file(t: &Topology, name: &str) -> String {
+    let key = PrivateKey::generate().unwrap();
+    write_private_key(&t.dir().join(name), &key).unwrap();
+    key.public_key().to_string()
+}
+
+/// An agent: its name, key file, and services (name, port on the validator).
+struct AgentSpec {
+    name: &'static str,
+    services: &'static [(&'static str, u16)],
+}
+
+/// Config files for a sentry with `routes` (name, public port, upstreams) and `agents`;
+/// returns the sentry's config path and each agent's.
+fn write_configs(
+    t: &Topology,
+    agents: &[AgentSpec],
+    routes: &[(&str, u16, &[&str])],
+) -> (PathBuf, Vec<PathBuf>) {
+    let sentry_pub = key_file(t, "sentry.key");
+    let mut sentry = format!(
+        "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"{}\"\n",
+        public(QUIC_PORT)
+    );
+    let mut agent_files = Vec::new();
+    for agent in agents {
+        let agent_pub = key_file(t, &format!("{}.key", agent.name));
+        sentry += &format!(
+            "\n[[agent]]\nname = \"{}\"\npublic_key = \"{agent_pub}\"\n",
+            agent.name
+        );
+        let mut text = format!(
+            "[agent]\nname = \"{name}\"\nprivate_key = \"{name}.key\"\n\n\
+             [[sentry]]\naddress = \"{}\"\npublic_key = \"{sentry_pub}\"\ntransport = \"quic\"\n",
+            public(QUIC_PORT),
+            name = agent.name
+        );
+        for (service, port) in agent.services {
+            text += &format!(
+                "\n[[service]]\nname = \"{service}\"\ntarget = \"{}\"\n",
+                private(*port)
+            );
+        }
+        let path = t.dir().join(format!("{}.toml", agent.name));
+        std::fs::write(&path, text).unwrap();
+        agent_files.push(path);
+    }
+    for (name, port, upstreams) in routes {
+        let list: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
+        sentry += &format!(
+            "\n[[route]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{}\"\nupstream = [{}]\n",
+            public(*port),
+            list.join(", ")
+        );
+    }
+    let path = t.dir().join("sentry.toml");
+    std::fs::write(&path, sentry).unwrap();
+    (path, agent_files)
+}
+
+/// The usual deployment: one agent "validator-1" exporting an echo P2P service and a
+/// JSON-RPC stand-in, routed at the sentry's 7100 and 9000.
+struct Deployment {
+    // Fields drop in this order: daemons first, then services, then the namespaces.
+    agent: Option<Daemon>,
+    sentry: Option<Daemon>,
+    _services: Vec<StandIn>,
+    sentry_toml: PathBuf,
+    agent_toml: PathBuf,
+    t: Topology,
+}
+
+const VALIDATOR_1: AgentSpec = AgentSpec {
+    name: "validator-1",
+    services: &[("p2p", P2P_PORT), ("rpc", RPC_PORT)],
+};
+
+impl Deployment {
+    /// Services up; configs written; nothing started.
+    fn new(t: Topology) -> Self {
+        let services = vec![
+            stand_in::echo(listen(&t, Host::Validator, private(P2P_PORT))),
+            stand_in::jsonrpc(listen(&t, Host::Validator, private(RPC_PORT))),
+        ];
+        let (sentry_toml, agents) = write_configs(
+            &t,
+            &[VALIDATOR_1],
+            &[
+                ("p2p", P2P_PORT, &["validator-1/p2p"]),
+                ("rpc", RPC_PORT, &["validator-1/rpc"]),
+            ],
+        );
+        Self {
+            agent: None,
+            sentry: None,
+            _services: services,
+            sentry_toml,
+            agent_toml: agents[0].clone(),
+            t,
+        }
+    }
+
+    fn start_sentry(&mut self) {
+        let sentry = self.t.daemon(Host::Sentry, "serve", &self.sentry_toml);
+        sentry.wait_log("sentry ready", 1, PATIENCE);
+        self.sentry = Some(sentry);
+    }
+
+    fn start_agent(&mut self) {
+        self.agent = Some(self.t.daemon(Host::Validator, "agent", &self.agent_toml));
+    }
+
+    fn sentry(&self) -> &Daemon {
+        self.sentry.as_ref().unwrap()
+    }
+
+    /// Start both and wait (bounded) until the sentry has the `n`th tunnel up.
+    fn start(&mut self) {
+        self.start_sentry();
+        self.start_agent();
+        self.sentry().wait_log("tunnel up", 1, PATIENCE);
+    }
+
+    fn connect(&self, port: u16) -> std::io::Result<TcpStream> {
+        let tcp = self
+            .t
+            .client_connect(public(port), Duration::from_secs(5))?;
+        tcp.set_read_timeout(Some(PATIENCE))?;
+        tcp.set_write_timeout(Some(PATIENCE))?;
+        Ok(tcp)
+    }
+
+    /// Whether a new connection through the P2P route echoes.
+    fn echoes(&self) -> bool {
+        self.connect(P2P_PORT)
+            .and_then(|mut tcp| {
+                tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+                echo_once(&mut tcp, b"ping")
+            })
+            .unwrap_or(false)
+    }
+
+    /// Whether a new connection to `port` is closed by the sentry without a byte of data,
+    /// within `within`.
+    fn closed_at_once(&self, port: u16, within: Duration) -> bool {
+        let Ok(mut tcp) = self.connect(port) else {
+            return false;
+        };
+        tcp.set_read_timeout(Some(within)).unwrap();
+        let _ = tcp.write_all(b"ping");
+        let mut buf = [0u8; 16];
+        match tcp.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            ),
+        }
+    }
+}
+
+fn echo_once(tcp: &mut TcpStream, message: &[u8]) -> std::io::Result<bool> {
+    tcp.write_all(message)?;
+    let mut buf = vec![0u8; message.len()];
+    tcp.read_exact(&mut buf)?;
+    Ok(buf == message)
+}
+
+/// Poll `condition` every 100 ms until it holds or `within` passes; whether it held, and when.
+fn wait_until(within: Duration, mut condition: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if condition() {
+            return Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+fn deployment() -> Option<Deployment> {
+    Topology::new().map(Deployment::new)
+}
+
+/// Scenarios 1 and 2: the NAT is real, and through the sentry the client reaches both
+/// services: a hash-checked bulk transfer each way, many short request/response
+/// connections, and many calls on one keep-alive connection.
+#[test]
+fn the_validator_is_unreachable_except_through_the_sentry() {
+    let Some(mut d) = deployment() else { return };
+
+    // Without the tunnel: the client (which has a route to the LAN via the router) cannot
+    // reach the validator's services, nor can the sentry host. The router forwards nothing in.
+    for host in [Host::Client, Host::Sentry] {
+        for port in [P2P_PORT, RPC_PORT] {
+            let direct = d.t.enter(host, || {
+                TcpStream::connect_timeout(&private(port), Duration::from_secs(2))
+            });
+            assert!(
+                direct.is_err(),
+                "{host:?} reached the validator's port {port} directly: the NAT is not real"
+            );
+        }
+    }
+    // The LAN side works: the validator reaches the public segment through the NAT.
+    let probe = d.t.enter(Host::Sentry, || {
+        TcpListener::bind(SocketAddr::V4(SocketAddrV4::new(SENTRY, 7999))).unwrap()
+    });
+    let outbound = d.t.enter(Host::Validator, || {
+        TcpStream::connect_timeout(&public(7999), PATIENCE)
+    });
+    assert!(
+        outbound.is_ok(),
+        "validator cannot reach the public segment"
+    );
+    let (_, seen) = probe.accept().unwrap();
+    assert_eq!(seen.ip(), ROUTER_WAN, "outbound traffic is not masqueraded");
+    drop((probe, outbound));
+
+    d.start();
+    let up = d.sentry().log();
+    assert!(
+        up.contains(&format!("remote={ROUTER_WAN}")),
+        "the sentry should see the agent at the router's public address:\n{up}"
+    );
+
+    // Bulk: 64 MiB up and echoed back down at once, SHA-256 checked.
+    let tcp = d.connect(P2P_PORT).unwrap();
+    assert!(
+        echo_roundtrip(tcp, 1, 64 << 20).unwrap(),
+        "64 MiB through the tunnel came back altered or short"
+    );
+
+    // 200 short connections, one JSON-RPC call each, from 4 threads; ids must match.
+    let d = &d;
+    std::thread::scope(|scope| {
+        for worker in 0..4u64 {
+            scope.spawn(move || {
+                for i in 0..50u64 {
+                    let id = worker * 1000 + i;
+                    let mut tcp = d.connect(RPC_PORT).unwrap();
+                    let body = jsonrpc_call(&mut tcp, id).unwrap();
+                    assert_eq!(stand_in::json_id(&body), Some(id.to_string()), "{body}");
+                }
+            });
+        }
+    });
+    // 500 calls on one keep-alive connection.
+    let mut tcp = d.connect(RPC_PORT).unwrap();
+    for id in 0..500u64 {
+        let body = jsonrpc_call(&mut tcp, id).unwrap();
+        assert_eq!(stand_in::json_id(&body), Some(id.to_string()), "{body}");
+    }
+    // The client's address reached the sentry unchanged (no NAT on the public side).
+    assert_eq!(tcp.local_addr().unwrap().ip(), CLIENT);
+}
+
+/// Scenario 2, silence: relayed connections idle for more than two NAT UDP timeouts still
+/// work, over the same tunnel and the same NAT mapping (the router picks a random port for a
+/// new mapping, so an expired one would show as a changed port).
+#[test]
+fn idle_connections_outlive_two_nat_timeouts() {
+    let Some(mut d) = deployment() else { return };
+    d.start();
+    let mut idle: Vec<TcpStream> = (0..16).map(|_| d.connect(P2P_PORT).unwrap()).collect();
+    for (i, tcp) in idle.iter_mut().enumerate() {
+        assert!(echo_once(tcp, format!("hello {i}").as_bytes()).unwrap());
+    }
+    let mapped =
+        d.t.mapped_port(QUIC_PORT)
+            .expect("the tunnel's flow is in the NAT table");
+
+    std::thread::sleep(NAT_UDP_TIMEOUT * 2 + Duration::from_secs(3));
+
+    assert_eq!(
+        d.t.mapped_port(QUIC_PORT),
+        Some(mapped),
+        "the NAT mapping expired during the silence: keep-alives did not hold it.\n{:?}",
+        d.t.udp_mappings()
+    );
+    for (i, tcp) in idle.iter_mut().enumerate() {
+        assert!(
+            echo_once(tcp, format!("again {i}").as_bytes()).unwrap(),
+            "idle connection {i} lost after the silence"
+        );
+    }
+    assert!(d.echoes(), "a new connection after the silence failed");
+    assert_eq!(d.sentry().count_log("tunnel up"), 1, "{}", d.sentry().log());
+}
+
+/// Scenario 3: the router forgets the tunnel's mapping and maps the flow to a new public port
+/// while connections are open and one is carrying traffic. Expected, and asserted: the agent's
+/// next packet (data or a keep-alive, within 5 s) arrives from the new port, the sentry
+/// validates the new path and migrates the QUIC connection (quinn allows migration on the
+/// server side), so the tunnel is not re-established and every open relayed connection
+/// survives, without operator action.
+#[test]
+fn nat_rebinding_keeps_the_tunnel_and_open_connections() {
+    let Some(mut d) = deployment() else { return };
+    d.start();
+    let before = d.t.mapped_port(QUIC_PORT).expect("mapped");
+    let mut idle: Vec<TcpStream> = (0..8).map(|_| d.connect(P2P_PORT).unwrap()).collect();
+    for tcp in &mut idle {
+        assert!(echo_once(tcp, b"before").unwrap());
+    }
+    // A connection trickling data through the rebinding: 1 KiB every 50 ms for about 8 s.
+    let mut trickle = d.connect(P2P_PORT).unwrap();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let block = [0x77u8; 1024];
+        let result = (0..160).try_for_each(|_| {
+            if echo_once(&mut trickle, &block)? {
+                std::thread::sleep(Duration::from_millis(50));
+                Ok(())
+            } else {
+                Err(std::io::Error::other("echo altered"))
+            }
+        });
+        let _ = done.send(result);
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    // New mappings come from another port range; then every UDP mapping is dropped.
+    d.t.iptables(&[
+        "-t",
+        "nat",
+        "-R",
+        "POSTROUTING",
+        "1",
+        "-s",
+        "198.51.100.0/24",
+        "-o",
+        "pub",
+        "-p",
+        "udp",
+        "-j",
+        "MASQUERADE",
+        "--to-ports",
+        "40000-40999",
+        "--random-fully",
+    ]);
+    d.t.flush_udp_mappings();
+    let rebound = wait_until(PATIENCE, || {
+        d.t.mapped_port(QUIC_PORT)
+            .is_some_and(|p| (40000..=40999).contains(&p))
+    });
+    assert!(
+        rebound.is_some(),
+        "the agent's flow was not mapped again: {:?}",
+        d.t.udp_mappings()
+    );
+    let after = d.t.mapped_port(QUIC_PORT).unwrap();
+    assert_ne!(before, after);
+
+    let trickled = finished
+        .recv_timeout(PATIENCE)
+        .expect("the trickling connection hung");
+    assert!(
+        trickled.is_ok(),
+        "the connection carrying traffic broke: {trickled:?}"
+    );
+    for tcp in &mut idle {
+        assert!(
+            echo_once(tcp, b"after").unwrap(),
+            "an idle connection did not survive"
+        );
+    }
+    assert!(d.echoes(), "a new connection after rebinding failed");
+    let log = d.sentry().log();
+    assert_eq!(
+        d.sentry().count_log("tunnel up"),
+        1,
+        "the tunnel was re-established instead of migrated:\n{log}"
+    );
+    eprintln!("NAT port {before} -> {after}; flow seen again after {rebound:?}");
+}
+
+/// Scenario 4: the agent is killed with SIGKILL mid-transfer, then restarted; then the sentry
+/// is killed and restarted.
+#[test]
+fn killed_agent_and_killed_sentry_recover() {
+    let Some(mut d) = deployment() else { return };
+    d.start();
+
+    // A long transfer is running when the agent dies without a word.
+    let tcp = d.connect(P2P_PORT).unwrap();
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(echo_roundtrip(tcp, 7, 16 << 30));
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        finished.try_recv().is_err(),
+        "the transfer ended before the kill"
+    );
+    let mut agent = d.agent.take().unwrap();
+    agent.signal(Signal::KILL);
+    agent.wait_exit(Duration::from_secs(5));
+    let killed = Instant::now();
+
+    // The client's connection ends (the sentry notices the dead tunnel by its idle timeout).
+    let ended = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the client's connection hung after the agent died");
+    assert!(
+        !matches!(ended, Ok(true)),
+        "a 16 GiB transfer cannot have completed"
+    );
+    eprintln!(
+        "client connection ended {:?} after the kill",
+        killed.elapsed()
+    );
+    d.sentry().wait_log("tunnel down", 1, PATIENCE);
+
+    // While the agent is down, new connections are closed at once.
+    for _ in 0..3 {
+        assert!(
+            d.closed_at_once(P2P_PORT, Duration::from_secs(2)),
+            "a connection was not refused at once while no agent is connected"
+        );
+    }
+
+    // The agent comes back: new connections work again, the sentry untouched.
+    d.start_agent();
+    let back = wait_until(PATIENCE, || d.echoes());
+    assert!(back.is_some(), "no service after the agent restarted");
+    eprintln!("served again {back:?} after the agent restarted");
+
+    // The sentry is killed and restarted: the agent reconnects by itself.
+    let mut sentry = d.sentry.take().unwrap();
+    sentry.signal(Signal::KILL);
+    sentry.wait_exit(Duration::from_secs(5));
+    d.start_sentry();
+    let back = wait_until(Duration::from_secs(45), || d.echoes());
+    assert!(
+        back.is_some(),
+        "the agent did not reconnect to the restarted sentry:\n{}",
+        d.agent.as_ref().unwrap().log()
+    );
+    eprintln!("served again {back:?} after the sentry restarted");
+    // The restarted sentry recognised the old tunnel's packets and reset it (its connection-ID
+    // and reset keys derive from its host key), so the agent did not wait out a timeout.
+    let agent_log = d.agent.as_ref().unwrap().log();
+    assert!(
+        agent_log.contains("tunnel down: reset by peer"),
+        "the agent was not told by a stateless reset:\n{agent_log}"
+    );
+}
+
+/// Scenario 5: a slow, lossy link between the validator's LAN and the sentry: 100 ms added
+/// each way, 1 % and then 5 % of the tunnel's packets dropped by the router in each
+/// direction. Transfers complete intact and the tunnel stays up throughout.
+#[test]
+fn slow_lossy_link() {
+    let Some(mut d) = deployment() else { return };
+    let delay = Duration::from_millis(100);
+    // The validator's flow to the sentry goes through the slow link inside the router.
+    let link_port = 7444;
+    let (lan, upstream) = d.t.enter(Host::Router, || {
+        let lan =
+            UdpSocket::bind(SocketAddr::V4(SocketAddrV4::new(ROUTER_LAN, link_port))).unwrap();
+        let upstream = UdpSocket::bind(SocketAddr::V4(SocketAddrV4::new(ROUTER_WAN, 0))).unwrap();
+        upstream.connect(public(QUIC_PORT)).unwrap();
+        (lan, upstream)
+    });
+    let _link = SlowLink::start(lan, upstream, delay);
+    let to = format!("{ROUTER_LAN}:{link_port}");
+    d.t.iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-i",
+        "lan",
+        "-p",
+        "udp",
+        "-d",
+        &SENTRY.to_string(),
+        "--dport",
+        &QUIC_PORT.to_string(),
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &to,
+    ]);
+    let loss = |p: &str| {
+        vec![
+            "INPUT",
+            "-p",
+            "udp",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            p,
+            "-j",
+            "DROP",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+    };
+    let mut rule = vec!["-A".to_owned()];
+    rule.extend(loss("0.01"));
+    d.t.iptables(&rule.iter().map(String::as_str).collect::<Vec<_>>());
+    d.start();
+
+    // The link is in the path: a round trip cannot be faster than the delay added.
+    let mut tcp = d.connect(P2P_PORT).unwrap();
+    let started = Instant::now();
+    assert!(echo_once(&mut tcp, b"rtt").unwrap());
+    let rtt = started.elapsed();
+    assert!(
+        rtt >= delay * 2,
+        "round trip {rtt:?}: the slow link is not in the path"
+    );
+
+    let started = Instant::now();
+    assert!(
+        echo_roundtrip(d.connect(P2P_PORT).unwrap(), 11, 4 << 20).unwrap(),
+        "4 MiB at 1 % loss came back altered or short"
+    );
+    eprintln!(
+        "4 MiB each way at 200 ms RTT, 1 % loss: {:?}",
+        started.elapsed()
+    );
+
+    let mut rule = vec!["-R".to_owned()];
+    rule.extend(loss("0.05"));
+    rule.insert(2, "1".to_owned());
+    d.t.iptables(&rule.iter().map(String::as_str).collect::<Vec<_>>());
+    let started = Instant::now();
+    assert!(
+        echo_roundtrip(d.connect(P2P_PORT).unwrap(), 12, 1 << 20).unwrap(),
+        "1 MiB at 5 % loss came back altered or short"
+    );
+    eprintln!(
+        "1 MiB each way at 200 ms RTT, 5 % loss: {:?}",
+        started.elapsed()
+    );
+    for id in 0..20u64 {
+        let mut tcp = d.connect(RPC_PORT).unwrap();
+        let body = jsonrpc_call(&mut tcp, id).unwrap();
+        assert_eq!(stand_in::json_id(&body), Some(id.to_string()), "{body}");
+    }
+    assert!(
+        echo_once(&mut tcp, b"still").unwrap(),
+        "the first connection broke"
+    );
+    assert_eq!(
+        d.sentry().count_log("tunnel up"),
+        1,
+        "the tunnel dropped on the lossy link:\n{}",
+        d.sentry().log()
+    );
+}
+
+/// Scenario 6: two agents in failover order; stopping the first moves new connections to the
+/// second, and they return to the first when it is back.
+#[test]
+fn failover_to_the_second_agent_and_back() {
+    let Some(t) = Topology::new() else { return };
+    let _services = [
+        stand_in::tagged_echo(listen(&t, Host::Validator, private(P2P_PORT)), b"one"),
+        stand_in::tagged_echo(listen(&t, Host::Validator, private(P2P2_PORT)), b"two"),
+    ];
+    let (sentry_toml, agents) = write_configs(
+        &t,
+        &[
+            AgentSpec {
+                name: "validator-1",
+                services: &[("p2p", P2P_PORT)],
+            },
+            AgentSpec {
+                name: "validator-2",
+                services: &[("p2p", P2P2_PORT)],
+            },
+        ],
+        &[("p2p", P2P_PORT, &["validator-1/p2p", "validator-2/p2p"])],
+    );
+    let sentry = t.daemon(Host::Sentry, "serve", &sentry_toml);
+    sentry.wait_log("sentry ready", 1, PATIENCE);
+    let mut first = t.daemon(Host::Validator, "agent", &agents[0]);
+    let _second = t.daemon(Host::Validator, "agent", &agents[1]);
+    sentry.wait_log("tunnel up", 2, PATIENCE);
+
+    let who = || -> Option<Vec<u8>> {
+        let mut tcp = t
+            .client_connect(public(P2P_PORT), Duration::from_secs(5))
+            .ok()?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut tag = vec![0u8; 3];
+        tcp.read_exact(&mut tag).ok()?;
+        Some(tag)
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            who().as_deref(),
+            Some(&b"one"[..]),
+            "the first upstream serves"
+        );
+    }
+
+    first.signal(Signal::TERM);
+    assert_eq!(first.wait_exit(PATIENCE), Some(0));
+    for _ in 0..5 {
+        assert_eq!(
+            who().as_deref(),
+            Some(&b"two"[..]),
+            "with the first agent stopped, the second serves"
+        );
+    }
+
+    let _first = t.daemon(Host::Validator, "agent", &agents[0]);
+    sentry.wait_log("tunnel up", 3, PATIENCE);
+    assert_eq!(
+        who().as_deref(),
+        Some(&b"one"[..]),
+        "the first agent is preferred again once back"
+    );
+}
