@@ -5,6 +5,7 @@
 //! transport, the sentry and agent engines, the byte pump) moves bytes and drives timers.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod agent;
 pub mod backoff;
 pub mod clock;

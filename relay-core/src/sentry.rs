@@ -8,6 +8,9 @@
 //!   relayed connection runs in its own task, handshakes under a timeout.
 //! - The registry holds at most one tunnel per agent name; a reconnecting agent replaces its
 //!   old tunnel (closed with `REPLACED`), so a restarted agent serves at once.
+//! - Every accepted client passes admission control ([`crate::admission`]) before any tunnel
+//!   work: a refused one is closed at once and counted; an admitted one holds a permit until
+//!   its connection ends. The decision is synchronous and never waits.
 //! - A client is relayed only after an agent answered `Ok` to its header; with no connected
 //!   upstream, or every upstream refusing, the client is closed at once.
 
@@ -24,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Gate, Permit, SentryCount};
+use crate::clock;
 use crate::config::{Route, SentryConfig};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
@@ -59,7 +64,7 @@ pub enum StartError {
 /// A bound sentry, ready to run.
 pub struct Sentry {
     endpoint: Endpoint,
-    listeners: Vec<(Arc<Route>, TcpListener)>,
+    listeners: Vec<(Arc<Route>, Arc<Gate>, TcpListener)>,
     handle: SentryHandle,
 }
 
@@ -68,7 +73,7 @@ pub struct Sentry {
 pub struct SentryHandle {
     registry: Arc<Registry>,
     quic_addr: SocketAddr,
-    routes: Arc<Vec<(String, SocketAddr)>>,
+    routes: Arc<Vec<(String, SocketAddr, Arc<Gate>)>>,
 }
 
 /// Connected agents by name.
@@ -104,6 +109,7 @@ impl Sentry {
         })?;
         let mut listeners = Vec::new();
         let mut routes = Vec::new();
+        let open = SentryCount::new(config.max_connections);
         for route in &config.routes {
             let listen_error = |source| StartError::Listen {
                 route: route.name.clone(),
@@ -113,11 +119,13 @@ impl Sentry {
             let listener = TcpListener::bind(route.listen)
                 .await
                 .map_err(listen_error)?;
+            let gate = Gate::new(route.limits.clone(), open.clone());
             routes.push((
                 route.name.clone(),
                 listener.local_addr().map_err(listen_error)?,
+                gate.clone(),
             ));
-            listeners.push((Arc::new(route.clone()), listener));
+            listeners.push((Arc::new(route.clone()), gate, listener));
         }
         let registry = Arc::new(Registry {
             names,
@@ -153,12 +161,13 @@ impl Sentry {
             registry.clone(),
             stop.clone(),
         ));
-        for (route, listener) in self.listeners {
+        for (route, gate, listener) in self.listeners {
             if let Ok(listen) = listener.local_addr() {
                 info!(route = %route.name, %listen, "route listening");
             }
             tokio::spawn(accept_clients(
                 route,
+                gate,
                 listener,
                 registry.clone(),
                 relays.clone(),
@@ -196,7 +205,19 @@ impl SentryHandle {
     /// The bound address of a route.
     #[must_use]
     pub fn route_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.routes.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.routes
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map(|(_, a, _)| *a)
+    }
+
+    /// The admission state of a route: open connections, refusals by reason.
+    #[must_use]
+    pub fn route_gate(&self, name: &str) -> Option<Arc<Gate>> {
+        self.routes
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map(|(.., g)| g.clone())
     }
 
     /// Names of the agents with a live tunnel, sorted.
@@ -292,20 +313,44 @@ async fn tunnel(incoming: quinn::Incoming, registry: Arc<Registry>) {
 
 async fn accept_clients(
     route: Arc<Route>,
+    gate: Arc<Gate>,
     listener: TcpListener,
     registry: Arc<Registry>,
     relays: TaskTracker,
     stop: CancellationToken,
 ) {
+    let epoch = clock::now();
+    let refusals_log = LogLimit::new(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((tcp, peer)) => {
-                relays.spawn(relay_client(route.clone(), tcp, peer, registry.clone()));
-            }
+            Ok((tcp, peer)) => match gate.admit(clock::now() - epoch, peer.ip()) {
+                Ok(permit) => {
+                    relays.spawn(relay_client(
+                        route.clone(),
+                        tcp,
+                        peer,
+                        registry.clone(),
+                        permit,
+                    ));
+                }
+                Err(reason) => {
+                    // Closed at once, before any tunnel work.
+                    drop(tcp);
+                    if let Some(suppressed) = refusals_log.allow() {
+                        info!(
+                            route = %route.name,
+                            client = %peer,
+                            reason = reason.as_str(),
+                            suppressed,
+                            "connection refused by admission control"
+                        );
+                    }
+                }
+            },
             Err(e) => {
                 // Typically EMFILE/ENFILE: back off briefly instead of spinning.
                 if let Some(suppressed) = ACCEPT_LOG.allow() {
@@ -323,6 +368,8 @@ async fn relay_client(
     mut tcp: TcpStream,
     client: SocketAddr,
     registry: Arc<Registry>,
+    // Held for the connection's life; gives its place back when dropped.
+    _permit: Permit,
 ) {
     let _ = tcp.set_nodelay(true);
     for upstream in &route.upstreams {

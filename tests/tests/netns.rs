@@ -95,7 +95,10 @@ fn write_configs(
     for (name, port, upstreams) in routes {
         let list: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
         sentry += &format!(
-            "\n[[route]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{}\"\nupstream = [{}]\n",
+            // The test client is one address driving hundreds of connections: above the
+            // per-client defaults on purpose.
+            "\n[[route]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{}\"\nupstream = [{}]\n\
+             max_connections_per_ip = 256\nconnect_rate_per_ip = \"1000/s\"\n",
             public(*port),
             list.join(", ")
         );

@@ -75,7 +75,12 @@ async fn bulk_download_256_mib_hash_checked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections_keep_their_own_bytes() {
-    let (sentry, _agent) = deployment(echo_service().await, "").await;
+    // One client address opening 200 at once: above the per-client defaults on purpose.
+    let (sentry, _agent) = deployment(
+        echo_service().await,
+        "max_connections_per_ip = 200\nconnect_rate_per_ip = \"200/s\"",
+    )
+    .await;
     let addr = sentry.route("p2p");
     let mut tasks = Vec::new();
     for i in 0..200u64 {

@@ -47,6 +47,8 @@ pub struct SentryConfig {
     /// Public listeners. Names are unique, listen addresses do not overlap, and every
     /// upstream names a configured agent.
     pub routes: Vec<Route>,
+    /// Open relayed connections across all routes.
+    pub max_connections: usize,
 }
 
 /// An agent the sentry lets in.
@@ -65,6 +67,51 @@ pub struct Route {
     pub upstreams: Vec<Upstream>,
     /// A relayed connection silent in both directions this long is closed.
     pub idle_timeout: Duration,
+    /// Who may connect and how much (admission control).
+    pub limits: Limits,
+}
+
+/// A route's admission policy. See [`crate::admission`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Client addresses admitted (non-empty). Default: everyone.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Client addresses refused; deny wins over allow. Default: none.
+    pub deny: Vec<ipnet::IpNet>,
+    /// Open connections on this route.
+    pub max_connections: usize,
+    /// Open connections on this route from one client (IPv4 address or IPv6 /64).
+    pub max_connections_per_ip: usize,
+    /// New connections per client (IPv4 address or IPv6 /64); a burst of one interval's
+    /// count is allowed.
+    pub connect_rate_per_ip: units::Rate,
+}
+
+/// Default of `[[route]] max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default of `[[route]] max_connections_per_ip`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 16;
+/// Default of `[[route]] connect_rate_per_ip`: 20/s.
+pub const DEFAULT_CONNECT_RATE_PER_IP: units::Rate = units::Rate {
+    count: std::num::NonZeroU32::new(20).expect("invariant: 20 is not zero"),
+    per: Duration::from_secs(1),
+};
+/// Default of `[sentry] max_connections`: open relayed connections across all routes.
+pub const DEFAULT_SENTRY_MAX_CONNECTIONS: usize = 16384;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            allow: vec![
+                "0.0.0.0/0".parse().expect("invariant: valid CIDR"),
+                "::/0".parse().expect("invariant: valid CIDR"),
+            ],
+            deny: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            connect_rate_per_ip: DEFAULT_CONNECT_RATE_PER_IP,
+        }
+    }
 }
 
 /// `agent/service` in a route's upstream list.

@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::units::{Addr, HumanDuration, Key, Name, check_name};
+use super::units::{Addr, Cidr, HumanDuration, HumanRate, Key, Name, check_name};
 use super::{
-    AgentPeer, Checker, ConfigErrors, DEFAULT_IDLE_TIMEOUT, Locator, Reserved, Route, SentryConfig,
-    Upstream, deserialize,
+    AgentPeer, Checker, ConfigErrors, DEFAULT_IDLE_TIMEOUT, DEFAULT_SENTRY_MAX_CONNECTIONS, Limits,
+    Locator, Reserved, Route, SentryConfig, Upstream, deserialize,
 };
 
 #[derive(Deserialize)]
@@ -32,6 +32,7 @@ struct SentryTable {
     wireguard_address: Reserved,
     tls_listen: Reserved,
     metrics_listen: Reserved,
+    max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -67,11 +68,11 @@ struct RouteTable {
     upstream: Spanned<Vec<Spanned<String>>>,
     idle_timeout: Option<HumanDuration>,
     proxy_protocol: Option<Spanned<ProxyProtocol>>,
-    allow: Reserved,
-    deny: Reserved,
-    max_connections: Reserved,
-    max_connections_per_ip: Reserved,
-    connect_rate_per_ip: Reserved,
+    allow: Option<Spanned<Vec<Spanned<Cidr>>>>,
+    deny: Option<Vec<Spanned<Cidr>>>,
+    max_connections: Option<Spanned<u64>>,
+    max_connections_per_ip: Option<Spanned<u64>>,
+    connect_rate_per_ip: Option<HumanRate>,
     jsonrpc: Reserved,
     tls: Reserved,
 }
@@ -155,6 +156,12 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
         quic_listen: s.quic_listen.get_ref().0,
         agents,
         routes,
+        max_connections: count(
+            &mut check,
+            s.max_connections.as_ref(),
+            "sentry.max_connections",
+            DEFAULT_SENTRY_MAX_CONNECTIONS,
+        ),
     };
     check.finish(config)
 }
@@ -185,24 +192,8 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
             "PROXY protocol is not supported by this version of sentry yet; use \"off\"",
         );
     }
+    let limits = limits(check, i, table);
     for (field, value, what) in [
-        ("allow", &table.allow, "admission control"),
-        ("deny", &table.deny, "admission control"),
-        (
-            "max_connections",
-            &table.max_connections,
-            "admission control",
-        ),
-        (
-            "max_connections_per_ip",
-            &table.max_connections_per_ip,
-            "admission control",
-        ),
-        (
-            "connect_rate_per_ip",
-            &table.connect_rate_per_ip,
-            "admission control",
-        ),
         ("jsonrpc", &table.jsonrpc, "JSON-RPC routes"),
         ("tls", &table.tls, "JSON-RPC routes"),
     ] {
@@ -233,6 +224,74 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
             .idle_timeout
             .as_ref()
             .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+        limits,
+    }
+}
+
+fn limits(check: &mut Checker<'_>, i: usize, table: &RouteTable) -> Limits {
+    let key = |field: &str| format!("route[{i}].{field}");
+    let defaults = Limits::default();
+    let allow = match &table.allow {
+        None => defaults.allow,
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                check.fail(
+                    list,
+                    key("allow"),
+                    "an empty allow list admits nobody; remove the key to admit every address",
+                );
+            }
+            list.get_ref().iter().map(|c| c.get_ref().0).collect()
+        }
+    };
+    let deny = table
+        .deny
+        .as_ref()
+        .map(|list| list.iter().map(|c| c.get_ref().0).collect())
+        .unwrap_or_default();
+    Limits {
+        allow,
+        deny,
+        max_connections: count(
+            check,
+            table.max_connections.as_ref(),
+            &key("max_connections"),
+            defaults.max_connections,
+        ),
+        max_connections_per_ip: count(
+            check,
+            table.max_connections_per_ip.as_ref(),
+            &key("max_connections_per_ip"),
+            defaults.max_connections_per_ip,
+        ),
+        connect_rate_per_ip: table
+            .connect_rate_per_ip
+            .as_ref()
+            .map_or(defaults.connect_rate_per_ip, |r| r.0),
+    }
+}
+
+/// A connection cap: 1 to 1 000 000, or `default` when absent.
+fn count(
+    check: &mut Checker<'_>,
+    value: Option<&Spanned<u64>>,
+    key: &str,
+    default: usize,
+) -> usize {
+    const MAX: u64 = 1_000_000;
+    match value {
+        None => default,
+        Some(v) if (1..=MAX).contains(v.get_ref()) => {
+            usize::try_from(*v.get_ref()).unwrap_or(default)
+        }
+        Some(v) => {
+            check.fail(
+                v,
+                key,
+                format!("must be from 1 to {MAX} (a cap of 0 admits nobody)"),
+            );
+            default
+        }
     }
 }
 

@@ -215,3 +215,71 @@ mod tests {
         }
     }
 }
+
+string_value!(
+    /// A CIDR block, IPv4 or IPv6 (`203.0.113.0/24`, `2001:db8::/32`); a bare address is a
+    /// single host.
+    Cidr(ipnet::IpNet),
+    "a CIDR such as \"203.0.113.0/24\" or \"2001:db8::/32\"",
+    |text| {
+        text.parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(|net| net.trunc())
+            .map_err(|_| {
+                format!(
+                    "invalid CIDR {text:?}: expected an address with a prefix length, such as \
+                     \"203.0.113.0/24\" or \"2001:db8::/32\""
+                )
+            })
+    }
+);
+
+/// Events per interval, written `N/s` or `N/m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: std::num::NonZeroU32,
+    pub per: Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = if self.per == Duration::from_secs(60) {
+            "m"
+        } else {
+            "s"
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// Parse `N/s` or `N/m` (also `N/sec`, `N/min`), N from 1 to 1 000 000.
+pub fn parse_rate(text: &str) -> Result<Rate, String> {
+    let bad = || {
+        format!(
+            "invalid rate {text:?}: expected a count per second or minute, such as \"20/s\" or \"600/m\""
+        )
+    };
+    let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    let per = match unit.trim() {
+        "s" | "sec" => Duration::from_secs(1),
+        "m" | "min" => Duration::from_secs(60),
+        _ => return Err(bad()),
+    };
+    if count > 1_000_000 {
+        return Err(format!(
+            "invalid rate {text:?}: at most 1000000 per interval"
+        ));
+    }
+    let count = std::num::NonZeroU32::new(count).ok_or_else(|| {
+        format!("invalid rate {text:?}: a rate of 0 admits nothing; remove the key for the default")
+    })?;
+    Ok(Rate { count, per })
+}
+
+string_value!(
+    /// A rate written as text.
+    HumanRate(Rate),
+    "a rate such as \"20/s\" or \"600/m\"",
+    parse_rate
+);
