@@ -141,6 +141,30 @@ pub fn start_agent(config: AgentConfig, key: PrivateKey) -> RunningAgent {
     RunningAgent { task }
 }
 
+/// A sentry with route "p2p" (`extra`: more TOML lines for it) to agent "v1"'s `service`;
+/// the agent exports "svc" at `target`. Returns once the tunnel is up.
+pub async fn deployment_to(
+    service: &str,
+    target: SocketAddr,
+    extra: &str,
+) -> (RunningSentry, RunningAgent) {
+    let (sentry_key, agent_key) = (key(), key());
+    let upstream = format!("v1/{service}");
+    let config = sentry_config(&[("v1", &agent_key)], &[("p2p", &[&upstream], extra)]);
+    let sentry = start_sentry(&config, &sentry_key).await;
+    let agent = start_agent(
+        agent_config(
+            "v1",
+            sentry.handle.quic_addr(),
+            &sentry_key,
+            &[("svc", target)],
+        ),
+        agent_key,
+    );
+    sentry.wait_agent("v1", true).await;
+    (sentry, agent)
+}
+
 /// A TCP service on loopback running `serve` for every connection.
 pub async fn service<F, Fut>(serve: F) -> SocketAddr
 where

@@ -101,12 +101,7 @@ pub fn jsonrpc(listener: TcpListener) -> StandIn {
                 }
                 continue;
             };
-            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
+            let length = content_length(&pending[..end]);
             while pending.len() < end + 4 + length {
                 match tcp.read(&mut buf) {
                     Ok(0) | Err(_) => return,
@@ -126,6 +121,16 @@ pub fn jsonrpc(listener: TcpListener) -> StandIn {
             }
         }
     })
+}
+
+/// The `Content-Length` of an HTTP head (0 when absent).
+fn content_length(head: &[u8]) -> usize {
+    String::from_utf8_lossy(head)
+        .to_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:").map(str::to_owned))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The raw value of a top-level numeric `"id"` in a small JSON object.
@@ -149,12 +154,7 @@ pub fn jsonrpc_call(tcp: &mut TcpStream, id: u64) -> std::io::Result<String> {
     let mut buf = [0u8; 4096];
     loop {
         if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
+            let length = content_length(&pending[..end]);
             if pending.len() >= end + 4 + length {
                 return Ok(String::from_utf8_lossy(&pending[end + 4..end + 4 + length]).into());
             }

@@ -11,20 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 async fn deployment(extra: &str) -> (RunningSentry, RunningAgent) {
-    let (sentry_key, agent_key) = (key(), key());
-    let config = sentry_config(&[("v1", &agent_key)], &[("p2p", &["v1/svc"], extra)]);
-    let sentry = start_sentry(&config, &sentry_key).await;
-    let agent = start_agent(
-        agent_config(
-            "v1",
-            sentry.handle.quic_addr(),
-            &sentry_key,
-            &[("svc", echo_service().await)],
-        ),
-        agent_key,
-    );
-    sentry.wait_agent("v1", true).await;
-    (sentry, agent)
+    deployment_to("svc", echo_service().await, extra).await
 }
 
 /// A connection to `to` from source address `from` (any port).

@@ -17,20 +17,7 @@ const BULK: usize = 256 * MIB;
 
 /// One sentry with route "p2p" → agent "v1" service "svc" at `target`, tunnel up.
 async fn deployment(target: SocketAddr, extra: &str) -> (RunningSentry, RunningAgent) {
-    let (sentry_key, agent_key) = (key(), key());
-    let config = sentry_config(&[("v1", &agent_key)], &[("p2p", &["v1/svc"], extra)]);
-    let sentry = start_sentry(&config, &sentry_key).await;
-    let agent = start_agent(
-        agent_config(
-            "v1",
-            sentry.handle.quic_addr(),
-            &sentry_key,
-            &[("svc", target)],
-        ),
-        agent_key,
-    );
-    sentry.wait_agent("v1", true).await;
-    (sentry, agent)
+    deployment_to("svc", target, extra).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,22 +282,7 @@ async fn the_agent_refuses_services_it_does_not_export() {
     assert_eq!(Status::from_byte(status[0]), Some(Status::BadHeader));
 
     // Client level: a route to an unexported service closes the client at once.
-    let (sentry, _agent) = {
-        let (sentry_key, agent_key) = (key(), key());
-        let config = sentry_config(&[("v1", &agent_key)], &[("p2p", &["v1/nope"], "")]);
-        let sentry = start_sentry(&config, &sentry_key).await;
-        let agent = start_agent(
-            agent_config(
-                "v1",
-                sentry.handle.quic_addr(),
-                &sentry_key,
-                &[("svc", echo_service().await)],
-            ),
-            agent_key,
-        );
-        sentry.wait_agent("v1", true).await;
-        (sentry, agent)
-    };
+    let (sentry, _agent) = deployment_to("nope", echo_service().await, "").await;
     assert!(closed_without_data(sentry.route("p2p"), Duration::from_secs(3)).await);
 }
 
