@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,7 +26,7 @@ use crate::clock;
 use crate::config::{AgentConfig, SentryPeer};
 use crate::keys::PrivateKey;
 use crate::log_limit::LogLimit;
-use crate::relay::{Header, PumpEnd, Status, pump};
+use crate::relay::{Header, PumpEnd, Status, encode_proxy_header, pump};
 use crate::transport::pin::SERVER_NAME;
 use crate::transport::quic::{self, QuicError, Tuning, code};
 
@@ -248,7 +249,7 @@ async fn relay_stream(
         refuse(&mut send, Status::UnknownService, why).await;
         return;
     };
-    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+    let mut tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             refuse(
@@ -282,6 +283,23 @@ async fn relay_stream(
         }
     };
     let _ = tcp.set_nodelay(true);
+    if let Some(proxy) = header.proxy {
+        // Before any payload, and before the sentry is told Ok, so a service that closes on
+        // the header counts as a failed connect rather than a relayed connection.
+        let bytes = encode_proxy_header(proxy.version, header.client, proxy.destination);
+        if let Err(e) = tcp.write_all(&bytes).await {
+            refuse(
+                &mut send,
+                Status::ConnectFailed,
+                format!(
+                    "service {} at {target}: writing the PROXY header: {e}",
+                    header.service
+                ),
+            )
+            .await;
+            return;
+        }
+    }
     if send.write_all(&[Status::Ok as u8]).await.is_err() {
         return;
     }

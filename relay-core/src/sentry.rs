@@ -32,7 +32,7 @@ use crate::clock;
 use crate::config::{Route, SentryConfig};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
-use crate::relay::{Header, PumpEnd, Status, pump};
+use crate::relay::{Header, Proxy, PumpEnd, Status, pump};
 use crate::transport::quic::{self, QuicError, Tuning, code};
 
 /// Longest an agent's QUIC handshake may take.
@@ -372,6 +372,17 @@ async fn relay_client(
     _permit: Permit,
 ) {
     let _ = tcp.set_nodelay(true);
+    let proxy = match (route.proxy_protocol, tcp.local_addr()) {
+        (None, _) => None,
+        (Some(version), Ok(destination)) => Some(Proxy {
+            version,
+            destination,
+        }),
+        (Some(_), Err(e)) => {
+            debug!(route = %route.name, %client, "no local address for the PROXY header: {e}");
+            return;
+        }
+    };
     for upstream in &route.upstreams {
         let Some(conn) = registry.get(&upstream.agent) else {
             continue;
@@ -380,6 +391,7 @@ async fn relay_client(
             route: route.name.clone(),
             service: upstream.service.clone(),
             client,
+            proxy,
         };
         match open(&conn, &header).await {
             Ok((mut send, mut recv)) => {

@@ -163,6 +163,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
     ),
     ("empty-allow", "13:9", "route[0].allow", "admits nobody"),
     (
+        "bad-proxy-protocol",
+        "13:18",
+        "route[0].proxy_protocol",
+        "expected one of `off`, `v1`, `v2`",
+    ),
+    (
         "unsupported-metrics",
         "4:18",
         "sentry.metrics_listen",

@@ -264,6 +264,7 @@ async fn the_agent_refuses_services_it_does_not_export() {
             route: "p2p".into(),
             service: service.into(),
             client: "203.0.113.10:1234".parse().unwrap(),
+            proxy: None,
         };
         send.write_all(&header.encode().unwrap()).await.unwrap();
         let mut status = [0u8; 1];

@@ -23,6 +23,7 @@ use error::Locator;
 pub use error::{ConfigError, ConfigErrors};
 
 use crate::keys::PublicKey;
+use crate::relay::ProxyVersion;
 
 /// Default `idle_timeout` of a route: a relayed connection silent both ways this long is
 /// closed. P2P links of most chains ping well within it.
@@ -67,6 +68,9 @@ pub struct Route {
     pub upstreams: Vec<Upstream>,
     /// A relayed connection silent in both directions this long is closed.
     pub idle_timeout: Duration,
+    /// The PROXY header the agent writes to the service before any payload; `None` (the
+    /// default, `"off"`) writes nothing, as goloop's P2P port requires.
+    pub proxy_protocol: Option<ProxyVersion>,
     /// Who may connect and how much (admission control).
     pub limits: Limits,
 }

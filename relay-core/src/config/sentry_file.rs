@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::relay::ProxyVersion;
+
 use super::units::{Addr, Cidr, HumanDuration, HumanRate, Key, Name, check_name};
 use super::{
     AgentPeer, Checker, ConfigErrors, DEFAULT_IDLE_TIMEOUT, DEFAULT_SENTRY_MAX_CONNECTIONS, Limits,
@@ -183,15 +185,11 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
             ),
         }
     }
-    if let Some(proxy) = &table.proxy_protocol
-        && !matches!(proxy.get_ref(), ProxyProtocol::Off)
-    {
-        check.fail(
-            proxy,
-            key("proxy_protocol"),
-            "PROXY protocol is not supported by this version of sentry yet; use \"off\"",
-        );
-    }
+    let proxy_protocol = match table.proxy_protocol.as_ref().map(Spanned::get_ref) {
+        None | Some(ProxyProtocol::Off) => None,
+        Some(ProxyProtocol::V1) => Some(ProxyVersion::V1),
+        Some(ProxyProtocol::V2) => Some(ProxyVersion::V2),
+    };
     let limits = limits(check, i, table);
     for (field, value, what) in [
         ("jsonrpc", &table.jsonrpc, "JSON-RPC routes"),
@@ -224,6 +222,7 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
             .idle_timeout
             .as_ref()
             .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+        proxy_protocol,
         limits,
     }
 }

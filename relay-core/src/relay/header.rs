@@ -4,8 +4,11 @@
 //!
 //! ```text
 //! version:u8 (=1)  body_len:u8  body[body_len]
-//! body = flags:u8 (=0)  route_len:u8 route  service_len:u8 service
-//!        family:u8 (4|6)  ip[4|16]  port:u16
+//! body = flags:u8  route_len:u8 route  service_len:u8 service  client:addr
+//!        [destination:addr]          (present when flags ask for a PROXY header)
+//! addr = family:u8 (4|6)  ip[4|16]  port:u16
+//! flags: bits 0-1 = PROXY header the agent writes to the service first
+//!        (0 none, 1 v1, 2 v2); every other value is refused
 //! ```
 //!
 //! The length prefix lets a reader take exactly one header off a stream without reading into
@@ -17,6 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::proxy::{Proxy, ProxyVersion};
 use crate::config::units::check_name;
 
 /// The header version this build writes and reads.
@@ -33,7 +37,13 @@ pub struct Header {
     pub service: String,
     /// The public client's address as the sentry saw it.
     pub client: SocketAddr,
+    /// Whether the agent writes a PROXY header to the service before any payload.
+    pub proxy: Option<Proxy>,
 }
+
+/// Flag values of the PROXY version (bits 0-1).
+const FLAG_PROXY_V1: u8 = 0x01;
+const FLAG_PROXY_V2: u8 = 0x02;
 
 /// The agent's one-byte answer to a header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,23 +88,21 @@ impl Header {
     /// The wire form. Fails only for names that config validation would have refused.
     pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
         let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(&[VERSION, 0, 0]);
+        let flags = match self.proxy.map(|p| p.version) {
+            None => 0,
+            Some(ProxyVersion::V1) => FLAG_PROXY_V1,
+            Some(ProxyVersion::V2) => FLAG_PROXY_V2,
+        };
+        out.extend_from_slice(&[VERSION, 0, flags]);
         for name in [&self.route, &self.service] {
             check_name(name).map_err(|_| HeaderError::Name)?;
             out.push(u8::try_from(name.len()).map_err(|_| HeaderError::Name)?);
             out.extend_from_slice(name.as_bytes());
         }
-        match self.client.ip() {
-            IpAddr::V4(ip) => {
-                out.push(4);
-                out.extend_from_slice(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                out.push(6);
-                out.extend_from_slice(&ip.octets());
-            }
+        put_addr(&mut out, self.client);
+        if let Some(proxy) = self.proxy {
+            put_addr(&mut out, proxy.destination);
         }
-        out.extend_from_slice(&self.client.port().to_be_bytes());
         out[1] = u8::try_from(out.len() - 2).map_err(|_| HeaderError::TooLong)?;
         Ok(out)
     }
@@ -120,29 +128,25 @@ impl Header {
         let (&[flags], rest) = split(body, 1)? else {
             unreachable!()
         };
-        if flags != 0 {
-            return Err(HeaderError::Flags(flags));
-        }
+        let version = match flags {
+            0 => None,
+            FLAG_PROXY_V1 => Some(ProxyVersion::V1),
+            FLAG_PROXY_V2 => Some(ProxyVersion::V2),
+            other => return Err(HeaderError::Flags(other)),
+        };
         let (route, rest) = name(rest)?;
         let (service, rest) = name(rest)?;
-        let (&[family], rest) = split(rest, 1)? else {
-            unreachable!()
-        };
-        let (ip, rest) = match family {
-            4 => {
-                let (ip, rest) = split(rest, 4)?;
-                let ip: [u8; 4] = ip.try_into().map_err(|_| HeaderError::Truncated)?;
-                (IpAddr::V4(Ipv4Addr::from(ip)), rest)
+        let (client, mut rest) = addr(rest)?;
+        let proxy = match version {
+            None => None,
+            Some(version) => {
+                let (destination, after) = addr(rest)?;
+                rest = after;
+                Some(Proxy {
+                    version,
+                    destination,
+                })
             }
-            6 => {
-                let (ip, rest) = split(rest, 16)?;
-                let ip: [u8; 16] = ip.try_into().map_err(|_| HeaderError::Truncated)?;
-                (IpAddr::V6(Ipv6Addr::from(ip)), rest)
-            }
-            other => return Err(HeaderError::Family(other)),
-        };
-        let (&[hi, lo], rest) = split(rest, 2)? else {
-            unreachable!()
         };
         if !rest.is_empty() {
             return Err(HeaderError::Trailing(rest.len()));
@@ -150,7 +154,8 @@ impl Header {
         Ok(Self {
             route,
             service,
-            client: SocketAddr::new(ip, u16::from_be_bytes([hi, lo])),
+            client,
+            proxy,
         })
     }
 
@@ -197,6 +202,43 @@ fn split(bytes: &[u8], n: usize) -> Result<(&[u8], &[u8]), HeaderError> {
     }
 }
 
+fn put_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&addr.port().to_be_bytes());
+}
+
+fn addr(bytes: &[u8]) -> Result<(SocketAddr, &[u8]), HeaderError> {
+    let (&[family], rest) = split(bytes, 1)? else {
+        unreachable!()
+    };
+    let (ip, rest) = match family {
+        4 => {
+            let (ip, rest) = split(rest, 4)?;
+            let ip: [u8; 4] = ip.try_into().map_err(|_| HeaderError::Truncated)?;
+            (IpAddr::V4(Ipv4Addr::from(ip)), rest)
+        }
+        6 => {
+            let (ip, rest) = split(rest, 16)?;
+            let ip: [u8; 16] = ip.try_into().map_err(|_| HeaderError::Truncated)?;
+            (IpAddr::V6(Ipv6Addr::from(ip)), rest)
+        }
+        other => return Err(HeaderError::Family(other)),
+    };
+    let (&[hi, lo], rest) = split(rest, 2)? else {
+        unreachable!()
+    };
+    Ok((SocketAddr::new(ip, u16::from_be_bytes([hi, lo])), rest))
+}
+
 fn name(bytes: &[u8]) -> Result<(String, &[u8]), HeaderError> {
     let (&[len], rest) = split(bytes, 1)? else {
         unreachable!()
@@ -217,7 +259,30 @@ mod tests {
             route: "p2p".into(),
             service: "validator-p2p".into(),
             client: "203.0.113.10:40000".parse().unwrap(),
+            proxy: None,
         }
+    }
+
+    #[test]
+    fn carries_the_proxy_request() {
+        for (version, flag) in [(ProxyVersion::V1, 1), (ProxyVersion::V2, 2)] {
+            let mut h = sample();
+            h.proxy = Some(Proxy {
+                version,
+                destination: "[2001:db8::1]:7100".parse().unwrap(),
+            });
+            let bytes = h.encode().unwrap();
+            assert_eq!(bytes[2], flag);
+            assert_eq!(&bytes[bytes.len() - 19..bytes.len() - 18], &[6]);
+            assert_eq!(Header::decode(&bytes).unwrap(), h);
+            // The flag without the destination is refused, not guessed at.
+            let mut cut = bytes[..bytes.len() - 19].to_vec();
+            cut[1] -= 19;
+            assert_eq!(Header::decode(&cut), Err(HeaderError::Truncated));
+        }
+        let mut both = sample().encode().unwrap();
+        both[2] = 3;
+        assert_eq!(Header::decode(&both), Err(HeaderError::Flags(3)));
     }
 
     #[test]
@@ -303,10 +368,19 @@ mod tests {
         "[A-Za-z0-9._-]{1,64}"
     }
 
+    /// Addresses as the header carries them: no IPv6 scope or flow label.
+    fn addr_strategy() -> impl Strategy<Value = SocketAddr> {
+        (any::<IpAddr>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(ip, port))
+    }
+
     proptest! {
         #[test]
-        fn round_trip(route in name_strategy(), service in name_strategy(), ip in any::<std::net::IpAddr>(), port in any::<u16>()) {
-            let h = Header { route, service, client: SocketAddr::new(ip, port) };
+        fn round_trip(route in name_strategy(), service in name_strategy(), client in addr_strategy(), proxy in proptest::option::of((any::<bool>(), addr_strategy()))) {
+            let proxy = proxy.map(|(v1, destination)| Proxy {
+                version: if v1 { ProxyVersion::V1 } else { ProxyVersion::V2 },
+                destination,
+            });
+            let h = Header { route, service, client, proxy };
             let bytes = h.encode().unwrap();
             prop_assert!(bytes.len() <= MAX_HEADER_LEN);
             prop_assert_eq!(Header::decode(&bytes).unwrap(), h);

@@ -6,7 +6,9 @@
 //! both sides [`pump`] bytes until both directions have finished.
 
 mod header;
+mod proxy;
 mod pump;
 
 pub use header::{Header, HeaderError, MAX_HEADER_LEN, Status, VERSION};
+pub use proxy::{Proxy, ProxyVersion, encode as encode_proxy_header};
 pub use pump::{PumpEnd, PumpStats, pump};
