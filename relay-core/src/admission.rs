@@ -101,11 +101,10 @@ pub fn check(
     ip: IpAddr,
     counts: Counts,
 ) -> Result<(), Refusal> {
-    let ip = ip.to_canonical();
-    if limits.deny.iter().any(|net| net.contains(&ip)) {
+    if limits.deny.contains(ip) {
         return Err(Refusal::Denied);
     }
-    if !limits.allow.iter().any(|net| net.contains(&ip)) {
+    if !limits.allow.contains(ip) {
         return Err(Refusal::NotAllowed);
     }
     if counts.sentry >= sentry_max {
@@ -293,6 +292,7 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cidr::CidrSet;
     use crate::config::units::parse_rate;
 
     fn ip(text: &str) -> IpAddr {
@@ -311,14 +311,14 @@ mod tests {
     #[test]
     fn lists_and_caps() {
         let mut l = limits();
-        l.allow = vec![
+        l.allow = CidrSet::new([
             "203.0.113.0/24".parse().unwrap(),
             "2001:db8::/32".parse().unwrap(),
-        ];
-        l.deny = vec![
+        ]);
+        l.deny = CidrSet::new([
             "203.0.113.66/32".parse().unwrap(),
             "2001:db8:bad::/48".parse().unwrap(),
-        ];
+        ]);
         let none = Counts::default();
         let cases = [
             ("203.0.113.7", none, Ok(())),

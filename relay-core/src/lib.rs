@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod agent;
 pub mod backoff;
+pub mod cidr;
 pub mod clock;
 pub mod config;
 pub mod keys;

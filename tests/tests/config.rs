@@ -274,3 +274,108 @@ fn relative_key_paths_follow_the_config_file() {
     let config = config::parse_sentry(Path::new("/etc/sentry/sentry.toml"), text).unwrap();
     assert_eq!(config.private_key, Path::new("/var/lib/sentry/s.key"));
 }
+
+const LIST_ROUTE: &str = r#"
+[sentry]
+private_key = "s.key"
+quic_listen = "0.0.0.0:4433"
+
+[[agent]]
+name = "v1"
+public_key = "oYNIXccxctOPVk3MUs7HyF+TXOmfTOLFhVFRkb9Uels="
+
+[[route]]
+name = "p2p"
+listen = "0.0.0.0:7100"
+upstream = ["v1/p2p"]
+"#;
+
+/// Write `sentry.toml` (the route plus `extra`) and the list files into a temp dir.
+fn with_lists(extra: &str, files: &[(&str, &str)]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let path = dir.path().join("sentry.toml");
+    std::fs::write(&path, format!("{LIST_ROUTE}{extra}\n")).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn allow_and_deny_lists_load_from_files() {
+    let (_dir, path) = with_lists(
+        "allow = [\"192.0.2.0/24\"]\nallow_file = \"allow.list\"\ndeny_file = \"lists/deny.list\"",
+        &[(
+            "allow.list",
+            "# peers we know\n203.0.113.0/24\n2001:db8::/32  # v6 office\n\n",
+        )],
+    );
+    // The deny list sits in a subdirectory that does not exist yet: the error names it.
+    let errors = config::load_sentry(&path).unwrap_err();
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    assert_eq!(errors.0[0].key, "route[0].deny_file");
+    assert_eq!(errors.0[0].file, path);
+    assert!(errors.0[0].message.contains("cannot read"), "{errors}");
+    assert!(errors.0[0].message.contains("deny.list"), "{errors}");
+
+    std::fs::create_dir(path.parent().unwrap().join("lists")).unwrap();
+    std::fs::write(
+        path.parent().unwrap().join("lists/deny.list"),
+        "203.0.113.66\n",
+    )
+    .unwrap();
+    let sentry = config::load_sentry(&path).unwrap();
+    let limits = &sentry.routes[0].limits;
+    for (ip, allowed, denied) in [
+        ("203.0.113.7", true, false),
+        ("203.0.113.66", true, true),
+        ("192.0.2.1", true, false), // inline entries are kept beside the file's
+        ("2001:db8::1", true, false),
+        ("198.51.100.1", false, false),
+    ] {
+        let ip = ip.parse().unwrap();
+        assert_eq!(limits.allow.contains(ip), allowed, "{ip}");
+        assert_eq!(limits.deny.contains(ip), denied, "{ip}");
+    }
+}
+
+#[test]
+fn list_file_errors_name_the_list_file_line_and_column() {
+    let (dir, path) = with_lists(
+        "deny_file = \"deny.list\"",
+        &[(
+            "deny.list",
+            "203.0.113.0/24\n# fine\n   203.0.113.0/33\n198.51.100.1 198.51.100.2\n",
+        )],
+    );
+    let errors = config::load_sentry(&path).unwrap_err();
+    let list = dir.path().join("deny.list");
+    let shown: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    assert_eq!(shown.len(), 2, "{shown:?}");
+    assert!(
+        shown[0].starts_with(&format!(
+            "{}:3:4: route[0].deny_file: invalid CIDR",
+            list.display()
+        )),
+        "{shown:?}"
+    );
+    assert!(
+        shown[1].starts_with(&format!(
+            "{}:4:1: route[0].deny_file: one CIDR per line",
+            list.display()
+        )),
+        "{shown:?}"
+    );
+}
+
+#[test]
+fn an_allow_file_that_lists_nobody_is_refused() {
+    let (_dir, path) = with_lists(
+        "allow_file = \"allow.list\"",
+        &[("allow.list", "# empty\n")],
+    );
+    let errors = config::load_sentry(&path).unwrap_err();
+    assert_eq!(errors.0[0].key, "route[0].allow_file", "{errors}");
+    assert_eq!(errors.0[0].position, Some((14, 14)), "{errors}");
+    assert!(errors.0[0].message.contains("admit nobody"), "{errors}");
+}

@@ -22,6 +22,7 @@ use toml::Spanned;
 use error::Locator;
 pub use error::{ConfigError, ConfigErrors};
 
+use crate::cidr::CidrSet;
 use crate::keys::PublicKey;
 use crate::relay::ProxyVersion;
 
@@ -78,10 +79,12 @@ pub struct Route {
 /// A route's admission policy. See [`crate::admission`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Client addresses admitted (non-empty). Default: everyone.
-    pub allow: Vec<ipnet::IpNet>,
-    /// Client addresses refused; deny wins over allow. Default: none.
-    pub deny: Vec<ipnet::IpNet>,
+    /// Client addresses admitted (non-empty): `allow` and `allow_file` together. Default:
+    /// everyone.
+    pub allow: CidrSet,
+    /// Client addresses refused, `deny` and `deny_file` together; deny wins over allow.
+    /// Default: none.
+    pub deny: CidrSet,
     /// Open connections on this route.
     pub max_connections: usize,
     /// Open connections on this route from one client (IPv4 address or IPv6 /64).
@@ -106,11 +109,11 @@ pub const DEFAULT_SENTRY_MAX_CONNECTIONS: usize = 16384;
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            allow: vec![
+            allow: CidrSet::new([
                 "0.0.0.0/0".parse().expect("invariant: valid CIDR"),
                 "::/0".parse().expect("invariant: valid CIDR"),
-            ],
-            deny: Vec::new(),
+            ]),
+            deny: CidrSet::default(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             connect_rate_per_ip: DEFAULT_CONNECT_RATE_PER_IP,

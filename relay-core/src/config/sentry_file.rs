@@ -6,12 +6,16 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
+use ipnet::IpNet;
+
+use crate::cidr::{self, CidrSet};
 use crate::relay::ProxyVersion;
 
 use super::units::{Addr, Cidr, HumanDuration, HumanRate, Key, Name, check_name};
 use super::{
-    AgentPeer, Checker, ConfigErrors, DEFAULT_IDLE_TIMEOUT, DEFAULT_SENTRY_MAX_CONNECTIONS, Limits,
-    Locator, Reserved, Route, SentryConfig, Upstream, deserialize,
+    AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_SENTRY_MAX_CONNECTIONS, Limits, Locator, Reserved, Route, SentryConfig, Upstream,
+    deserialize,
 };
 
 #[derive(Deserialize)]
@@ -72,6 +76,8 @@ struct RouteTable {
     proxy_protocol: Option<Spanned<ProxyProtocol>>,
     allow: Option<Spanned<Vec<Spanned<Cidr>>>>,
     deny: Option<Vec<Spanned<Cidr>>>,
+    allow_file: Option<Spanned<String>>,
+    deny_file: Option<Spanned<String>>,
     max_connections: Option<Spanned<u64>>,
     max_connections_per_ip: Option<Spanned<u64>>,
     connect_rate_per_ip: Option<HumanRate>,
@@ -230,24 +236,49 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
 fn limits(check: &mut Checker<'_>, i: usize, table: &RouteTable) -> Limits {
     let key = |field: &str| format!("route[{i}].{field}");
     let defaults = Limits::default();
-    let allow = match &table.allow {
-        None => defaults.allow,
-        Some(list) => {
-            if list.get_ref().is_empty() {
-                check.fail(
-                    list,
-                    key("allow"),
-                    "an empty allow list admits nobody; remove the key to admit every address",
-                );
-            }
-            list.get_ref().iter().map(|c| c.get_ref().0).collect()
-        }
-    };
-    let deny = table
+    let mut allow: Vec<IpNet> = table
+        .allow
+        .as_ref()
+        .map(|list| list.get_ref().iter().map(|c| c.get_ref().0).collect())
+        .unwrap_or_default();
+    let mut deny: Vec<IpNet> = table
         .deny
         .as_ref()
         .map(|list| list.iter().map(|c| c.get_ref().0).collect())
         .unwrap_or_default();
+    let allow_file = list_file(check, table.allow_file.as_ref(), &key("allow_file"));
+    let deny_file = list_file(check, table.deny_file.as_ref(), &key("deny_file"));
+    deny.extend(deny_file.unwrap_or_default());
+    let allow = match (&table.allow, allow_file) {
+        (None, None) => defaults.allow,
+        (Some(list), None) if list.get_ref().is_empty() => {
+            check.fail(
+                list,
+                key("allow"),
+                "an empty allow list admits nobody; remove the key to admit every address",
+            );
+            defaults.allow
+        }
+        (_, file) => {
+            let from_file = file.as_ref().map_or(0, Vec::len);
+            allow.extend(file.unwrap_or_default());
+            if allow.is_empty()
+                && let Some(path) = &table.allow_file
+            {
+                check.fail(
+                    path,
+                    key("allow_file"),
+                    format!(
+                        "{} lists no address ({from_file} entries) and there is no inline allow \
+                         list: it would admit nobody",
+                        path.get_ref()
+                    ),
+                );
+            }
+            CidrSet::new(allow)
+        }
+    };
+    let deny = CidrSet::new(deny);
     Limits {
         allow,
         deny,
@@ -268,6 +299,61 @@ fn limits(check: &mut Checker<'_>, i: usize, table: &RouteTable) -> Limits {
             .as_ref()
             .map_or(defaults.connect_rate_per_ip, |r| r.0),
     }
+}
+
+/// The CIDRs of an allow or deny list file; errors name the list file, line and column.
+/// `None` when the key is absent or the file is unusable (the error is recorded).
+fn list_file(
+    check: &mut Checker<'_>,
+    path: Option<&Spanned<String>>,
+    key: &str,
+) -> Option<Vec<IpNet>> {
+    let spanned = path?;
+    let file = check.key_path(spanned.get_ref());
+    let text = match read_list(&file) {
+        Ok(text) => text,
+        Err(why) => {
+            check.fail(
+                spanned,
+                key,
+                format!("cannot read {}: {why}", file.display()),
+            );
+            return None;
+        }
+    };
+    match cidr::parse_list(&text) {
+        Ok(nets) => Some(nets),
+        Err(errors) => {
+            for e in errors {
+                check.errors.push(ConfigError {
+                    file: file.clone(),
+                    position: Some((e.line, e.column)),
+                    key: key.to_owned(),
+                    message: e.message,
+                });
+            }
+            None
+        }
+    }
+}
+
+fn read_list(file: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    let handle = std::fs::File::open(file).map_err(|e| e.to_string())?;
+    // Bounded: one byte past the limit tells a too-large file from one exactly at it.
+    let limit = u64::try_from(cidr::MAX_LIST_BYTES).unwrap_or(u64::MAX) + 1;
+    handle
+        .take(limit)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() > cidr::MAX_LIST_BYTES {
+        return Err(format!(
+            "larger than {} MiB; merge its entries into wider blocks",
+            cidr::MAX_LIST_BYTES >> 20
+        ));
+    }
+    Ok(text)
 }
 
 /// A connection cap: 1 to 1 000 000, or `default` when absent.

@@ -221,17 +221,7 @@ string_value!(
     /// single host.
     Cidr(ipnet::IpNet),
     "a CIDR such as \"203.0.113.0/24\" or \"2001:db8::/32\"",
-    |text| {
-        text.parse::<ipnet::IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map(|net| net.trunc())
-            .map_err(|_| {
-                format!(
-                    "invalid CIDR {text:?}: expected an address with a prefix length, such as \
-                     \"203.0.113.0/24\" or \"2001:db8::/32\""
-                )
-            })
-    }
+    crate::cidr::parse_cidr
 );
 
 /// Events per interval, written `N/s` or `N/m`.
