@@ -20,7 +20,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 
-use crate::config::Limits;
+use crate::config::{Limits, units};
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -146,6 +146,14 @@ impl SentryCount {
 #[derive(Debug, Clone, Default)]
 struct PassedClock(Arc<AtomicU64>);
 
+impl PassedClock {
+    /// Set the time; monotonic even if callers race, so the limiter never sees it go back.
+    fn advance_to(&self, now: Duration) {
+        let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        self.0.fetch_max(nanos, Ordering::Relaxed);
+    }
+}
+
 impl Clock for PassedClock {
     type Instant = Duration;
 
@@ -188,13 +196,12 @@ impl std::fmt::Debug for Gate {
 impl Gate {
     #[must_use]
     pub fn new(limits: Limits, sentry: Arc<SentryCount>) -> Arc<Self> {
-        let rate = limits.connect_rate_per_ip;
-        let quota = Quota::with_period(rate.per / rate.count.get())
-            .unwrap_or_else(|| Quota::per_second(rate.count))
-            .allow_burst(rate.count);
         let clock = PassedClock::default();
         Arc::new(Self {
-            limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
+            limiter: RateLimiter::dashmap_with_clock(
+                quota(limits.connect_rate_per_ip),
+                clock.clone(),
+            ),
             clock,
             limits,
             sentry,
@@ -219,9 +226,7 @@ impl Gate {
 
     fn decide(self: &Arc<Self>, now: Duration, ip: IpAddr) -> Result<Permit, Refusal> {
         let key = client_key(ip);
-        let nanos = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
-        // Monotonic even if callers race: the limiter never sees time go backwards.
-        self.clock.0.fetch_max(nanos, Ordering::Relaxed);
+        self.clock.advance_to(now);
         if self.decisions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
             self.limiter.retain_recent();
         }
@@ -287,6 +292,180 @@ impl Drop for Permit {
         }
         self.gate.sentry.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Limits on the tunnel listener, applied to each QUIC handshake attempt before any
+/// cryptography is done for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Handshakes in progress at once; attempts beyond it are dropped silently (the peer's
+    /// QUIC stack retransmits, an honest agent gets in once the flood's attempts time out).
+    pub max_in_flight: usize,
+    /// Handshakes in progress from one client (IPv4 address or IPv6 /64). An attacker that
+    /// starts handshakes and never finishes them holds places until the handshake timeout;
+    /// this keeps one address from holding more than a few.
+    pub max_in_flight_per_ip: usize,
+    /// From this many handshakes in progress on, an attempt from an address not yet validated
+    /// gets a stateless QUIC retry first: spoofed sources never get past it, so they cannot
+    /// hold places, and the retry costs the sentry one packet and no state.
+    pub retry_above: usize,
+    /// Handshake attempts per client (IPv4 address or IPv6 /64), with a burst of one
+    /// interval's count. Agents reconnect with backoff and stay far below it.
+    pub rate_per_ip: units::Rate,
+}
+
+/// Defaults of [`HandshakeLimits`].
+pub const DEFAULT_HANDSHAKE_LIMITS: HandshakeLimits = HandshakeLimits {
+    max_in_flight: 256,
+    max_in_flight_per_ip: 8,
+    retry_above: 16,
+    rate_per_ip: units::Rate {
+        count: std::num::NonZeroU32::new(10).expect("invariant: 10 is not zero"),
+        per: Duration::from_secs(1),
+    },
+};
+
+/// What to do with one handshake attempt.
+#[derive(Debug)]
+pub enum Handshake {
+    /// Go ahead; the permit holds a place until the handshake ends either way.
+    Accept(HandshakePermit),
+    /// Ask the peer to prove its address first (a QUIC retry).
+    Retry,
+    /// Drop the attempt without an answer.
+    Ignore(HandshakeRefusal),
+}
+
+/// Why a handshake attempt was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeRefusal {
+    /// `max_in_flight` handshakes are in progress.
+    Busy,
+    /// `max_in_flight_per_ip` handshakes from this client are in progress.
+    PerIpBusy,
+    /// The address exceeded `rate_per_ip`.
+    Rate,
+}
+
+/// The decision without the rate: the in-flight cap first, then address validation.
+#[must_use]
+pub fn check_handshake(
+    limits: &HandshakeLimits,
+    in_flight: usize,
+    validated: bool,
+) -> Option<Handshake> {
+    if in_flight >= limits.max_in_flight {
+        Some(Handshake::Ignore(HandshakeRefusal::Busy))
+    } else if !validated && in_flight >= limits.retry_above {
+        Some(Handshake::Retry)
+    } else {
+        None
+    }
+}
+
+/// The tunnel listener's handshake state.
+pub struct HandshakeGate {
+    limits: HandshakeLimits,
+    in_flight: AtomicUsize,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    clock: PassedClock,
+    limiter: Limiter,
+    decisions: AtomicU64,
+}
+
+impl std::fmt::Debug for HandshakeGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeGate")
+            .field("limits", &self.limits)
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HandshakeGate {
+    #[must_use]
+    pub fn new(limits: HandshakeLimits) -> Arc<Self> {
+        let clock = PassedClock::default();
+        Arc::new(Self {
+            limiter: RateLimiter::dashmap_with_clock(quota(limits.rate_per_ip), clock.clone()),
+            clock,
+            limits,
+            in_flight: AtomicUsize::new(0),
+            per_client: Mutex::new(HashMap::new()),
+            decisions: AtomicU64::new(0),
+        })
+    }
+
+    /// Decide on an attempt from `ip` at `now`; `validated`: the peer already proved its
+    /// address (it echoed a retry token).
+    pub fn decide(self: &Arc<Self>, now: Duration, ip: IpAddr, validated: bool) -> Handshake {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        if let Some(early) = check_handshake(&self.limits, in_flight, validated) {
+            return early;
+        }
+        self.clock.advance_to(now);
+        if self.decisions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.limiter.retain_recent();
+        }
+        let key = client_key(ip);
+        let mut per_client = self
+            .per_client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mine = per_client.entry(key).or_insert(0);
+        if *mine >= self.limits.max_in_flight_per_ip {
+            return Handshake::Ignore(HandshakeRefusal::PerIpBusy);
+        }
+        if self.limiter.check_key(&key).is_err() {
+            if *mine == 0 {
+                per_client.remove(&key);
+            }
+            return Handshake::Ignore(HandshakeRefusal::Rate);
+        }
+        *mine += 1;
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Handshake::Accept(HandshakePermit {
+            gate: self.clone(),
+            key,
+        })
+    }
+
+    /// Handshakes in progress.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A place among the handshakes in progress; given back when dropped.
+#[derive(Debug)]
+pub struct HandshakePermit {
+    gate: Arc<HandshakeGate>,
+    key: IpAddr,
+}
+
+impl Drop for HandshakePermit {
+    fn drop(&mut self) {
+        let mut per_client = self
+            .gate
+            .per_client
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = per_client.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                per_client.remove(&self.key);
+            }
+        }
+        drop(per_client);
+        self.gate.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn quota(rate: units::Rate) -> Quota {
+    Quota::with_period(rate.per / rate.count.get())
+        .unwrap_or_else(|| Quota::per_second(rate.count))
+        .allow_burst(rate.count)
 }
 
 #[cfg(test)]
@@ -469,5 +648,97 @@ mod tests {
             drop(held);
             proptest::prop_assert_eq!((gate.active(), gate.clients(), sentry.active()), (0, 0, 0));
         }
+    }
+
+    fn handshake_limits() -> HandshakeLimits {
+        HandshakeLimits {
+            max_in_flight: 4,
+            max_in_flight_per_ip: 2,
+            retry_above: 2,
+            rate_per_ip: parse_rate("3/s").unwrap(),
+        }
+    }
+
+    #[test]
+    fn handshake_table() {
+        let l = handshake_limits();
+        let cases = [
+            (0, false, None),
+            (1, false, None),
+            (2, false, Some("retry")),
+            (2, true, None),
+            (3, true, None),
+            (4, true, Some("busy")),
+            (4, false, Some("busy")),
+            (9, false, Some("busy")),
+        ];
+        for (in_flight, validated, want) in cases {
+            let got = check_handshake(&l, in_flight, validated).map(|h| match h {
+                Handshake::Retry => "retry",
+                Handshake::Ignore(HandshakeRefusal::Busy) => "busy",
+                other => panic!("unexpected {other:?}"),
+            });
+            assert_eq!(got, want, "in_flight {in_flight}, validated {validated}");
+        }
+    }
+
+    #[test]
+    fn handshake_gate_over_simulated_time() {
+        let gate = HandshakeGate::new(handshake_limits());
+        let t0 = Duration::from_secs(100);
+        let a = ip("203.0.113.7");
+        let b = ip("2001:db8:1:2::1");
+        let b_same_64 = ip("2001:db8:1:2::ffff");
+        // Permits count in flight; from 2 on, unvalidated attempts get a retry.
+        let p1 = match gate.decide(t0, a, false) {
+            Handshake::Accept(p) => p,
+            other => panic!("{other:?}"),
+        };
+        let p2 = match gate.decide(t0, b, false) {
+            Handshake::Accept(p) => p,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(gate.in_flight(), 2);
+        assert!(matches!(gate.decide(t0, a, false), Handshake::Retry));
+        // Validated attempts pass, up to the cap; then everything is dropped.
+        let p3 = match gate.decide(t0, a, true) {
+            Handshake::Accept(p) => p,
+            other => panic!("{other:?}"),
+        };
+        // A third from a's address would exceed its share of places.
+        assert!(matches!(
+            gate.decide(t0, a, true),
+            Handshake::Ignore(HandshakeRefusal::PerIpBusy)
+        ));
+        let p4 = match gate.decide(t0, b_same_64, true) {
+            Handshake::Accept(p) => p,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(
+            gate.decide(t0, ip("198.51.100.1"), true),
+            Handshake::Ignore(HandshakeRefusal::Busy)
+        ));
+        drop((p1, p2, p3, p4));
+        assert_eq!(gate.in_flight(), 0);
+        // a used 2 of its burst of 3: one more now, then it waits a third of a second.
+        assert!(matches!(gate.decide(t0, a, false), Handshake::Accept(_)));
+        assert!(matches!(
+            gate.decide(t0, a, false),
+            Handshake::Ignore(HandshakeRefusal::Rate)
+        ));
+        // b's /64 used 2 as well; another address elsewhere is unaffected.
+        assert!(matches!(
+            gate.decide(t0, ip("198.51.100.1"), false),
+            Handshake::Accept(_)
+        ));
+        assert!(matches!(
+            gate.decide(t0 + Duration::from_millis(340), a, false),
+            Handshake::Accept(_)
+        ));
+        assert_eq!(
+            gate.in_flight(),
+            0,
+            "dropped permits give their places back"
+        );
     }
 }

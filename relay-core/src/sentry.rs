@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::admission::{Gate, Permit, SentryCount};
+use crate::admission::{
+    DEFAULT_HANDSHAKE_LIMITS, Gate, Handshake, HandshakeGate, HandshakePermit, Permit, SentryCount,
+};
 use crate::clock;
 use crate::config::{Route, SentryConfig};
 use crate::keys::{PrivateKey, PublicKey};
@@ -45,6 +47,7 @@ pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 
 static HANDSHAKE_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
+static HANDSHAKE_DROP_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 static ACCEPT_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 static NO_UPSTREAM_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
@@ -269,6 +272,8 @@ impl Registry {
 }
 
 async fn accept_agents(endpoint: Endpoint, registry: Arc<Registry>, stop: CancellationToken) {
+    let gate = HandshakeGate::new(DEFAULT_HANDSHAKE_LIMITS);
+    let epoch = clock::now();
     loop {
         let incoming = tokio::select! {
             () = stop.cancelled() => return,
@@ -277,12 +282,31 @@ async fn accept_agents(endpoint: Endpoint, registry: Arc<Registry>, stop: Cancel
                 None => return,
             },
         };
-        tokio::spawn(tunnel(incoming, registry.clone()));
+        let remote = incoming.remote_address();
+        let validated = incoming.remote_address_validated();
+        // Decided on the first packet, before any cryptography is spent on the attempt.
+        match gate.decide(clock::now() - epoch, remote.ip(), validated) {
+            Handshake::Accept(permit) => {
+                tokio::spawn(tunnel(incoming, registry.clone(), permit));
+            }
+            Handshake::Retry if incoming.may_retry() => {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+            }
+            Handshake::Retry => incoming.ignore(),
+            Handshake::Ignore(reason) => {
+                incoming.ignore();
+                if let Some(suppressed) = HANDSHAKE_DROP_LOG.allow() {
+                    warn!(%remote, ?reason, in_flight = gate.in_flight(), suppressed, "dropped tunnel handshake attempts (a flood, or an agent reconnecting too fast)");
+                }
+            }
+        }
     }
 }
 
 /// One agent tunnel, from handshake to close.
-async fn tunnel(incoming: quinn::Incoming, registry: Arc<Registry>) {
+async fn tunnel(incoming: quinn::Incoming, registry: Arc<Registry>, permit: HandshakePermit) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(conn)) => conn,
@@ -297,6 +321,7 @@ async fn tunnel(incoming: quinn::Incoming, registry: Arc<Registry>) {
             return;
         }
     };
+    drop(permit);
     let Some(agent) = quic::peer_key(&conn).and_then(|k| registry.names.get(&k).cloned()) else {
         // The verifier admits only pinned keys, so this is unreachable in practice; refuse anyway.
         conn.close(code::SHUTDOWN, b"");

@@ -152,3 +152,154 @@ async fn ten_thousand_connections_return_every_permit() {
         assert_eq!(gate.refused(reason), 0, "{}", reason.as_str());
     }
 }
+
+/// What a flood of handshakes from unknown keys got.
+#[derive(Debug, Default)]
+struct Flood {
+    attempts: u64,
+    /// Refused with an answer: the handshake failed on the unpinned key, or (TLS 1.3 lets a
+    /// client finish first) the connection was closed right after it.
+    refused: u64,
+    /// No answer in time: dropped by the handshake gate.
+    dropped: u64,
+    /// Got in: must stay 0.
+    admitted: u64,
+}
+
+/// Handshakes with fresh unknown keys from `sources`, `per_source` concurrent loops each,
+/// until `until` (bounded in count too).
+async fn flood_handshakes(
+    sentry: SocketAddr,
+    sentry_key: &relay_core::keys::PrivateKey,
+    sources: &[&str],
+    per_source: usize,
+    until: std::time::Instant,
+) -> Flood {
+    use relay_core::transport::quic::{self, Tuning};
+    let mut loops = tokio::task::JoinSet::new();
+    for source in sources {
+        let key = key();
+        let bind = SocketAddr::new(source.parse().unwrap(), 0);
+        let endpoint = quic::client_endpoint(bind, &key, &Tuning::untuned()).unwrap();
+        let client =
+            quic::client_config(&key, sentry_key.public_key(), &Tuning::untuned()).unwrap();
+        for _ in 0..per_source {
+            let (endpoint, client) = (endpoint.clone(), client.clone());
+            loops.spawn(async move {
+                let mut flood = Flood::default();
+                while relay_core::clock::now() < until && flood.attempts < 200 {
+                    flood.attempts += 1;
+                    let connecting = endpoint
+                        .connect_with(
+                            client.clone(),
+                            sentry,
+                            relay_core::transport::pin::SERVER_NAME,
+                        )
+                        .unwrap();
+                    match tokio::time::timeout(Duration::from_secs(2), connecting).await {
+                        Ok(Ok(conn)) => {
+                            let closed =
+                                tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                            if closed.is_ok() {
+                                flood.refused += 1;
+                            } else {
+                                flood.admitted += 1;
+                            }
+                        }
+                        Ok(Err(_)) => flood.refused += 1,
+                        Err(_) => flood.dropped += 1,
+                    }
+                }
+                flood
+            });
+        }
+    }
+    let mut total = Flood::default();
+    while let Some(result) = loops.join_next().await {
+        let f = result.unwrap();
+        total.attempts += f.attempts;
+        total.refused += f.refused;
+        total.dropped += f.dropped;
+        total.admitted += f.admitted;
+    }
+    total
+}
+
+/// `n` sequential echo round trips on new connections from 127.0.0.1; each must succeed.
+async fn round_trips(route: SocketAddr, n: usize) -> Vec<Duration> {
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = relay_core::clock::now();
+        let mut tcp = connect_from("127.0.0.1", route).await;
+        assert!(echoes(&mut tcp).await, "an honest client's request failed");
+        took.push(start.elapsed());
+    }
+    took.sort();
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_from_unknown_keys_does_not_starve_agents() {
+    let (sentry_key, agent_key, late_key) = (key(), key(), key());
+    let config = sentry_config(
+        &[("v1", &agent_key), ("v2", &late_key)],
+        &[(
+            "p2p",
+            &["v1/svc"],
+            "connect_rate_per_ip = \"1000/s\"\nmax_connections_per_ip = 100",
+        )],
+    );
+    let sentry = start_sentry(&config, &sentry_key).await;
+    let quic_addr = sentry.handle.quic_addr();
+    let echo = echo_service().await;
+    let _first = start_agent(
+        agent_config("v1", quic_addr, &sentry_key, &[("svc", echo)]),
+        agent_key,
+    );
+    sentry.wait_agent("v1", true).await;
+    let route = sentry.route("p2p");
+    let quiet = round_trips(route, 50).await;
+
+    // Eight flooding addresses (not the agents' 127.0.0.1), 16 handshakes in flight each.
+    let until = relay_core::clock::now() + Duration::from_secs(6);
+    let sources = [
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.6",
+        "127.0.0.7",
+        "127.0.0.8",
+        "127.0.0.9",
+    ];
+    let flood_key = sentry_key.clone();
+    let flood =
+        tokio::spawn(
+            async move { flood_handshakes(quic_addr, &flood_key, &sources, 16, until).await },
+        );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Under the flood: the connected agent keeps serving, and a new agent gets in.
+    let during = round_trips(route, 50).await;
+    let _late = start_agent(
+        agent_config("v2", quic_addr, &sentry_key, &[("svc", echo)]),
+        late_key,
+    );
+    sentry.wait_agent("v2", true).await;
+    let flood = flood.await.unwrap();
+    sentry.wait_agent("v1", true).await;
+
+    let median = |v: &[Duration]| v[v.len() / 2];
+    eprintln!(
+        "handshake flood: {flood:?}; honest request p50 {:?} max {:?} quiet, p50 {:?} max {:?} under the flood",
+        median(&quiet),
+        quiet[quiet.len() - 1],
+        median(&during),
+        during[during.len() - 1],
+    );
+    assert_eq!(flood.admitted, 0, "an unknown key got a tunnel");
+    assert!(flood.attempts >= 128, "the flood did not run: {flood:?}");
+    assert!(
+        flood.dropped > 0,
+        "nothing was dropped: the handshake gate never acted ({flood:?})"
+    );
+}

@@ -138,6 +138,11 @@ pub fn server_endpoint(
     let mut server = ServerConfig::with_crypto(Arc::new(crypto));
     // Agents never open streams towards the sentry.
     server.transport_config(Arc::new(transport_config(0, tuning)));
+    // Attempts waiting for the accept loop, and the packets buffered for them, are bounded
+    // far below quinn's defaults (65 536 and 100 MiB): the accept loop decides on each at
+    // once (see `admission::HandshakeGate`), so a deep queue would only hold a flood.
+    server.max_incoming(1024);
+    server.incoming_buffer_size_total(16 << 20);
     endpoint(listen, key, Some(server), tuning)
 }
 
