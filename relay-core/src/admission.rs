@@ -284,12 +284,7 @@ impl Drop for Permit {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         open.route = open.route.saturating_sub(1);
-        if let Some(n) = open.per_client.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                open.per_client.remove(&self.key);
-            }
-        }
+        release(&mut open.per_client, self.key);
         self.gate.sentry.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -451,14 +446,20 @@ impl Drop for HandshakePermit {
             .per_client
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = per_client.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                per_client.remove(&self.key);
-            }
-        }
+        release(&mut per_client, self.key);
         drop(per_client);
         self.gate.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Give back one of `key`'s places; forget the client when it holds none (the table holds only
+/// clients with something open, so it cannot grow with every address ever seen).
+fn release(per_client: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(n) = per_client.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            per_client.remove(&key);
+        }
     }
 }
 
