@@ -81,14 +81,9 @@ frontend pp
             _dir: dir,
         };
         // Killed by Drop if it never comes up.
-        let ready = tokio::time::timeout(PATIENCE, async {
-            while TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        let ready = eventually(|| async { TcpStream::connect(addr).await.is_ok() }).await;
         assert!(
-            ready.is_ok(),
+            ready,
             "haproxy did not listen on {addr}: {}",
             read(&haproxy.log)
         );
@@ -101,6 +96,21 @@ impl Drop for Haproxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether `condition` holds within [`PATIENCE`], checked every 20 ms.
+async fn eventually<F, Fut>(mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    tokio::time::timeout(PATIENCE, async {
+        while !condition().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .is_ok()
 }
 
 fn read(path: &Path) -> String {
@@ -155,14 +165,9 @@ async fn check(version: &str) {
         );
         // And what it logs.
         let want = format!("client={me}");
-        let logged = tokio::time::timeout(PATIENCE, async {
-            while !read(&haproxy.log).contains(&want) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        let logged = eventually(|| async { read(&haproxy.log).contains(&want) }).await;
         assert!(
-            logged.is_ok(),
+            logged,
             "haproxy did not log {want:?}: {}",
             read(&haproxy.log)
         );
