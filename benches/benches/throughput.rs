@@ -85,7 +85,7 @@ async fn tunnel(sink: SocketAddr, source: SocketAddr) -> (SocketAddr, SocketAddr
         config::parse_sentry(Path::new("bench-sentry.toml"), &sentry_toml).expect("sentry config");
     let sentry = Sentry::bind(&config, &sentry_key).await.expect("sentry");
     let handle = sentry.handle();
-    tokio::spawn(sentry.run(std::future::pending(), Duration::ZERO));
+    tokio::spawn(sentry.run(std::future::pending()));
     let agent_toml = format!(
         "[agent]\nname = \"v\"\nprivate_key = \"unused\"\n\
          [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\n\
@@ -97,8 +97,7 @@ async fn tunnel(sink: SocketAddr, source: SocketAddr) -> (SocketAddr, SocketAddr
     let agent =
         config::parse_agent(Path::new("bench-agent.toml"), &agent_toml).expect("agent config");
     tokio::spawn(async move {
-        let _ = relay_core::agent::run(&agent, &agent_key, std::future::pending(), Duration::ZERO)
-            .await;
+        let _ = relay_core::agent::run(&agent, &agent_key, std::future::pending()).await;
     });
     tokio::time::timeout(Duration::from_secs(10), handle.wait_agent("v", true))
         .await

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -123,7 +124,7 @@ pub fn check(
 #[derive(Debug)]
 pub struct SentryCount {
     active: AtomicUsize,
-    max: usize,
+    max: AtomicUsize,
 }
 
 impl SentryCount {
@@ -131,8 +132,20 @@ impl SentryCount {
     pub fn new(max: usize) -> Arc<Self> {
         Arc::new(Self {
             active: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         })
+    }
+
+    /// The cap across routes; a reload changes it for later decisions only.
+    #[must_use]
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Change the cap (on reload). Connections above a lowered cap are not cut; new ones wait
+    /// until the count falls below it.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Open relayed connections now.
@@ -170,12 +183,15 @@ const SWEEP_EVERY: u64 = 4096;
 
 /// One route's admission state.
 pub struct Gate {
-    limits: Limits,
+    /// Swapped whole on reload; each decision reads one consistent policy.
+    limits: ArcSwap<Limits>,
     sentry: Arc<SentryCount>,
     open: Mutex<Open>,
     clock: PassedClock,
-    limiter: Limiter,
+    /// Replaced when a reload changes the rate (its per-client history starts over then).
+    limiter: ArcSwap<Limiter>,
     decisions: AtomicU64,
+    admitted: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -188,7 +204,7 @@ struct Open {
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gate")
-            .field("limits", &self.limits)
+            .field("limits", &*self.limits.load())
             .finish_non_exhaustive()
     }
 }
@@ -198,17 +214,30 @@ impl Gate {
     pub fn new(limits: Limits, sentry: Arc<SentryCount>) -> Arc<Self> {
         let clock = PassedClock::default();
         Arc::new(Self {
-            limiter: RateLimiter::dashmap_with_clock(
+            limiter: ArcSwap::from_pointee(RateLimiter::dashmap_with_clock(
                 quota(limits.connect_rate_per_ip),
                 clock.clone(),
-            ),
+            )),
             clock,
-            limits,
+            limits: ArcSwap::from_pointee(limits),
             sentry,
             open: Mutex::new(Open::default()),
             decisions: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
             refused: Default::default(),
         })
+    }
+
+    /// Apply a new policy (on reload) to later decisions. Open connections keep their
+    /// permits and still count against the new caps; none is cut.
+    pub fn set_limits(&self, limits: Limits) {
+        if limits.connect_rate_per_ip != self.limits.load().connect_rate_per_ip {
+            self.limiter.store(Arc::new(RateLimiter::dashmap_with_clock(
+                quota(limits.connect_rate_per_ip),
+                self.clock.clone(),
+            )));
+        }
+        self.limits.store(Arc::new(limits));
     }
 
     /// Admit or refuse a connection from `ip` at `now` (time since any fixed start, the same
@@ -218,17 +247,19 @@ impl Gate {
     /// Why the connection is refused; the refusal is counted.
     pub fn admit(self: &Arc<Self>, now: Duration, ip: IpAddr) -> Result<Permit, Refusal> {
         let result = self.decide(now, ip);
-        if let Err(reason) = result {
-            self.refused[reason.index()].fetch_add(1, Ordering::Relaxed);
-        }
+        match result {
+            Ok(_) => self.admitted.fetch_add(1, Ordering::Relaxed),
+            Err(reason) => self.refused[reason.index()].fetch_add(1, Ordering::Relaxed),
+        };
         result
     }
 
     fn decide(self: &Arc<Self>, now: Duration, ip: IpAddr) -> Result<Permit, Refusal> {
         let key = client_key(ip);
         self.clock.advance_to(now);
+        let limiter = self.limiter.load();
         if self.decisions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.limiter.retain_recent();
+            limiter.retain_recent();
         }
         let mut open = self
             .open
@@ -239,8 +270,8 @@ impl Gate {
             sentry: self.sentry.active(),
             client: open.per_client.get(&key).copied().unwrap_or(0),
         };
-        check(&self.limits, self.sentry.max, ip, counts)?;
-        self.limiter.check_key(&key).map_err(|_| Refusal::Rate)?;
+        check(&self.limits.load(), self.sentry.max(), ip, counts)?;
+        limiter.check_key(&key).map_err(|_| Refusal::Rate)?;
         open.route += 1;
         *open.per_client.entry(key).or_insert(0) += 1;
         self.sentry.active.fetch_add(1, Ordering::Relaxed);
@@ -260,6 +291,12 @@ impl Gate {
     #[must_use]
     pub fn clients(&self) -> usize {
         self.open.lock().map_or(0, |o| o.per_client.len())
+    }
+
+    /// Connections admitted so far.
+    #[must_use]
+    pub fn admitted(&self) -> u64 {
+        self.admitted.load(Ordering::Relaxed)
     }
 
     /// Connections refused so far for `reason`.
@@ -340,6 +377,27 @@ pub enum HandshakeRefusal {
     PerIpBusy,
     /// The address exceeded `rate_per_ip`.
     Rate,
+}
+
+impl HandshakeRefusal {
+    /// Every reason, in a fixed order (for counters).
+    pub const ALL: [Self; 3] = [Self::Busy, Self::PerIpBusy, Self::Rate];
+
+    /// The reason's name in logs and metrics.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::PerIpBusy => "per_ip_busy",
+            Self::Rate => "rate",
+        }
+    }
+
+    /// Position in [`Self::ALL`].
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// The decision without the rate: the in-flight cap first, then address validation.

@@ -7,16 +7,23 @@
 //! - Every relay header gets exactly one status byte before any payload.
 //! - Each sentry has its own reconnect loop with capped, jittered backoff; one sentry failing
 //!   does not touch the tunnels to the others.
+//! - A reload ([`AgentHandle::reload`]) never cuts a relayed connection: the service table is
+//!   swapped for later streams; a sentry added gets its tunnel; a sentry removed (or whose
+//!   pinned key changed) stops taking new streams and keeps its tunnel until its open streams
+//!   end.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -26,7 +33,8 @@ use crate::clock;
 use crate::config::{AgentConfig, SentryPeer};
 use crate::keys::PrivateKey;
 use crate::log_limit::LogLimit;
-use crate::relay::{Header, PumpEnd, Status, encode_proxy_header, pump};
+use crate::metrics::{self, Families, Observe};
+use crate::relay::{ByteCounters, Header, PumpEnd, Status, encode_proxy_header, pump};
 use crate::transport::pin::SERVER_NAME;
 use crate::transport::quic::{self, QuicError, Tuning, code};
 
@@ -46,10 +54,20 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// idle timeout; this only reaps streams whose sentry vanished without a word.
 const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
-static REFUSED_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
+/// Every status an agent answers, in a fixed order (for counters).
+const STATUSES: [Status; 6] = [
+    Status::Ok,
+    Status::UnknownService,
+    Status::ConnectRefused,
+    Status::ConnectFailed,
+    Status::BadHeader,
+    Status::ShuttingDown,
+];
+/// The `service` label of streams that named no exported service. Label values never come
+/// from the wire, so a misbehaving sentry cannot grow the metrics.
+const NO_SERVICE: &str = "-";
 
-/// The services this agent exports, by name.
-type Services = Arc<HashMap<String, SocketAddr>>;
+static REFUSED_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
 /// Why one tunnel could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -68,117 +86,509 @@ pub enum DialError {
     Timeout,
 }
 
-/// Run the agent until `shutdown` completes; then refuse new relayed connections, let open
-/// ones finish for up to `drain`, and close every tunnel cleanly.
+/// Why the agent could not start, or a reload could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Quic(#[from] QuicError),
+    #[error("metrics_listen: cannot listen on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What a reload changed, for the log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Sentries dialed from now on.
+    pub added: Vec<String>,
+    /// Sentries whose tunnels take no new streams and close once their streams end.
+    pub removed: Vec<String>,
+    /// Services exported now.
+    pub services: usize,
+    /// Changes that only a restart applies (the running value stays).
+    pub need_restart: Vec<&'static str>,
+}
+
+/// An agent ready to run.
+pub struct Agent {
+    shared: Arc<Shared>,
+    spawn: mpsc::UnboundedReceiver<Tunnel>,
+    metrics: Option<TcpListener>,
+}
+
+/// A cheap handle to observe and reload a running agent.
+#[derive(Clone)]
+pub struct AgentHandle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    key: PrivateKey,
+    config: Mutex<AgentConfig>,
+    services: ArcSwap<HashMap<String, ServiceSlot>>,
+    /// Counters per service name ever exported, kept across reloads.
+    service_stats: Mutex<HashMap<String, Arc<ServiceStats>>>,
+    unknown: Arc<ServiceStats>,
+    tunnels: Mutex<Vec<Arc<TunnelState>>>,
+    spawn: mpsc::UnboundedSender<Tunnel>,
+    reloads: [AtomicU64; 2],
+    stop: CancellationToken,
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Clone)]
+struct ServiceSlot {
+    target: SocketAddr,
+    stats: Arc<ServiceStats>,
+}
+
+#[derive(Default)]
+struct ServiceStats {
+    bytes: ByteCounters,
+    streams: [AtomicU64; STATUSES.len()],
+    active: AtomicI64,
+}
+
+/// One configured sentry's tunnel, as metrics and health see it.
+struct TunnelState {
+    peer: SentryPeer,
+    /// Cancelled when a reload removes this sentry (and at shutdown).
+    retire: CancellationToken,
+    live: Mutex<Option<(Connection, Instant)>>,
+    connects: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn status_index(status: Status) -> usize {
+    STATUSES.iter().position(|s| *s == status).unwrap_or(0)
+}
+
+impl ServiceStats {
+    fn count(&self, status: Status) {
+        self.streams[status_index(status)].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Agent {
+    /// Check the keys, bind the metrics listener; nothing is dialed until [`Agent::run`].
+    ///
+    /// # Errors
+    /// The key cannot make a TLS identity, or the metrics address cannot be bound.
+    pub fn new(config: &AgentConfig, key: &PrivateKey) -> Result<Self, AgentError> {
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                let bind = || -> std::io::Result<TcpListener> {
+                    let std = std::net::TcpListener::bind(addr)?;
+                    std.set_nonblocking(true)?;
+                    TcpListener::from_std(std)
+                };
+                Some(bind().map_err(|source| AgentError::Metrics { addr, source })?)
+            }
+            None => None,
+        };
+        let (spawn, spawned) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            key: key.clone(),
+            config: Mutex::new(config.clone()),
+            services: ArcSwap::from_pointee(HashMap::new()),
+            service_stats: Mutex::new(HashMap::new()),
+            unknown: Arc::default(),
+            tunnels: Mutex::new(Vec::new()),
+            spawn,
+            reloads: Default::default(),
+            stop: CancellationToken::new(),
+            metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
+        });
+        shared.set_services(config);
+        for peer in &config.sentries {
+            shared.add_tunnel(peer)?;
+        }
+        Ok(Self {
+            shared,
+            spawn: spawned,
+            metrics,
+        })
+    }
+
+    /// A handle that outlives `run`.
+    #[must_use]
+    pub fn handle(&self) -> AgentHandle {
+        AgentHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Run until `shutdown` completes; then refuse new relayed connections, let open ones
+    /// finish for up to the config's `drain_timeout`, and close every tunnel cleanly.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared;
+        if let Some(listener) = self.metrics {
+            let source: Arc<dyn Observe> = Arc::new(AgentHandle {
+                shared: shared.clone(),
+            });
+            tokio::spawn(metrics::serve(listener, source, shared.stop.clone()));
+        }
+        // A JoinSet, not a detached spawn: dropping `run` (an aborted task) takes the tunnels
+        // down with it, as a killed process would.
+        let mut tunnels = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(tunnel) = self.spawn.recv() => {
+                    tunnels.spawn(tunnel.run());
+                }
+                Some(_) = tunnels.join_next(), if !tunnels.is_empty() => {}
+            }
+        }
+        shared.stop.cancel();
+        while tunnels.join_next().await.is_some() {}
+        info!("agent stopped");
+    }
+}
+
+/// Run an agent until `shutdown` completes (see [`Agent::run`]).
+///
+/// # Errors
+/// The agent could not start (see [`Agent::new`]).
 pub async fn run(
     config: &AgentConfig,
     key: &PrivateKey,
     shutdown: impl Future<Output = ()>,
-    drain: Duration,
-) -> Result<(), QuicError> {
-    let services: Services = Arc::new(
-        config
+) -> Result<(), AgentError> {
+    Agent::new(config, key)?.run(shutdown).await;
+    Ok(())
+}
+
+impl Shared {
+    fn set_services(&self, config: &AgentConfig) {
+        let mut stats = lock(&self.service_stats);
+        let table = config
             .services
             .iter()
-            .map(|s| (s.name.clone(), s.target))
-            .collect(),
-    );
-    let stop = CancellationToken::new();
-    // A JoinSet, not a detached spawn: dropping `run` (an aborted task) takes the tunnels down
-    // with it, as a killed process would.
-    let mut tunnels = tokio::task::JoinSet::new();
-    for peer in &config.sentries {
-        let client = quic::client_config(key, peer.public_key, &Tuning::default())?;
-        let tunnel = Tunnel {
-            peer: peer.clone(),
-            client,
-            key: key.clone(),
-            services: services.clone(),
-            stop: stop.clone(),
-            drain,
-        };
-        tunnels.spawn(tunnel.run());
+            .map(|s| {
+                let stats = stats.entry(s.name.clone()).or_default().clone();
+                (
+                    s.name.clone(),
+                    ServiceSlot {
+                        target: s.target,
+                        stats,
+                    },
+                )
+            })
+            .collect();
+        self.services.store(Arc::new(table));
     }
-    shutdown.await;
-    stop.cancel();
-    while tunnels.join_next().await.is_some() {}
-    info!("agent stopped");
-    Ok(())
+
+    fn add_tunnel(self: &Arc<Self>, peer: &SentryPeer) -> Result<(), QuicError> {
+        let client = quic::client_config(&self.key, peer.public_key, &Tuning::default())?;
+        let state = Arc::new(TunnelState {
+            peer: peer.clone(),
+            retire: self.stop.child_token(),
+            live: Mutex::new(None),
+            connects: AtomicU64::new(0),
+        });
+        lock(&self.tunnels).push(state.clone());
+        // The receiver lives as long as `run`; after it, nothing is dialed any more.
+        let _ = self.spawn.send(Tunnel {
+            state,
+            client,
+            shared: self.clone(),
+        });
+        Ok(())
+    }
+}
+
+impl AgentHandle {
+    /// The bound metrics address, when `metrics_listen` is set.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.shared.metrics_addr
+    }
+
+    /// Apply `config` (already parsed and validated) to the running agent.
+    ///
+    /// # Errors
+    /// A new sentry's TLS settings cannot be made from the key.
+    pub fn reload(
+        &self,
+        config: &AgentConfig,
+        key: &PrivateKey,
+    ) -> Result<ReloadReport, AgentError> {
+        let result = self.apply(config, key);
+        self.shared.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn apply(&self, config: &AgentConfig, key: &PrivateKey) -> Result<ReloadReport, AgentError> {
+        let shared = &self.shared;
+        let mut running = lock(&shared.config);
+        let mut report = ReloadReport::default();
+        // Client settings for new sentries first: the only step that can fail.
+        for peer in &config.sentries {
+            quic::client_config(&shared.key, peer.public_key, &Tuning::default())?;
+        }
+        shared.set_services(config);
+        report.services = config.services.len();
+        let current: Vec<Arc<TunnelState>> = lock(&shared.tunnels).clone();
+        for state in &current {
+            if !config.sentries.contains(&state.peer) {
+                info!(sentry = %state.peer.address, "sentry removed: its tunnel takes no new streams and closes once its open ones end");
+                state.retire.cancel();
+                report.removed.push(state.peer.address.clone());
+            }
+        }
+        lock(&shared.tunnels).retain(|s| config.sentries.contains(&s.peer));
+        for peer in &config.sentries {
+            if !current.iter().any(|s| s.peer == *peer) {
+                shared.add_tunnel(peer)?;
+                report.added.push(peer.address.clone());
+            }
+        }
+        if config.metrics_listen != running.metrics_listen {
+            report.need_restart.push("agent.metrics_listen");
+        }
+        if key.public_key() != shared.key.public_key() {
+            report.need_restart.push("agent.private_key");
+        }
+        let mut applied = config.clone();
+        applied.metrics_listen = running.metrics_listen;
+        *running = applied;
+        Ok(report)
+    }
+
+    /// The `/metrics` text, as the metrics listener serves it.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
+        metrics::render(Arc::new(self.clone()))
+    }
+}
+
+impl Observe for AgentHandle {
+    fn collect(&self, out: &mut Families<'_>) -> std::fmt::Result {
+        let shared = &self.shared;
+        let tunnels: Vec<Arc<TunnelState>> = lock(&shared.tunnels).clone();
+        // (sentry, (rtt, age) while up, tunnels established)
+        type Row = (String, Option<(Duration, Duration)>, u64);
+        let live: Vec<Row> = tunnels
+            .iter()
+            .map(|t| {
+                let up = lock(&t.live)
+                    .as_ref()
+                    .map(|(conn, since)| (conn.rtt(), clock::now().duration_since(*since)));
+                (
+                    t.peer.address.clone(),
+                    up,
+                    t.connects.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        let mut services: Vec<(String, Arc<ServiceStats>)> = lock(&shared.service_stats)
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        services.sort_by(|a, b| a.0.cmp(&b.0));
+        services.push((NO_SERVICE.to_owned(), shared.unknown.clone()));
+        let sentry_label = |a: &str| [("sentry", a.to_owned()), ("transport", "quic".to_owned())];
+        out.gauges(
+            "agent_tunnel_up",
+            "1 while the tunnel to this sentry is established, else 0.",
+            live.iter()
+                .map(|(a, up, _)| (sentry_label(a), i64::from(up.is_some()))),
+        )?;
+        out.gauges(
+            "agent_tunnel_rtt_seconds",
+            "Smoothed round-trip time of the tunnel to this sentry.",
+            live.iter()
+                .filter_map(|(a, up, _)| up.map(|(rtt, _)| (sentry_label(a), rtt.as_secs_f64()))),
+        )?;
+        out.gauges(
+            "agent_tunnel_handshake_age_seconds",
+            "Time since the current tunnel to this sentry was established.",
+            live.iter()
+                .filter_map(|(a, up, _)| up.map(|(_, age)| (sentry_label(a), age.as_secs_f64()))),
+        )?;
+        out.counters(
+            "agent_tunnel_reconnects",
+            "Tunnels established to this sentry after the first one since start.",
+            live.iter()
+                .map(|(a, _, n)| (sentry_label(a), n.saturating_sub(1))),
+        )?;
+        out.counters(
+            "agent_streams",
+            "Relayed streams answered, by service and status (ok, or why refused).",
+            services.iter().flat_map(|(name, stats)| {
+                STATUSES
+                    .iter()
+                    .enumerate()
+                    .map(|(i, status)| {
+                        (
+                            [
+                                ("service", name.clone()),
+                                ("status", status.as_str().to_owned()),
+                            ],
+                            stats.streams[i].load(Ordering::Relaxed),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        )?;
+        out.gauges(
+            "agent_streams_active",
+            "Relayed streams connected to a service now.",
+            services.iter().map(|(name, s)| {
+                (
+                    [("service", name.clone())],
+                    s.active.load(Ordering::Relaxed),
+                )
+            }),
+        )?;
+        out.counters(
+            "agent_service_sent_bytes",
+            "Bytes relayed from the sentry to the service.",
+            services.iter().map(|(name, s)| {
+                (
+                    [("service", name.clone())],
+                    s.bytes.down.load(Ordering::Relaxed),
+                )
+            }),
+        )?;
+        out.counters(
+            "agent_service_received_bytes",
+            "Bytes read from the service and relayed to the sentry.",
+            services.iter().map(|(name, s)| {
+                (
+                    [("service", name.clone())],
+                    s.bytes.up.load(Ordering::Relaxed),
+                )
+            }),
+        )?;
+        out.counters(
+            "config_reloads",
+            "Config reloads by result.",
+            [("ok", 0), ("error", 1)].map(|(result, i)| {
+                (
+                    [("result", result)],
+                    shared.reloads[i].load(Ordering::Relaxed),
+                )
+            }),
+        )?;
+        out.gauges(
+            "build_info",
+            "The running version.",
+            [(
+                [("version", env!("CARGO_PKG_VERSION")), ("role", "agent")],
+                1_i64,
+            )],
+        )
+    }
+
+    fn health(&self) -> Result<String, String> {
+        let tunnels: Vec<Arc<TunnelState>> = lock(&self.shared.tunnels).clone();
+        let down: Vec<&str> = tunnels
+            .iter()
+            .filter(|t| lock(&t.live).is_none())
+            .map(|t| t.peer.address.as_str())
+            .collect();
+        if down.is_empty() {
+            Ok(format!("{} tunnel(s) up", tunnels.len()))
+        } else {
+            Err(format!(
+                "no tunnel to {} ({} of {} up)",
+                down.join(", "),
+                tunnels.len() - down.len(),
+                tunnels.len()
+            ))
+        }
+    }
 }
 
 /// One sentry's tunnel and its reconnect loop.
 struct Tunnel {
-    peer: SentryPeer,
+    state: Arc<TunnelState>,
     client: ClientConfig,
-    key: PrivateKey,
-    services: Services,
-    stop: CancellationToken,
-    drain: Duration,
+    shared: Arc<Shared>,
 }
 
 impl Tunnel {
     async fn run(self) {
-        let sentry = self.peer.address.clone();
+        let peer = &self.state.peer;
+        let sentry = peer.address.clone();
+        let retire = &self.state.retire;
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
-        while !self.stop.is_cancelled() {
+        while !retire.is_cancelled() {
             let started = clock::now();
             let dialed = tokio::select! {
-                () = self.stop.cancelled() => return,
-                dialed = dial(&self.peer, &self.client, &self.key) => dialed,
+                () = retire.cancelled() => return,
+                dialed = dial(peer, &self.client, &self.shared.key) => dialed,
             };
             match dialed {
                 Ok((endpoint, conn)) => {
-                    info!(%sentry, remote = %conn.remote_address(), "tunnel up");
+                    info!(%sentry, remote = %conn.remote_address(), transport = "quic", "tunnel up");
+                    self.state.connects.fetch_add(1, Ordering::Relaxed);
+                    *lock(&self.state.live) = Some((conn.clone(), clock::now()));
                     let reason = self.serve(&conn).await;
+                    *lock(&self.state.live) = None;
                     endpoint.close(code::SHUTDOWN, b"agent shutting down");
-                    if self.stop.is_cancelled() {
+                    if retire.is_cancelled() {
                         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle())
                             .await;
                         return;
                     }
-                    warn!(%sentry, "tunnel down: {reason}");
+                    warn!(%sentry, transport = "quic", "tunnel down: {reason}");
                     if clock::now().duration_since(started) >= HEALTHY_AFTER {
                         backoff.reset();
                     }
                 }
-                Err(e) => warn!(%sentry, "cannot reach sentry: {e}"),
+                Err(e) => warn!(%sentry, transport = "quic", "cannot reach sentry: {e}"),
             }
             let delay = backoff.next_delay(rand::random::<f64>());
             debug!(%sentry, "reconnecting in {delay:?}");
             tokio::select! {
-                () = self.stop.cancelled() => return,
+                () = retire.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
             }
         }
     }
 
-    /// Serve relayed streams until the tunnel closes (returns why) or the agent stops (drains
-    /// first).
+    /// Serve relayed streams until the tunnel closes (returns why) or the tunnel is retired
+    /// (drains first: until its streams end, but at shutdown for at most `drain_timeout`).
     async fn serve(&self, conn: &Connection) -> quinn::ConnectionError {
         let relays = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
-                () = self.stop.cancelled() => break,
+                () = self.state.retire.cancelled() => break,
                 accepted = conn.accept_bi() => accepted,
             };
             match accepted {
                 Ok((send, recv)) => {
-                    relays.spawn(relay_stream(send, recv, self.services.clone(), false));
+                    relays.spawn(relay_stream(send, recv, self.shared.clone(), false));
                 }
                 Err(reason) => return reason,
             }
         }
-        // Shutting down: answer new streams `ShuttingDown` (the sentry fails over), let the
-        // open ones finish.
+        // Retired: answer new streams `ShuttingDown` (the sentry fails over), let the open
+        // ones finish.
         relays.close();
         let refuse_new = async {
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(relay_stream(send, recv, self.services.clone(), true));
+                tokio::spawn(relay_stream(send, recv, self.shared.clone(), true));
             }
+        };
+        let deadline = async {
+            self.shared.stop.cancelled().await;
+            let drain = lock(&self.shared.config).drain_timeout;
+            tokio::time::sleep(drain).await;
         };
         tokio::select! {
             () = refuse_new => {}
-            _ = tokio::time::timeout(self.drain, relays.wait()) => {}
+            () = relays.wait() => {}
+            () = deadline => {}
         }
         conn.close(code::SHUTDOWN, b"agent shutting down");
         quinn::ConnectionError::LocallyClosed
@@ -218,14 +628,16 @@ pub async fn dial(
 async fn relay_stream(
     mut send: SendStream,
     mut recv: RecvStream,
-    services: Services,
+    shared: Arc<Shared>,
     shutting_down: bool,
 ) {
+    let unknown = &shared.unknown;
     let header = match tokio::time::timeout(HEADER_TIMEOUT, Header::read_from(&mut recv)).await {
         Ok(Ok(header)) => header,
         Ok(Err(e)) => {
             refuse(
                 &mut send,
+                unknown,
                 Status::BadHeader,
                 format!("bad relay header: {e}"),
             )
@@ -237,23 +649,31 @@ async fn relay_stream(
             return;
         }
     };
-    if shutting_down {
-        refuse(&mut send, Status::ShuttingDown, "shutting down".to_owned()).await;
-        return;
-    }
-    let Some(&target) = services.get(&header.service) else {
+    let Some(ServiceSlot { target, stats }) = shared.services.load().get(&header.service).cloned()
+    else {
         let why = format!(
             "route {} asked for unknown service {:?}",
             header.route, header.service
         );
-        refuse(&mut send, Status::UnknownService, why).await;
+        refuse(&mut send, unknown, Status::UnknownService, why).await;
         return;
     };
+    if shutting_down {
+        refuse(
+            &mut send,
+            &stats,
+            Status::ShuttingDown,
+            "shutting down".to_owned(),
+        )
+        .await;
+        return;
+    }
     let mut tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             refuse(
                 &mut send,
+                &stats,
                 Status::ConnectRefused,
                 format!(
                     "service {} at {target} refused the connection",
@@ -266,6 +686,7 @@ async fn relay_stream(
         Ok(Err(e)) => {
             refuse(
                 &mut send,
+                &stats,
                 Status::ConnectFailed,
                 format!("service {} at {target}: {e}", header.service),
             )
@@ -275,6 +696,7 @@ async fn relay_stream(
         Err(_) => {
             refuse(
                 &mut send,
+                &stats,
                 Status::ConnectFailed,
                 format!("service {} at {target}: connect timed out", header.service),
             )
@@ -290,6 +712,7 @@ async fn relay_stream(
         if let Err(e) = tcp.write_all(&bytes).await {
             refuse(
                 &mut send,
+                &stats,
                 Status::ConnectFailed,
                 format!(
                     "service {} at {target}: writing the PROXY header: {e}",
@@ -303,24 +726,29 @@ async fn relay_stream(
     if send.write_all(&[Status::Ok as u8]).await.is_err() {
         return;
     }
+    stats.count(Status::Ok);
+    stats.active.fetch_add(1, Ordering::Relaxed);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let (end, stats) = pump(
+    let (end, moved) = pump(
         &mut tcp_read,
         &mut tcp_write,
         &mut recv,
         &mut send,
         AGENT_IDLE_TIMEOUT,
+        &stats.bytes,
     )
     .await;
+    stats.active.fetch_sub(1, Ordering::Relaxed);
     if !matches!(end, PumpEnd::Done) {
         let _ = send.reset(code::RELAY_ERROR);
         let _ = recv.stop(code::RELAY_ERROR);
     }
-    debug!(route = %header.route, client = %header.client, service = %header.service, to_service = stats.down, from_service = stats.up, ?end, "relayed connection closed");
+    debug!(route = %header.route, client = %header.client, service = %header.service, to_service = moved.down, from_service = moved.up, ?end, "relayed connection closed");
 }
 
 /// Answer a header with a refusal and end the stream.
-async fn refuse(send: &mut SendStream, status: Status, why: String) {
+async fn refuse(send: &mut SendStream, stats: &ServiceStats, status: Status, why: String) {
+    stats.count(status);
     if let Some(suppressed) = REFUSED_LOG.allow() {
         warn!(?status, suppressed, "refused a relayed connection: {why}");
     }

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod keys;
 pub mod log_limit;
+pub mod metrics;
 pub mod relay;
 pub mod sentry;
 pub mod transport;

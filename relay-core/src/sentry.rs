@@ -2,6 +2,7 @@
 //!
 //! [`Sentry::bind`] binds every socket first (so a port conflict fails start-up, not the
 //! first client), then [`Sentry::run`] accepts agents and clients until shutdown.
+//! [`SentryHandle::reload`] applies a new config to the running sentry.
 //!
 //! Invariants:
 //! - The accept loops never wait on a handshake or a peer: each agent handshake and each
@@ -13,13 +14,20 @@
 //!   its connection ends. The decision is synchronous and never waits.
 //! - A client is relayed only after an agent answered `Ok` to its header; with no connected
 //!   upstream, or every upstream refusing, the client is closed at once.
+//! - A reload never cuts an established connection: routes are matched by their configured
+//!   listen address; a kept route swaps its policy (admission limits, lists, upstreams) for
+//!   later connections, a removed one closes its listener and leaves its connections to
+//!   finish, an added one binds. Every new socket is bound before anything changes, so a
+//!   reload that cannot bind changes nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -28,13 +36,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admission::{
-    DEFAULT_HANDSHAKE_LIMITS, Gate, Handshake, HandshakeGate, HandshakePermit, Permit, SentryCount,
+    DEFAULT_HANDSHAKE_LIMITS, Gate, Handshake, HandshakeGate, HandshakePermit, HandshakeRefusal,
+    Permit, Refusal, SentryCount,
 };
 use crate::clock;
 use crate::config::{Route, SentryConfig};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
-use crate::relay::{Header, Proxy, PumpEnd, Status, pump};
+use crate::metrics::{self, Families, Observe};
+use crate::relay::{ByteCounters, Header, Proxy, PumpEnd, Status, pump};
 use crate::transport::quic::{self, QuicError, Tuning, code};
 
 /// Longest an agent's QUIC handshake may take.
@@ -51,7 +61,7 @@ static HANDSHAKE_DROP_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 static ACCEPT_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 static NO_UPSTREAM_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
-/// Why the sentry could not start.
+/// Why the sentry could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
@@ -62,29 +72,90 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("metrics_listen: cannot listen on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What a reload changed, for the log line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Routes bound by this reload.
+    pub added: Vec<String>,
+    /// Routes whose listeners were closed (their open connections finish).
+    pub removed: Vec<String>,
+    /// Routes kept, with the new policy.
+    pub kept: usize,
+    /// Changes that only a restart applies (the running value stays).
+    pub need_restart: Vec<&'static str>,
 }
 
 /// A bound sentry, ready to run.
 pub struct Sentry {
-    endpoint: Endpoint,
-    listeners: Vec<(Arc<Route>, Arc<Gate>, TcpListener)>,
-    handle: SentryHandle,
+    shared: Arc<Shared>,
+    initial: Vec<(Arc<RouteSlot>, TcpListener)>,
+    metrics: Option<TcpListener>,
 }
 
-/// A cheap handle to observe a running sentry.
+/// A cheap handle to observe and reload a running sentry.
 #[derive(Clone)]
 pub struct SentryHandle {
-    registry: Arc<Registry>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    endpoint: Endpoint,
     quic_addr: SocketAddr,
-    routes: Arc<Vec<(String, SocketAddr, Arc<Gate>)>>,
+    metrics_addr: Option<SocketAddr>,
+    key: PrivateKey,
+    /// The config in force (the last one applied).
+    config: Mutex<SentryConfig>,
+    tunnels: Registry,
+    routes: Mutex<Vec<Arc<RouteSlot>>>,
+    open: Arc<SentryCount>,
+    handshake_refused: [AtomicU64; HandshakeRefusal::ALL.len()],
+    handshake_failed: AtomicU64,
+    reloads: [AtomicU64; 2],
+    stop: CancellationToken,
+    relays: TaskTracker,
+    epoch: Instant,
+}
+
+/// One public listener and what it counts.
+struct RouteSlot {
+    /// The listen address as configured (the key that matches routes across reloads).
+    configured: SocketAddr,
+    /// The bound address.
+    local: SocketAddr,
+    route: ArcSwap<Route>,
+    gate: Arc<Gate>,
+    bytes: ByteCounters,
+    no_upstream: AtomicU64,
+    /// Cancelled when a reload removes the route (and at shutdown).
+    stop: CancellationToken,
 }
 
 /// Connected agents by name.
 struct Registry {
-    names: HashMap<PublicKey, String>,
-    tunnels: Mutex<HashMap<String, Connection>>,
+    /// Pinned key → agent name; swapped on reload.
+    names: ArcSwap<HashMap<PublicKey, String>>,
+    state: Mutex<Tunnels>,
     /// Bumped on every change, for waiters.
     changed: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Tunnels {
+    live: HashMap<String, Live>,
+    /// Tunnels established per agent since start.
+    connects: HashMap<String, u64>,
+}
+
+struct Live {
+    conn: Connection,
+    since: Instant,
 }
 
 enum OpenError {
@@ -96,89 +167,113 @@ enum OpenError {
     Tunnel(String),
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn agent_names(config: &SentryConfig) -> HashMap<PublicKey, String> {
+    config
+        .agents
+        .iter()
+        .map(|a| (a.public_key, a.name.clone()))
+        .collect()
+}
+
+fn bind_route(route: &Route) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listen_error = |source| StartError::Listen {
+        route: route.name.clone(),
+        addr: route.listen,
+        source,
+    };
+    bind_tcp(route.listen).map_err(listen_error)
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let std = std::net::TcpListener::bind(addr)?;
+    std.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(std)?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
 impl Sentry {
-    /// Bind the QUIC endpoint and every route listener.
+    /// Bind the QUIC endpoint, every route listener and the metrics listener.
     pub async fn bind(config: &SentryConfig, key: &PrivateKey) -> Result<Self, StartError> {
-        let names: HashMap<PublicKey, String> = config
-            .agents
-            .iter()
-            .map(|a| (a.public_key, a.name.clone()))
-            .collect();
+        let names = agent_names(config);
         let endpoint =
             quic::server_endpoint(config.quic_listen, key, names.clone(), &Tuning::default())?;
         let quic_addr = endpoint.local_addr().map_err(|source| QuicError::Bind {
             addr: config.quic_listen,
             source,
         })?;
-        let mut listeners = Vec::new();
-        let mut routes = Vec::new();
-        let open = SentryCount::new(config.max_connections);
-        for route in &config.routes {
-            let listen_error = |source| StartError::Listen {
-                route: route.name.clone(),
-                addr: route.listen,
-                source,
-            };
-            let listener = TcpListener::bind(route.listen)
-                .await
-                .map_err(listen_error)?;
-            let gate = Gate::new(route.limits.clone(), open.clone());
-            routes.push((
-                route.name.clone(),
-                listener.local_addr().map_err(listen_error)?,
-                gate.clone(),
-            ));
-            listeners.push((Arc::new(route.clone()), gate, listener));
-        }
-        let registry = Arc::new(Registry {
-            names,
-            tunnels: Mutex::new(HashMap::new()),
-            changed: watch::Sender::new(0),
-        });
-        let handle = SentryHandle {
-            registry,
-            quic_addr,
-            routes: Arc::new(routes),
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                Some(bind_tcp(addr).map_err(|source| StartError::Metrics { addr, source })?)
+            }
+            None => None,
         };
-        Ok(Self {
+        let stop = CancellationToken::new();
+        let open = SentryCount::new(config.max_connections);
+        let mut initial = Vec::new();
+        for route in &config.routes {
+            let (listener, local) = bind_route(route)?;
+            let slot = RouteSlot::new(route, local, &open, &stop);
+            initial.push((slot, listener));
+        }
+        let shared = Arc::new(Shared {
             endpoint,
-            listeners,
-            handle,
+            quic_addr,
+            metrics_addr: metrics.as_ref().map(|(_, a)| *a),
+            key: key.clone(),
+            config: Mutex::new(config.clone()),
+            tunnels: Registry {
+                names: ArcSwap::from_pointee(names),
+                state: Mutex::new(Tunnels::default()),
+                changed: watch::Sender::new(0),
+            },
+            routes: Mutex::new(initial.iter().map(|(slot, _)| slot.clone()).collect()),
+            open,
+            handshake_refused: Default::default(),
+            handshake_failed: AtomicU64::new(0),
+            reloads: Default::default(),
+            stop,
+            relays: TaskTracker::new(),
+            epoch: clock::now(),
+        });
+        Ok(Self {
+            shared,
+            initial,
+            metrics: metrics.map(|(l, _)| l),
         })
     }
 
     /// A handle that outlives `run`'s borrow of the sentry.
     #[must_use]
     pub fn handle(&self) -> SentryHandle {
-        self.handle.clone()
+        SentryHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Serve until `shutdown` completes, then stop accepting, let relayed connections finish
-    /// for up to `drain`, and close every tunnel cleanly.
-    pub async fn run(self, shutdown: impl Future<Output = ()>, drain: Duration) {
-        let stop = CancellationToken::new();
-        let relays = TaskTracker::new();
-        let registry = self.handle.registry.clone();
-        tokio::spawn(accept_agents(
-            self.endpoint.clone(),
-            registry.clone(),
-            stop.clone(),
-        ));
-        for (route, gate, listener) in self.listeners {
-            if let Ok(listen) = listener.local_addr() {
-                info!(route = %route.name, %listen, "route listening");
-            }
-            tokio::spawn(accept_clients(
-                route,
-                gate,
-                listener,
-                registry.clone(),
-                relays.clone(),
-                stop.clone(),
-            ));
+    /// for up to the config's `drain_timeout` (the one in force then), and close every tunnel
+    /// cleanly.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared;
+        tokio::spawn(accept_agents(shared.clone()));
+        if let Some(listener) = self.metrics {
+            let source: Arc<dyn Observe> = Arc::new(SentryHandle {
+                shared: shared.clone(),
+            });
+            tokio::spawn(metrics::serve(listener, source, shared.stop.clone()));
+        }
+        for (slot, listener) in self.initial {
+            tokio::spawn(accept_clients(slot, listener, shared.clone()));
         }
         shutdown.await;
-        stop.cancel();
+        shared.stop.cancel();
+        let drain = lock(&shared.config).drain_timeout;
+        let relays = &shared.relays;
         relays.close();
         if !relays.is_empty() {
             info!(
@@ -192,9 +287,30 @@ impl Sentry {
                 "drain deadline reached; closing the rest"
             );
         }
-        self.endpoint.close(code::SHUTDOWN, b"sentry shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        shared
+            .endpoint
+            .close(code::SHUTDOWN, b"sentry shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
         info!("sentry stopped");
+    }
+}
+
+impl RouteSlot {
+    fn new(
+        route: &Route,
+        local: SocketAddr,
+        open: &Arc<SentryCount>,
+        stop: &CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            configured: route.listen,
+            local,
+            route: ArcSwap::from_pointee(route.clone()),
+            gate: Gate::new(route.limits.clone(), open.clone()),
+            bytes: ByteCounters::default(),
+            no_upstream: AtomicU64::new(0),
+            stop: stop.child_token(),
+        })
     }
 }
 
@@ -202,81 +318,388 @@ impl SentryHandle {
     /// The bound QUIC address (useful when configured with port 0).
     #[must_use]
     pub fn quic_addr(&self) -> SocketAddr {
-        self.quic_addr
+        self.shared.quic_addr
+    }
+
+    /// The bound metrics address, when `metrics_listen` is set.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.shared.metrics_addr
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<RouteSlot>> {
+        lock(&self.shared.routes)
+            .iter()
+            .find(|s| s.route.load().name == name)
+            .cloned()
     }
 
     /// The bound address of a route.
     #[must_use]
     pub fn route_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.routes
-            .iter()
-            .find(|(n, ..)| n == name)
-            .map(|(_, a, _)| *a)
+        self.slot(name).map(|s| s.local)
     }
 
     /// The admission state of a route: open connections, refusals by reason.
     #[must_use]
     pub fn route_gate(&self, name: &str) -> Option<Arc<Gate>> {
-        self.routes
-            .iter()
-            .find(|(n, ..)| n == name)
-            .map(|(.., g)| g.clone())
+        self.slot(name).map(|s| s.gate.clone())
     }
 
     /// Names of the agents with a live tunnel, sorted.
     #[must_use]
     pub fn connected(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.registry.lock().keys().cloned().collect();
+        let mut names: Vec<String> = lock(&self.shared.tunnels.state)
+            .live
+            .keys()
+            .cloned()
+            .collect();
         names.sort();
         names
     }
 
     /// Wait until `agent`'s tunnel is up (`true`) or down (`false`).
     pub async fn wait_agent(&self, agent: &str, up: bool) {
-        let mut changes = self.registry.changed.subscribe();
-        while self.registry.lock().contains_key(agent) != up {
+        let registry = &self.shared.tunnels;
+        let mut changes = registry.changed.subscribe();
+        while lock(&registry.state).live.contains_key(agent) != up {
             if changes.changed().await.is_err() {
                 return;
             }
         }
     }
+
+    /// Apply `config` (already parsed and validated) to the running sentry. Bind first: if a
+    /// new listener cannot be bound, nothing changes and the error says why.
+    ///
+    /// # Errors
+    /// A new route's listen address cannot be bound, or the agents' keys cannot be installed.
+    pub fn reload(
+        &self,
+        config: &SentryConfig,
+        key: &PrivateKey,
+    ) -> Result<ReloadReport, StartError> {
+        let result = self.apply(config, key);
+        self.shared.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn apply(&self, config: &SentryConfig, key: &PrivateKey) -> Result<ReloadReport, StartError> {
+        let shared = &self.shared;
+        let mut running = lock(&shared.config);
+        let mut routes = lock(&shared.routes);
+        let mut report = ReloadReport::default();
+        // 1. Everything that can fail, before anything changes.
+        let mut fresh = Vec::new();
+        for route in &config.routes {
+            if !routes.iter().any(|s| s.configured == route.listen) {
+                let (listener, local) = bind_route(route)?;
+                fresh.push((route, listener, local));
+            }
+        }
+        let names = agent_names(config);
+        let server = quic::server_config(&shared.key, names.clone(), &Tuning::default())?;
+        // 2. Apply.
+        shared.endpoint.set_server_config(Some(server));
+        shared.tunnels.names.store(Arc::new(names));
+        shared.open.set_max(config.max_connections);
+        let mut kept = Vec::new();
+        for slot in routes.drain(..) {
+            match config.routes.iter().find(|r| r.listen == slot.configured) {
+                Some(route) => {
+                    slot.gate.set_limits(route.limits.clone());
+                    slot.route.store(Arc::new(route.clone()));
+                    report.kept += 1;
+                    kept.push(slot);
+                }
+                None => {
+                    let name = slot.route.load().name.clone();
+                    info!(route = %name, listen = %slot.local, open = slot.gate.active(), "route removed: listener closed, open connections continue");
+                    slot.stop.cancel();
+                    report.removed.push(name);
+                }
+            }
+        }
+        for (route, listener, local) in fresh {
+            let slot = RouteSlot::new(route, local, &shared.open, &shared.stop);
+            info!(route = %route.name, listen = %local, "route listening");
+            tokio::spawn(accept_clients(slot.clone(), listener, shared.clone()));
+            report.added.push(route.name.clone());
+            kept.push(slot);
+        }
+        *routes = kept;
+        if config.quic_listen != running.quic_listen {
+            report.need_restart.push("sentry.quic_listen");
+        }
+        if config.metrics_listen != running.metrics_listen {
+            report.need_restart.push("sentry.metrics_listen");
+        }
+        if key.public_key() != shared.key.public_key() {
+            report.need_restart.push("sentry.private_key");
+        }
+        let mut applied = config.clone();
+        applied.quic_listen = running.quic_listen;
+        applied.metrics_listen = running.metrics_listen;
+        *running = applied;
+        Ok(report)
+    }
+
+    /// The running config's drain timeout.
+    #[must_use]
+    pub fn drain_timeout(&self) -> Duration {
+        lock(&self.shared.config).drain_timeout
+    }
+
+    /// The `/metrics` text, as the metrics listener serves it.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
+        metrics::render(Arc::new(self.clone()))
+    }
+}
+
+impl Observe for SentryHandle {
+    fn collect(&self, out: &mut Families<'_>) -> std::fmt::Result {
+        let shared = &self.shared;
+        let routes: Vec<(Arc<RouteSlot>, Arc<Route>)> = lock(&shared.routes)
+            .iter()
+            .map(|s| (s.clone(), s.route.load_full()))
+            .collect();
+        let live: Vec<(String, Duration, Duration)> = {
+            let tunnels = lock(&shared.tunnels.state);
+            tunnels
+                .live
+                .iter()
+                .map(|(name, l)| {
+                    (
+                        name.clone(),
+                        l.conn.rtt(),
+                        clock::now().duration_since(l.since),
+                    )
+                })
+                .collect()
+        };
+        let (agents, connects): (Vec<String>, HashMap<String, u64>) = {
+            let mut agents: Vec<String> = shared.tunnels.names.load().values().cloned().collect();
+            agents.sort();
+            (agents, lock(&shared.tunnels.state).connects.clone())
+        };
+        let route_label = |r: &Route| [("route", r.name.clone())];
+        out.counters(
+            "route_connections_accepted",
+            "Client connections admitted on a route.",
+            routes
+                .iter()
+                .map(|(s, r)| (route_label(r), s.gate.admitted())),
+        )?;
+        out.gauges(
+            "route_connections_active",
+            "Client connections open on a route now.",
+            routes.iter().map(|(s, r)| {
+                (
+                    route_label(r),
+                    i64::try_from(s.gate.active()).unwrap_or(i64::MAX),
+                )
+            }),
+        )?;
+        out.counters(
+            "route_connections_refused",
+            "Client connections closed at once, by reason: an admission refusal, or no_upstream \
+             (no connected agent answered).",
+            routes.iter().flat_map(|(s, r)| {
+                Refusal::ALL
+                    .iter()
+                    .map(|reason| (reason.as_str(), s.gate.refused(*reason)))
+                    .chain([("no_upstream", s.no_upstream.load(Ordering::Relaxed))])
+                    .map(|(reason, n)| {
+                        (
+                            [("route", r.name.clone()), ("reason", reason.to_owned())],
+                            n,
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        )?;
+        out.counters(
+            "route_received_bytes",
+            "Bytes received from clients and relayed towards the validator.",
+            routes
+                .iter()
+                .map(|(s, r)| (route_label(r), s.bytes.up.load(Ordering::Relaxed))),
+        )?;
+        out.counters(
+            "route_sent_bytes",
+            "Bytes relayed from the validator and sent to clients.",
+            routes
+                .iter()
+                .map(|(s, r)| (route_label(r), s.bytes.down.load(Ordering::Relaxed))),
+        )?;
+        out.gauges(
+            "route_upstreams_connected",
+            "Upstreams of a route whose agent has a live tunnel now.",
+            routes.iter().map(|(_, r)| {
+                let n = r
+                    .upstreams
+                    .iter()
+                    .filter(|u| live.iter().any(|(a, ..)| *a == u.agent))
+                    .count();
+                (route_label(r), i64::try_from(n).unwrap_or(i64::MAX))
+            }),
+        )?;
+        out.gauges(
+            "connections_active",
+            "Client connections open across all routes.",
+            [(
+                [("max", shared.open.max().to_string())],
+                i64::try_from(shared.open.active()).unwrap_or(i64::MAX),
+            )],
+        )?;
+        let agent_label = |a: &str| [("agent", a.to_owned()), ("transport", "quic".to_owned())];
+        out.gauges(
+            "tunnel_up",
+            "1 while the agent's tunnel is established, else 0.",
+            agents.iter().map(|a| {
+                (
+                    agent_label(a),
+                    i64::from(live.iter().any(|(name, ..)| name == a)),
+                )
+            }),
+        )?;
+        out.gauges(
+            "tunnel_rtt_seconds",
+            "Smoothed round-trip time of the agent's tunnel.",
+            live.iter()
+                .map(|(a, rtt, _)| (agent_label(a), rtt.as_secs_f64())),
+        )?;
+        out.gauges(
+            "tunnel_handshake_age_seconds",
+            "Time since the agent's current tunnel was established.",
+            live.iter()
+                .map(|(a, _, age)| (agent_label(a), age.as_secs_f64())),
+        )?;
+        out.counters(
+            "tunnel_reconnects",
+            "Tunnels an agent established after its first one since start.",
+            agents.iter().map(|a| {
+                (
+                    agent_label(a),
+                    connects.get(a).copied().unwrap_or(0).saturating_sub(1),
+                )
+            }),
+        )?;
+        out.counters(
+            "tunnel_handshakes_dropped",
+            "Tunnel handshake attempts dropped unanswered by the handshake limits, by reason.",
+            HandshakeRefusal::ALL.iter().map(|r| {
+                (
+                    [("reason", r.as_str())],
+                    shared.handshake_refused[r.index()].load(Ordering::Relaxed),
+                )
+            }),
+        )?;
+        out.counters(
+            "tunnel_handshakes_failed",
+            "Tunnel handshakes that failed or timed out (unknown keys among them).",
+            [(
+                [("transport", "quic")],
+                shared.handshake_failed.load(Ordering::Relaxed),
+            )],
+        )?;
+        out.counters(
+            "config_reloads",
+            "Config reloads by result.",
+            [("ok", 0), ("error", 1)].map(|(result, i)| {
+                (
+                    [("result", result)],
+                    shared.reloads[i].load(Ordering::Relaxed),
+                )
+            }),
+        )?;
+        out.gauges(
+            "build_info",
+            "The running version.",
+            [(
+                [("version", env!("CARGO_PKG_VERSION")), ("role", "sentry")],
+                1_i64,
+            )],
+        )
+    }
+
+    fn health(&self) -> Result<String, String> {
+        let routes: Vec<Arc<Route>> = lock(&self.shared.routes)
+            .iter()
+            .map(|s| s.route.load_full())
+            .collect();
+        let tunnels = lock(&self.shared.tunnels.state);
+        let down: Vec<String> = routes
+            .iter()
+            .filter(|r| {
+                !r.upstreams
+                    .iter()
+                    .any(|u| tunnels.live.contains_key(&u.agent))
+            })
+            .map(|r| {
+                let agents: Vec<&str> = r.upstreams.iter().map(|u| u.agent.as_str()).collect();
+                format!(
+                    "route {} has no connected upstream ({})",
+                    r.name,
+                    agents.join(", ")
+                )
+            })
+            .collect();
+        if down.is_empty() {
+            Ok(format!(
+                "{} route(s), each with a connected upstream; {} tunnel(s) up",
+                routes.len(),
+                tunnels.live.len()
+            ))
+        } else {
+            Err(down.join("; "))
+        }
+    }
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connection>> {
-        self.tunnels.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn get(&self, agent: &str) -> Option<Connection> {
-        self.lock().get(agent).cloned()
+        lock(&self.state).live.get(agent).map(|l| l.conn.clone())
     }
 
     fn insert(&self, agent: &str, conn: Connection) -> Option<Connection> {
-        let old = self.lock().insert(agent.to_owned(), conn);
+        let old = {
+            let mut state = lock(&self.state);
+            *state.connects.entry(agent.to_owned()).or_insert(0) += 1;
+            state.live.insert(
+                agent.to_owned(),
+                Live {
+                    conn,
+                    since: clock::now(),
+                },
+            )
+        };
         self.changed.send_modify(|n| *n += 1);
-        old
+        old.map(|l| l.conn)
     }
 
     /// Remove `agent`'s tunnel if it is still `conn` (a newer one may have replaced it).
     fn remove(&self, agent: &str, conn: &Connection) {
-        let mut tunnels = self.lock();
-        if tunnels
+        let mut state = lock(&self.state);
+        if state
+            .live
             .get(agent)
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
+            .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
         {
-            tunnels.remove(agent);
-            drop(tunnels);
+            state.live.remove(agent);
+            drop(state);
             self.changed.send_modify(|n| *n += 1);
         }
     }
 }
 
-async fn accept_agents(endpoint: Endpoint, registry: Arc<Registry>, stop: CancellationToken) {
+async fn accept_agents(shared: Arc<Shared>) {
     let gate = HandshakeGate::new(DEFAULT_HANDSHAKE_LIMITS);
-    let epoch = clock::now();
+    let endpoint = shared.endpoint.clone();
     loop {
         let incoming = tokio::select! {
-            () = stop.cancelled() => return,
+            () = shared.stop.cancelled() => return,
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => incoming,
                 None => return,
@@ -285,9 +708,9 @@ async fn accept_agents(endpoint: Endpoint, registry: Arc<Registry>, stop: Cancel
         let remote = incoming.remote_address();
         let validated = incoming.remote_address_validated();
         // Decided on the first packet, before any cryptography is spent on the attempt.
-        match gate.decide(clock::now() - epoch, remote.ip(), validated) {
+        match gate.decide(clock::now() - shared.epoch, remote.ip(), validated) {
             Handshake::Accept(permit) => {
-                tokio::spawn(tunnel(incoming, registry.clone(), permit));
+                tokio::spawn(tunnel(incoming, shared.clone(), permit));
             }
             Handshake::Retry if incoming.may_retry() => {
                 if let Err(e) = incoming.retry() {
@@ -297,8 +720,9 @@ async fn accept_agents(endpoint: Endpoint, registry: Arc<Registry>, stop: Cancel
             Handshake::Retry => incoming.ignore(),
             Handshake::Ignore(reason) => {
                 incoming.ignore();
+                shared.handshake_refused[reason.index()].fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = HANDSHAKE_DROP_LOG.allow() {
-                    warn!(%remote, ?reason, in_flight = gate.in_flight(), suppressed, "dropped tunnel handshake attempts (a flood, or an agent reconnecting too fast)");
+                    warn!(%remote, transport = "quic", reason = reason.as_str(), in_flight = gate.in_flight(), suppressed, "dropped tunnel handshake attempts (a flood, or an agent reconnecting too fast)");
                 }
             }
         }
@@ -306,59 +730,58 @@ async fn accept_agents(endpoint: Endpoint, registry: Arc<Registry>, stop: Cancel
 }
 
 /// One agent tunnel, from handshake to close.
-async fn tunnel(incoming: quinn::Incoming, registry: Arc<Registry>, permit: HandshakePermit) {
+async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: HandshakePermit) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
+            shared.handshake_failed.fetch_add(1, Ordering::Relaxed);
             if let Some(suppressed) = HANDSHAKE_LOG.allow() {
-                warn!(%remote, suppressed, "refused a tunnel handshake: {e} (is this agent's public key listed in [[agent]]?)");
+                warn!(%remote, transport = "quic", suppressed, "refused a tunnel handshake: {e} (is this agent's public key listed in [[agent]]?)");
             }
             return;
         }
         Err(_) => {
+            shared.handshake_failed.fetch_add(1, Ordering::Relaxed);
             debug!(%remote, "tunnel handshake timed out");
             return;
         }
     };
     drop(permit);
-    let Some(agent) = quic::peer_key(&conn).and_then(|k| registry.names.get(&k).cloned()) else {
-        // The verifier admits only pinned keys, so this is unreachable in practice; refuse anyway.
+    let registry = &shared.tunnels;
+    let name = quic::peer_key(&conn).and_then(|k| registry.names.load().get(&k).cloned());
+    let Some(agent) = name else {
+        // The verifier admits only pinned keys; a reload may have unpinned this one between
+        // its handshake and now.
         conn.close(code::SHUTDOWN, b"");
         return;
     };
-    info!(%agent, %remote, "tunnel up");
+    info!(%agent, %remote, transport = "quic", "tunnel up");
     if let Some(old) = registry.insert(&agent, conn.clone()) {
         old.close(code::REPLACED, b"replaced by a newer tunnel");
     }
     let reason = conn.closed().await;
     registry.remove(&agent, &conn);
-    info!(%agent, %remote, "tunnel down: {reason}");
+    info!(%agent, %remote, transport = "quic", "tunnel down: {reason}");
 }
 
-async fn accept_clients(
-    route: Arc<Route>,
-    gate: Arc<Gate>,
-    listener: TcpListener,
-    registry: Arc<Registry>,
-    relays: TaskTracker,
-    stop: CancellationToken,
-) {
-    let epoch = clock::now();
+async fn accept_clients(slot: Arc<RouteSlot>, listener: TcpListener, shared: Arc<Shared>) {
     let refusals_log = LogLimit::new(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
-            () = stop.cancelled() => return,
+            () = slot.stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((tcp, peer)) => match gate.admit(clock::now() - epoch, peer.ip()) {
+            Ok((tcp, peer)) => match slot.gate.admit(clock::now() - shared.epoch, peer.ip()) {
                 Ok(permit) => {
-                    relays.spawn(relay_client(
-                        route.clone(),
+                    let route = slot.route.load_full();
+                    shared.relays.spawn(relay_client(
+                        slot.clone(),
+                        route,
                         tcp,
                         peer,
-                        registry.clone(),
+                        shared.clone(),
                         permit,
                     ));
                 }
@@ -367,7 +790,7 @@ async fn accept_clients(
                     drop(tcp);
                     if let Some(suppressed) = refusals_log.allow() {
                         info!(
-                            route = %route.name,
+                            route = %slot.route.load().name,
                             client = %peer,
                             reason = reason.as_str(),
                             suppressed,
@@ -379,7 +802,7 @@ async fn accept_clients(
             Err(e) => {
                 // Typically EMFILE/ENFILE: back off briefly instead of spinning.
                 if let Some(suppressed) = ACCEPT_LOG.allow() {
-                    warn!(route = %route.name, suppressed, "accept failed: {e}");
+                    warn!(route = %slot.route.load().name, suppressed, "accept failed: {e}");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -389,13 +812,15 @@ async fn accept_clients(
 
 /// Relay one public client through the first upstream that answers `Ok`.
 async fn relay_client(
+    slot: Arc<RouteSlot>,
     route: Arc<Route>,
     mut tcp: TcpStream,
     client: SocketAddr,
-    registry: Arc<Registry>,
+    shared: Arc<Shared>,
     // Held for the connection's life; gives its place back when dropped.
     _permit: Permit,
 ) {
+    let registry = &shared.tunnels;
     let _ = tcp.set_nodelay(true);
     let proxy = match (route.proxy_protocol, tcp.local_addr()) {
         (None, _) => None,
@@ -427,6 +852,7 @@ async fn relay_client(
                     &mut recv,
                     &mut send,
                     route.idle_timeout,
+                    &slot.bytes,
                 )
                 .await;
                 if !matches!(end, PumpEnd::Done) {
@@ -449,6 +875,7 @@ async fn relay_client(
             }
         }
     }
+    slot.no_upstream.fetch_add(1, Ordering::Relaxed);
     if let Some(suppressed) = NO_UPSTREAM_LOG.allow() {
         info!(route = %route.name, %client, suppressed, "no upstream available; client closed");
     }

@@ -76,7 +76,7 @@ upstream = ["validator-1/admin"]
         .await
         .map_err(|e| fail("starting the sentry", &e))?;
     let handle = sentry.handle();
-    tokio::spawn(sentry.run(std::future::pending(), Duration::ZERO));
+    tokio::spawn(sentry.run(std::future::pending()));
 
     let agent_toml = format!(
         r#"# Written by `sentry demo`.
@@ -104,13 +104,8 @@ target = "{rpc}"
     std::fs::write(&agent_path, agent_toml).map_err(|e| fail("writing agent.toml", &e))?;
     let agent_config = config::load_agent(&agent_path).map_err(|e| fail("agent.toml", &e))?;
     tokio::spawn(async move {
-        if let Err(e) = relay_core::agent::run(
-            &agent_config,
-            &agent_key,
-            std::future::pending(),
-            Duration::ZERO,
-        )
-        .await
+        if let Err(e) =
+            relay_core::agent::run(&agent_config, &agent_key, std::future::pending()).await
         {
             eprintln!("demo agent failed: {e}");
         }

@@ -10,15 +10,11 @@ mod demo;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use relay_core::config::{self, Config};
 use relay_core::keys::{self, PrivateKey};
-use tracing::{info, warn};
-
-/// How long open relayed connections may take to finish after SIGTERM/SIGINT.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+use tracing::{error, info, warn};
 
 const ABOUT: &str = "Keep a blockchain validator private: a public sentry relays P2P and RPC \
                      traffic over an authenticated QUIC tunnel to an agent behind NAT.";
@@ -163,15 +159,38 @@ fn serve(path: &Path) -> Result<(), Failure> {
         let sentry = relay_core::sentry::Sentry::bind(&config, &key)
             .await
             .map_err(|e| Failure::Runtime(e.to_string()))?;
+        let handle = sentry.handle();
         info!(
-            quic = %sentry.handle().quic_addr(),
+            quic = %handle.quic_addr(),
+            metrics = ?handle.metrics_addr(),
             public_key = %key.public_key(),
             agents = config.agents.len(),
             routes = config.routes.len(),
             "sentry ready"
         );
-        sentry.run(shutdown_signal(), DRAIN_TIMEOUT).await;
-        Ok(())
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(sentry.run(async move {
+            let _ = stopped.await;
+        }));
+        supervise(path, |path| {
+            let config = config::load_sentry(path).map_err(|e| e.to_string())?;
+            let key = keys::load_private_key(&config.private_key).map_err(|e| e.to_string())?;
+            let report = handle.reload(&config, &key).map_err(|e| e.to_string())?;
+            warn_need_restart(&report.need_restart);
+            Ok(format!(
+                "{} route(s) kept, added {:?}, removed {:?}; {} agent(s) pinned",
+                report.kept,
+                report.added,
+                report.removed,
+                config.agents.len()
+            ))
+        })
+        .await;
+        info!(drain = ?handle.drain_timeout(), "shutting down: new connections refused, open ones drain (send the signal again to exit at once)");
+        let _ = stop.send(());
+        running
+            .await
+            .map_err(|e| Failure::Runtime(format!("the sentry task failed: {e}")))
     })
 }
 
@@ -179,17 +198,107 @@ fn agent(path: &Path) -> Result<(), Failure> {
     let config = config::load_agent(path).map_err(|e| Failure::Invalid(e.to_string()))?;
     let key = load_key(&config.private_key)?;
     runtime()?.block_on(async {
+        let agent = relay_core::agent::Agent::new(&config, &key)
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
+        let handle = agent.handle();
         info!(
             name = %config.name,
             public_key = %key.public_key(),
+            metrics = ?handle.metrics_addr(),
             sentries = config.sentries.len(),
             services = config.services.len(),
             "agent starting"
         );
-        relay_core::agent::run(&config, &key, shutdown_signal(), DRAIN_TIMEOUT)
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(agent.run(async move {
+            let _ = stopped.await;
+        }));
+        supervise(path, |path| {
+            let config = config::load_agent(path).map_err(|e| e.to_string())?;
+            let key = keys::load_private_key(&config.private_key).map_err(|e| e.to_string())?;
+            let report = handle.reload(&config, &key).map_err(|e| e.to_string())?;
+            warn_need_restart(&report.need_restart);
+            Ok(format!(
+                "{} service(s) exported, sentries added {:?}, removed {:?}",
+                report.services, report.added, report.removed
+            ))
+        })
+        .await;
+        info!("shutting down: open streams drain (send the signal again to exit at once)");
+        let _ = stop.send(());
+        running
             .await
-            .map_err(|e| Failure::Runtime(e.to_string()))
+            .map_err(|e| Failure::Runtime(format!("the agent task failed: {e}")))
     })
+}
+
+fn warn_need_restart(keys: &[&str]) {
+    if !keys.is_empty() {
+        warn!(
+            keys = ?keys,
+            "these changes take effect only after a restart; the running values stay"
+        );
+    }
+}
+
+/// Tell systemd (when it started us with `Type=notify`) that we are ready, keep its watchdog
+/// fed, reload on SIGHUP, and return on the first SIGTERM or SIGINT (after which a second one
+/// exits at once). `reload` parses and applies the config file; its error leaves the running
+/// config in place.
+async fn supervise(path: &Path, reload: impl Fn(&Path) -> Result<String, String>) {
+    use sd_notify::NotifyState;
+    use tokio::signal::unix::{SignalKind, signal};
+    let notify = |states: &[NotifyState<'_>]| {
+        // Outside systemd there is no socket to tell; that is not an error.
+        let _ = sd_notify::notify(states);
+    };
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        // Pinged from the runtime itself: a wedged runtime stops the pings and systemd
+        // restarts us.
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval / 2);
+            loop {
+                ticks.tick().await;
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                let mut states = vec![NotifyState::Reloading];
+                if let Ok(now) = NotifyState::monotonic_usec_now() {
+                    states.push(now);
+                }
+                notify(&states);
+                match reload(path) {
+                    Ok(summary) => info!(config = %path.display(), "config reloaded: {summary}"),
+                    Err(e) => error!(config = %path.display(), "config reload refused; the running config stays:\n{e}"),
+                }
+                notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+            }
+        }
+    }
+    notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal: exiting now");
+        std::process::exit(1);
+    });
 }
 
 fn keygen(out: &Path) -> Result<(), Failure> {
@@ -230,34 +339,4 @@ fn check(path: &Path) -> Result<(), Failure> {
         }
     }
     Ok(())
-}
-
-/// Completes on the first SIGTERM or SIGINT. A second one exits at once. SIGHUP is answered
-/// with a log line: reload is not in this version, and the default action would kill us.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => warn!("SIGHUP: config reload is not supported by this version; the running config stays"),
-        }
-    }
-    info!("shutting down (send the signal again to exit at once)");
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        warn!("second signal: exiting now");
-        std::process::exit(1);
-    });
 }

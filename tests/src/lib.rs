@@ -87,12 +87,9 @@ pub async fn start_sentry(config: &SentryConfig, key: &PrivateKey) -> RunningSen
     let sentry = Sentry::bind(config, key).await.unwrap();
     let handle = sentry.handle();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(sentry.run(
-        async move {
-            let _ = stopped.await;
-        },
-        Duration::ZERO,
-    ));
+    tokio::spawn(sentry.run(async move {
+        let _ = stopped.await;
+    }));
     RunningSentry {
         handle,
         _stop: stop,
@@ -134,7 +131,7 @@ impl Drop for RunningAgent {
 #[must_use]
 pub fn start_agent(config: AgentConfig, key: PrivateKey) -> RunningAgent {
     let task = tokio::spawn(async move {
-        relay_core::agent::run(&config, &key, std::future::pending(), Duration::ZERO)
+        relay_core::agent::run(&config, &key, std::future::pending())
             .await
             .unwrap();
     });

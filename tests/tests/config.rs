@@ -169,10 +169,10 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "expected one of `off`, `v1`, `v2`",
     ),
     (
-        "unsupported-metrics",
+        "metrics-on-route",
         "4:18",
         "sentry.metrics_listen",
-        "not supported by this version",
+        "must never be served on a public route",
     ),
     (
         "unsupported-protocol",
@@ -237,7 +237,7 @@ fn all_problems_are_reported_at_once() {
 [sentry]
 private_key = "k"
 quic_listen = "0.0.0.0:4433"
-metrics_listen = "127.0.0.1:9900"
+tls_listen = "0.0.0.0:4443"
 
 [[route]]
 name = "a"
@@ -254,7 +254,7 @@ upstream = ["nobody/y"]
     assert_eq!(
         keys,
         [
-            "sentry.metrics_listen",
+            "sentry.tls_listen",
             "route[1].name",
             "route[0].upstream[0]",
             "route[1].listen",

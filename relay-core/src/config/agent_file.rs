@@ -3,10 +3,10 @@
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::units::{Addr, HostPort, Key, Name};
+use super::units::{Addr, HostPort, HumanDuration, Key, Name};
 use super::{
-    AgentConfig, Checker, ConfigErrors, Locator, Reserved, SentryPeer, Service, TransportKind,
-    deserialize,
+    AgentConfig, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, Locator, Reserved, SentryPeer,
+    Service, TransportKind, deserialize,
 };
 
 #[derive(Deserialize)]
@@ -24,6 +24,8 @@ struct Doc {
 struct AgentTable {
     name: Spanned<Name>,
     private_key: Spanned<String>,
+    metrics_listen: Option<Spanned<Addr>>,
+    drain_timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +122,12 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
         private_key: check.key_path(doc.agent.private_key.get_ref()),
         sentries,
         services,
+        metrics_listen: doc.agent.metrics_listen.as_ref().map(|m| m.get_ref().0),
+        drain_timeout: doc
+            .agent
+            .drain_timeout
+            .as_ref()
+            .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
     };
     check.finish(config)
 }

@@ -30,6 +30,10 @@ use crate::relay::ProxyVersion;
 /// closed. P2P links of most chains ping well within it.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
+/// Default `drain_timeout` of both roles: after SIGTERM/SIGINT, open relayed connections get
+/// this long to finish before the rest are closed.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A parsed config file of either role.
 #[derive(Debug, Clone)]
 pub enum Config {
@@ -51,6 +55,10 @@ pub struct SentryConfig {
     pub routes: Vec<Route>,
     /// Open relayed connections across all routes.
     pub max_connections: usize,
+    /// Where `GET /metrics` and `GET /healthz` are served; never a route's address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long open relayed connections may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
 }
 
 /// An agent the sentry lets in.
@@ -138,6 +146,10 @@ pub struct AgentConfig {
     pub sentries: Vec<SentryPeer>,
     /// The only targets a sentry can reach (at least one, names unique).
     pub services: Vec<Service>,
+    /// Where `GET /metrics` and `GET /healthz` are served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long open relayed connections may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout: Duration,
 }
 
 /// A sentry the agent dials.

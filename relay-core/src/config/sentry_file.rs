@@ -13,7 +13,7 @@ use crate::relay::ProxyVersion;
 
 use super::units::{Addr, Cidr, HumanDuration, HumanRate, Key, Name, check_name};
 use super::{
-    AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_IDLE_TIMEOUT,
+    AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_SENTRY_MAX_CONNECTIONS, Limits, Locator, Reserved, Route, SentryConfig, Upstream,
     deserialize,
 };
@@ -37,8 +37,9 @@ struct SentryTable {
     wireguard_listen: Reserved,
     wireguard_address: Reserved,
     tls_listen: Reserved,
-    metrics_listen: Reserved,
+    metrics_listen: Option<Spanned<Addr>>,
     max_connections: Option<Spanned<u64>>,
+    drain_timeout: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -101,11 +102,6 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
     );
     check.reserved(&s.tls_listen, "sentry.tls_listen", "the TLS transport");
     check.reserved(
-        &s.metrics_listen,
-        "sentry.metrics_listen",
-        "metrics and health",
-    );
-    check.reserved(
         &doc.wireguard_peer,
         "wireguard_peer",
         "the WireGuard transport",
@@ -158,6 +154,20 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
         listens.push(listen);
         routes.push(route(&mut check, i, table, &agents));
     }
+    let metrics_listen = s.metrics_listen.as_ref().map(|m| m.get_ref().0);
+    if let (Some(spanned), Some(addr)) = (&s.metrics_listen, metrics_listen)
+        && let Some(i) = listens.iter().position(|l| overlaps(*l, addr))
+    {
+        check.fail(
+            spanned,
+            "sentry.metrics_listen",
+            format!(
+                "{addr} overlaps the listen address of route[{i}] ({}); metrics must never be \
+                 served on a public route",
+                listens[i]
+            ),
+        );
+    }
 
     let config = SentryConfig {
         private_key: check.key_path(s.private_key.get_ref()),
@@ -170,6 +180,11 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
             "sentry.max_connections",
             DEFAULT_SENTRY_MAX_CONNECTIONS,
         ),
+        metrics_listen,
+        drain_timeout: s
+            .drain_timeout
+            .as_ref()
+            .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
     };
     check.finish(config)
 }

@@ -192,6 +192,19 @@ impl Status {
             _ => return None,
         })
     }
+
+    /// The status's name in logs and metrics.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::UnknownService => "unknown_service",
+            Self::ConnectRefused => "connect_refused",
+            Self::ConnectFailed => "connect_failed",
+            Self::BadHeader => "bad_header",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
 }
 
 fn split(bytes: &[u8], n: usize) -> Result<(&[u8], &[u8]), HeaderError> {

@@ -11,4 +11,4 @@ mod pump;
 
 pub use header::{Header, HeaderError, MAX_HEADER_LEN, Status, VERSION};
 pub use proxy::{Proxy, ProxyVersion, encode as encode_proxy_header};
-pub use pump::{PumpEnd, PumpStats, pump};
+pub use pump::{ByteCounters, PumpEnd, PumpStats, pump};

@@ -30,6 +30,17 @@ pub struct PumpStats {
     pub down: u64,
 }
 
+/// Totals that pumps add to as bytes move (per route or per service), so a scrape sees a
+/// long-lived connection's traffic while it runs, not only when it closes.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    /// From the pump's client-side socket into the tunnel (as [`PumpStats::up`]): on the
+    /// sentry, from the public client; on the agent, from the service.
+    pub up: AtomicU64,
+    /// From the tunnel out to the client-side socket.
+    pub down: AtomicU64,
+}
+
 /// How a pump ended.
 #[derive(Debug)]
 pub enum PumpEnd {
@@ -58,6 +69,7 @@ pub async fn pump<CR, CW, TR, TW>(
     tunnel_read: &mut TR,
     tunnel_write: &mut TW,
     idle: Duration,
+    totals: &ByteCounters,
 ) -> (PumpEnd, PumpStats)
 where
     CR: AsyncRead + Unpin + ?Sized,
@@ -77,7 +89,7 @@ where
                 (Side::Client, Side::Tunnel),
                 start,
                 &last,
-                &up
+                (&up, &totals.up)
             ),
             one_way(
                 tunnel_read,
@@ -85,7 +97,7 @@ where
                 (Side::Tunnel, Side::Client),
                 start,
                 &last,
-                &down
+                (&down, &totals.down)
             ),
         )
     };
@@ -110,7 +122,7 @@ async fn one_way<R, W>(
     (read_side, write_side): (Side, Side),
     start: Instant,
     last: &AtomicU64,
-    moved: &AtomicU64,
+    (moved, total): (&AtomicU64, &AtomicU64),
 ) -> Result<(), (Side, std::io::Error)>
 where
     R: AsyncRead + Unpin + ?Sized,
@@ -129,6 +141,7 @@ where
             return Err((write_side, e));
         }
         moved.fetch_add(n as u64, Ordering::Relaxed);
+        total.fetch_add(n as u64, Ordering::Relaxed);
         last.store(millis_since(start), Ordering::Relaxed);
         if n == buf.len() && buf.len() < MAX_BUF {
             buf.resize(buf.len() * 2, 0);
@@ -163,7 +176,19 @@ mod tests {
         let (mut cr, mut cw) = tokio::io::split(client_end);
         let (mut tr, mut tw) = tokio::io::split(tunnel_end);
         let pump = tokio::spawn(async move {
-            pump(&mut cr, &mut cw, &mut tr, &mut tw, Duration::from_secs(60)).await
+            let totals = ByteCounters::default();
+            let result = pump(
+                &mut cr,
+                &mut cw,
+                &mut tr,
+                &mut tw,
+                Duration::from_secs(60),
+                &totals,
+            )
+            .await;
+            assert_eq!(totals.up.load(Ordering::Relaxed), result.1.up);
+            assert_eq!(totals.down.load(Ordering::Relaxed), result.1.down);
+            result
         });
         let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let send = payload.clone();
@@ -201,7 +226,16 @@ mod tests {
         let (tunnel_end, _agent_app) = duplex(64);
         let (mut cr, mut cw) = tokio::io::split(client_end);
         let (mut tr, mut tw) = tokio::io::split(tunnel_end);
-        let (end, _) = pump(&mut cr, &mut cw, &mut tr, &mut tw, Duration::from_secs(5)).await;
+        let totals = ByteCounters::default();
+        let (end, _) = pump(
+            &mut cr,
+            &mut cw,
+            &mut tr,
+            &mut tw,
+            Duration::from_secs(5),
+            &totals,
+        )
+        .await;
         assert!(matches!(end, PumpEnd::Idle), "{end:?}");
     }
 }

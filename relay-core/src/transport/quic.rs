@@ -125,14 +125,25 @@ pub fn server_endpoint(
     agents: HashMap<PublicKey, String>,
     tuning: &Tuning,
 ) -> Result<Endpoint, QuicError> {
+    let server = server_config(key, agents, tuning)?;
+    endpoint(listen, key, Some(server), tuning)
+}
+
+/// The sentry's handshake settings: its identity and the pinned agent keys (key → name). A
+/// reload installs a new one with [`Endpoint::set_server_config`]; tunnels already up keep
+/// running.
+pub fn server_config(
+    key: &PrivateKey,
+    agents: HashMap<PublicKey, String>,
+    tuning: &Tuning,
+) -> Result<ServerConfig, QuicError> {
     let id = Identity::new(key)?;
-    let tls = rustls::ServerConfig::builder_with_provider(pin::provider())
+    let mut tls = rustls::ServerConfig::builder_with_provider(pin::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| QuicError::Tls(e.to_string()))?
         .with_client_cert_verifier(Arc::new(AgentVerifier::new(agents)))
         .with_single_cert(vec![id.cert], id.key)
         .map_err(|e| QuicError::Tls(e.to_string()))?;
-    let mut tls = tls;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = ServerConfig::with_crypto(Arc::new(crypto));
@@ -143,7 +154,7 @@ pub fn server_endpoint(
     // once (see `admission::HandshakeGate`), so a deep queue would only hold a flood.
     server.max_incoming(1024);
     server.incoming_buffer_size_total(16 << 20);
-    endpoint(listen, key, Some(server), tuning)
+    Ok(server)
 }
 
 /// An agent's endpoint on `bind` (an unspecified address of the sentry's family).
