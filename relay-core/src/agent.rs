@@ -228,6 +228,9 @@ impl Agent {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let shared = self.shared;
         if let Some(listener) = self.metrics {
+            if let Ok(listen) = listener.local_addr() {
+                info!(%listen, "metrics listening (GET /metrics, GET /healthz)");
+            }
             let source: Arc<dyn Observe> = Arc::new(AgentHandle {
                 shared: shared.clone(),
             });
@@ -323,6 +326,12 @@ impl AgentHandle {
         let result = self.apply(config, key);
         self.shared.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
         result
+    }
+
+    /// Count a reload refused before it reached [`Self::reload`] (the new config did not
+    /// parse or its key did not load), so `config_reloads_total{result="error"}` sees it.
+    pub fn count_refused_reload(&self) {
+        self.shared.reloads[1].fetch_add(1, Ordering::Relaxed);
     }
 
     fn apply(&self, config: &AgentConfig, key: &PrivateKey) -> Result<ReloadReport, AgentError> {

@@ -15,7 +15,7 @@
 //! - A client is relayed only after an agent answered `Ok` to its header; with no connected
 //!   upstream, or every upstream refusing, the client is closed at once.
 //! - A reload never cuts an established connection: routes are matched by their configured
-//!   listen address; a kept route swaps its policy (admission limits, lists, upstreams) for
+//!   listen address (and, for port 0, their name); a kept route swaps its policy (admission limits, lists, upstreams) for
 //!   later connections, a removed one closes its listener and leaves its connections to
 //!   finish, an added one binds. Every new socket is bound before anything changes, so a
 //!   reload that cannot bind changes nothing.
@@ -262,12 +262,16 @@ impl Sentry {
         let shared = self.shared;
         tokio::spawn(accept_agents(shared.clone()));
         if let Some(listener) = self.metrics {
+            if let Ok(listen) = listener.local_addr() {
+                info!(%listen, "metrics listening (GET /metrics, GET /healthz)");
+            }
             let source: Arc<dyn Observe> = Arc::new(SentryHandle {
                 shared: shared.clone(),
             });
             tokio::spawn(metrics::serve(listener, source, shared.stop.clone()));
         }
         for (slot, listener) in self.initial {
+            info!(route = %slot.route.load().name, listen = %slot.local, "route listening");
             tokio::spawn(accept_clients(slot, listener, shared.clone()));
         }
         shutdown.await;
@@ -296,6 +300,13 @@ impl Sentry {
 }
 
 impl RouteSlot {
+    /// Whether `route` (from a new config) is this listener: the same configured address, and
+    /// for port 0 (any free port) also the same name.
+    fn is(&self, route: &Route) -> bool {
+        self.configured == route.listen
+            && (route.listen.port() != 0 || self.route.load().name == route.name)
+    }
+
     fn new(
         route: &Route,
         local: SocketAddr,
@@ -384,6 +395,12 @@ impl SentryHandle {
         result
     }
 
+    /// Count a reload refused before it reached [`Self::reload`] (the new config did not
+    /// parse or its key did not load), so `config_reloads_total{result="error"}` sees it.
+    pub fn count_refused_reload(&self) {
+        self.shared.reloads[1].fetch_add(1, Ordering::Relaxed);
+    }
+
     fn apply(&self, config: &SentryConfig, key: &PrivateKey) -> Result<ReloadReport, StartError> {
         let shared = &self.shared;
         let mut running = lock(&shared.config);
@@ -392,7 +409,7 @@ impl SentryHandle {
         // 1. Everything that can fail, before anything changes.
         let mut fresh = Vec::new();
         for route in &config.routes {
-            if !routes.iter().any(|s| s.configured == route.listen) {
+            if !routes.iter().any(|s| s.is(route)) {
                 let (listener, local) = bind_route(route)?;
                 fresh.push((route, listener, local));
             }
@@ -405,7 +422,7 @@ impl SentryHandle {
         shared.open.set_max(config.max_connections);
         let mut kept = Vec::new();
         for slot in routes.drain(..) {
-            match config.routes.iter().find(|r| r.listen == slot.configured) {
+            match config.routes.iter().find(|r| slot.is(r)) {
                 Some(route) => {
                     slot.gate.set_limits(route.limits.clone());
                     slot.route.store(Arc::new(route.clone()));

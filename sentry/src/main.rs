@@ -173,8 +173,13 @@ fn serve(path: &Path) -> Result<(), Failure> {
             let _ = stopped.await;
         }));
         supervise(path, |path| {
-            let config = config::load_sentry(path).map_err(|e| e.to_string())?;
-            let key = keys::load_private_key(&config.private_key).map_err(|e| e.to_string())?;
+            let refused = |e: String| {
+                handle.count_refused_reload();
+                e
+            };
+            let config = config::load_sentry(path).map_err(|e| refused(e.to_string()))?;
+            let key = keys::load_private_key(&config.private_key)
+                .map_err(|e| refused(e.to_string()))?;
             let report = handle.reload(&config, &key).map_err(|e| e.to_string())?;
             warn_need_restart(&report.need_restart);
             Ok(format!(
@@ -214,8 +219,13 @@ fn agent(path: &Path) -> Result<(), Failure> {
             let _ = stopped.await;
         }));
         supervise(path, |path| {
-            let config = config::load_agent(path).map_err(|e| e.to_string())?;
-            let key = keys::load_private_key(&config.private_key).map_err(|e| e.to_string())?;
+            let refused = |e: String| {
+                handle.count_refused_reload();
+                e
+            };
+            let config = config::load_agent(path).map_err(|e| refused(e.to_string()))?;
+            let key =
+                keys::load_private_key(&config.private_key).map_err(|e| refused(e.to_string()))?;
             let report = handle.reload(&config, &key).map_err(|e| e.to_string())?;
             warn_need_restart(&report.need_restart);
             Ok(format!(

@@ -3,6 +3,7 @@
 #![allow(clippy::disallowed_methods)] // plain deadlines in test helpers; the clock rule is for relay-core
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,17 @@ impl Daemon {
     /// `ip netns exec` execs the binary, so the child's PID is the daemon's.
     #[must_use]
     pub fn start_in(netns: Option<&str>, role: &str, config: &Path) -> Self {
+        Self::start_with(netns, role, config, &[])
+    }
+
+    /// As [`Daemon::start_in`], with extra environment variables.
+    #[must_use]
+    pub fn start_with(
+        netns: Option<&str>,
+        role: &str,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -46,8 +58,15 @@ impl Daemon {
             None => Command::new(sentry_bin()),
         };
         let mut child = command
-            .args([role, "--config", config.to_str().unwrap()])
+            .args([
+                "--log-format",
+                "json",
+                role,
+                "--config",
+                config.to_str().unwrap(),
+            ])
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -95,6 +114,58 @@ impl Daemon {
             self.pid(),
             self.log()
         );
+    }
+
+    /// Wait (bounded) for the `nth` (from 0) log event whose message contains `message` and
+    /// whose fields include every `(name, value)` of `having`; its fields.
+    pub fn wait_event(
+        &self,
+        message: &str,
+        having: &[(&str, &str)],
+        nth: usize,
+        within: Duration,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|line| {
+                    let event: serde_json::Value = serde_json::from_str(line).ok()?;
+                    let fields = event.get("fields")?.as_object()?.clone();
+                    let text = fields.get("message")?.as_str()?;
+                    let matches = text.contains(message)
+                        && having.iter().all(|(k, v)| {
+                            fields.get(*k).and_then(serde_json::Value::as_str) == Some(*v)
+                        });
+                    matches.then_some(fields)
+                })
+                .nth(nth);
+            if let Some(fields) = found {
+                return fields;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pid {}: no log event {message:?} with {having:?} (#{nth}) within {within:?}:\n{}",
+                self.pid(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A socket address logged as field `field` of the first event `message`.
+    pub fn logged_addr(&self, message: &str, having: &[(&str, &str)], field: &str) -> SocketAddr {
+        let fields = self.wait_event(message, having, 0, Duration::from_secs(20));
+        let value = fields
+            .get(field)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_else(|| panic!("event {message:?} has no field {field}: {fields:?}"));
+        value
+            .parse()
+            .unwrap_or_else(|e| panic!("{field} = {value:?}: {e}"))
     }
 
     /// The daemon's PID.
