@@ -269,10 +269,12 @@ fn the_validator_is_unreachable_except_through_the_sentry() {
     drop((probe, outbound));
 
     d.start();
-    let up = d.sentry().log();
-    assert!(
-        up.contains(&format!("remote={ROUTER_WAN}")),
-        "the sentry should see the agent at the router's public address:\n{up}"
+    let up = d.sentry().wait_event("tunnel up", &[], 0, PATIENCE);
+    let remote: SocketAddr = up["remote"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        remote.ip(),
+        ROUTER_WAN,
+        "the sentry should see the agent at the router's public address: {up:?}"
     );
 
     // Bulk: 64 MiB up and echoed back down at once, SHA-256 checked.
