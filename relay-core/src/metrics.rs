@@ -217,3 +217,150 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     );
     response
 }
+
+/// One sample of a text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    /// The value of label `key`, if present.
+    #[must_use]
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Largest exposition [`parse`] accepts.
+pub const MAX_EXPOSITION: usize = 16 << 20;
+
+/// Parse the samples of a Prometheus or OpenMetrics text exposition (comments, `# TYPE` and
+/// `# EOF` are skipped; timestamps and exemplars are ignored). For `sentry status`, which
+/// reads the daemons' own output; a line it cannot read is an error naming the line.
+///
+/// # Errors
+/// The text is larger than [`MAX_EXPOSITION`] or a line is not `name{labels} value`.
+pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
+    if text.len() > MAX_EXPOSITION {
+        return Err(format!("exposition larger than {MAX_EXPOSITION} bytes"));
+    }
+    let mut samples = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let sample =
+            parse_line(line).ok_or_else(|| format!("line {}: cannot read {line:?}", i + 1))?;
+        samples.push(sample);
+    }
+    Ok(samples)
+}
+
+fn parse_line(line: &str) -> Option<Sample> {
+    let name_end = line.find(|c: char| c == '{' || c.is_whitespace())?;
+    let name = &line[..name_end];
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        rest = inner;
+        loop {
+            rest = rest.trim_start_matches([',', ' ']);
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (key, after) = rest.split_once('=')?;
+            let after = after.strip_prefix('"')?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (j, '"') => break j,
+                    (_, '\\') => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        other => value.push(other),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key.trim().to_owned(), value));
+            rest = &after[end + 1..];
+        }
+    }
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_render_writes() {
+        struct Fixed;
+        impl Observe for Fixed {
+            fn collect(&self, out: &mut Families<'_>) -> fmt::Result {
+                out.counters(
+                    "things",
+                    "Things.",
+                    [([("route", "a \"quoted\" \\ name")], 7_u64)],
+                )?;
+                out.gauges("level", "Level.", [([("x", "1"), ("y", "2")], 0.25_f64)])
+            }
+            fn health(&self) -> Result<String, String> {
+                Ok(String::new())
+            }
+        }
+        let text = render(Arc::new(Fixed));
+        let samples = parse(&text).unwrap();
+        assert_eq!(
+            samples,
+            [
+                Sample {
+                    name: "sentry_things_total".into(),
+                    labels: vec![("route".into(), "a \"quoted\" \\ name".into())],
+                    value: 7.0
+                },
+                Sample {
+                    name: "sentry_level".into(),
+                    labels: vec![("x".into(), "1".into()), ("y".into(), "2".into())],
+                    value: 0.25
+                },
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn refuses_garbage_by_line() {
+        assert_eq!(
+            parse("# HELP x\nx 1\nnot a sample\n").unwrap_err(),
+            "line 3: cannot read \"not a sample\""
+        );
+        assert!(parse("x{a=\"unterminated} 1").is_err());
+        assert_eq!(parse("").unwrap(), []);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(text in ".{0,200}") {
+            let _ = parse(&text);
+        }
+    }
+}

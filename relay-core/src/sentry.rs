@@ -551,15 +551,32 @@ impl Observe for SentryHandle {
                 .map(|(s, r)| (route_label(r), s.bytes.down.load(Ordering::Relaxed))),
         )?;
         out.gauges(
-            "route_upstreams_connected",
-            "Upstreams of a route whose agent has a live tunnel now.",
-            routes.iter().map(|(_, r)| {
-                let n = r
-                    .upstreams
+            "route_info",
+            "A route's bound listen address (value 1).",
+            routes.iter().map(|(s, r)| {
+                (
+                    [("route", r.name.clone()), ("listen", s.local.to_string())],
+                    1_i64,
+                )
+            }),
+        )?;
+        out.gauges(
+            "route_upstream_connected",
+            "1 while the agent of this upstream has a live tunnel, else 0; upstreams in failover \
+             order.",
+            routes.iter().flat_map(|(_, r)| {
+                r.upstreams
                     .iter()
-                    .filter(|u| live.iter().any(|(a, ..)| *a == u.agent))
-                    .count();
-                (route_label(r), i64::try_from(n).unwrap_or(i64::MAX))
+                    .map(|u| {
+                        (
+                            [
+                                ("route", r.name.clone()),
+                                ("upstream", format!("{}/{}", u.agent, u.service)),
+                            ],
+                            i64::from(live.iter().any(|(a, ..)| *a == u.agent)),
+                        )
+                    })
+                    .collect::<Vec<_>>()
             }),
         )?;
         out.gauges(

@@ -6,6 +6,8 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod pair;
+mod status;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,8 @@ Getting started:
   sentry check --config sentry.toml        validate a config (either role) before starting
   sentry serve --config sentry.toml        on the public host
   sentry agent --config agent.toml         beside the validator; it dials out, opens no port
+  sentry pair --sentry HOST:4433 --out-dir DIR    or: both keys and matched configs at once
+  sentry status                            tunnels, routes and counters of a running daemon
 
 Example configs: configs/sentry.example.toml and configs/agent.example.toml.
 Logs go to stderr; set the filter with RUST_LOG (default: info).";
@@ -80,6 +84,30 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Write two fresh keys and a matched sentry.toml and agent.toml for a chain, ready to
+    /// copy to the public host and the validator host.
+    Pair {
+        /// HOST:PORT the agent will dial: the sentry's public name or address and QUIC port.
+        #[arg(long, value_name = "HOST:PORT")]
+        sentry: String,
+        /// Where to write sentry.key, sentry.toml, agent.key and agent.toml (none may exist).
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// The chain whose ports to relay.
+        #[arg(long, value_enum, default_value = "icon")]
+        preset: pair::Preset,
+        /// Where the key files will live on the hosts; the configs name them there (the
+        /// systemd units' StateDirectory).
+        #[arg(long, default_value = "/var/lib/sentry")]
+        key_dir: PathBuf,
+    },
+    /// Show the tunnels, routes and counters of a running daemon (either role), read from
+    /// its metrics listener.
+    Status {
+        /// The daemon's metrics_listen address.
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        metrics: std::net::SocketAddr,
+    },
     /// Run a sentry, an agent and a sample validator on loopback with throwaway keys, push
     /// sample traffic through, and print what happened and what to try.
     Demo {
@@ -112,6 +140,24 @@ fn main() -> ExitCode {
         Command::Keygen { out } => keygen(&out),
         Command::Pubkey { key } => pubkey(&key),
         Command::Check { config } => check(&config),
+        Command::Pair {
+            sentry,
+            out_dir,
+            preset,
+            key_dir,
+        } => pair::pair(&pair::Request {
+            sentry: &sentry,
+            out_dir: &out_dir,
+            key_dir: &key_dir,
+            preset,
+        })
+        .map(|message| println!("{message}"))
+        .map_err(Failure::Invalid),
+        Command::Status { metrics } => runtime().and_then(|rt| {
+            rt.block_on(status::report(metrics))
+                .map(|report| print!("{report}"))
+                .map_err(Failure::Runtime)
+        }),
         Command::Demo { once } => runtime().and_then(|rt| rt.block_on(demo::run(once))),
     };
     match result {

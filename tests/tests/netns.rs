@@ -827,3 +827,102 @@ fn a_connection_flood_from_one_address_does_not_touch_another() {
             >= 1
     );
 }
+
+/// `sentry pair` output, used as generated (keys in the test's dir via `--key-dir`): both
+/// configs pass `sentry check`, the agent behind the NAT connects, a client reaches the
+/// validator's P2P port through the sentry, and `sentry status` on each host shows it.
+#[test]
+fn a_generated_pair_relays_through_the_nat_and_status_shows_it() {
+    let Some(t) = Topology::new() else { return };
+    let dir = t.dir().join("pair");
+    let run = |host: Option<Host>, args: &[&str]| {
+        let mut command = match host {
+            Some(h) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", &t.ns(h)]).arg(tests::sentry_bin());
+                c
+            }
+            None => std::process::Command::new(tests::sentry_bin()),
+        };
+        let out = command.args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "sentry {args:?}: {text}");
+        text
+    };
+    let sentry_addr = public(4433).to_string();
+    let dir_arg = dir.to_str().unwrap();
+    run(
+        None,
+        &[
+            "pair",
+            "--sentry",
+            &sentry_addr,
+            "--out-dir",
+            dir_arg,
+            "--key-dir",
+            dir_arg,
+            "--preset",
+            "icon",
+        ],
+    );
+    for config in ["sentry.toml", "agent.toml"] {
+        run(
+            None,
+            &["check", "--config", dir.join(config).to_str().unwrap()],
+        );
+    }
+    // goloop's P2P port on the validator host's loopback, as the generated agent.toml says.
+    let _p2p = stand_in::echo(listen(
+        &t,
+        Host::Validator,
+        "127.0.0.1:7100".parse().unwrap(),
+    ));
+    let sentry = t.daemon(Host::Sentry, "serve", &dir.join("sentry.toml"));
+    sentry.wait_log("sentry ready", 1, PATIENCE);
+    let agent = t.daemon(Host::Validator, "agent", &dir.join("agent.toml"));
+    sentry.wait_log("tunnel up", 1, PATIENCE);
+    for _ in 0..3 {
+        let mut tcp = t.client_connect(public(P2P_PORT), PATIENCE).unwrap();
+        tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+        assert!(echo_once(&mut tcp, b"generated pair").unwrap());
+    }
+
+    let status = run(Some(Host::Sentry), &["status"]);
+    eprintln!("{status}");
+    assert!(status.starts_with("sentry "), "{status}");
+    assert!(status.contains("ok: 1 route(s)"), "{status}");
+    let tunnel = status.lines().find(|l| l.contains("validator ")).unwrap();
+    assert!(tunnel.contains(" up "), "{status}");
+    let route = status
+        .lines()
+        .find(|l| l.trim_start().starts_with("p2p "))
+        .unwrap();
+    let cells: Vec<&str> = route.split_whitespace().collect();
+    // ROUTE LISTEN UPSTREAM-IN-USE ACTIVE ACCEPTED REFUSED ... (ACTIVE may still count a
+    // connection the client has just closed.)
+    assert_eq!(
+        [&cells[..3], &cells[4..6]].concat(),
+        ["p2p", "0.0.0.0:7100", "validator/p2p", "3", "0"],
+        "{status}"
+    );
+
+    let status = run(
+        Some(Host::Validator),
+        &["status", "--metrics", "127.0.0.1:9901"],
+    );
+    eprintln!("{status}");
+    assert!(status.starts_with("agent "), "{status}");
+    let service = status
+        .lines()
+        .find(|l| l.trim_start().starts_with("p2p "))
+        .unwrap();
+    let cells: Vec<&str> = service.split_whitespace().collect();
+    // SERVICE ACTIVE CONNECTED REFUSED ...
+    assert_eq!(
+        [cells[0], cells[2], cells[3]],
+        ["p2p", "3", "0"],
+        "{status}"
+    );
+    drop((agent, sentry));
+}

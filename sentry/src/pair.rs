@@ -1,0 +1,245 @@
+//! `sentry pair`: two fresh keys and a matched `sentry.toml` / `agent.toml`, ready to copy to
+//! the public host and the validator host.
+//!
+//! Everything generated is parsed by the real config parser before anything is written, and
+//! nothing that exists is overwritten.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use clap::ValueEnum;
+use relay_core::config;
+use relay_core::keys::{self, PrivateKey};
+
+/// The chains `pair` knows the ports of.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Preset {
+    /// ICON (goloop): P2P on 7100; JSON-RPC on 9000.
+    Icon,
+    /// Ethereum execution client: devp2p on 30303; JSON-RPC on 8545.
+    Ethereum,
+    /// Cosmos / CometBFT: P2P on 26656; RPC on 26657.
+    Cosmos,
+}
+
+/// A relayed TCP port: the route and service name, the port on both hosts.
+struct Port {
+    name: &'static str,
+    port: u16,
+    note: &'static str,
+}
+
+struct Chain {
+    /// Relayed from the start.
+    routes: &'static [Port],
+    /// Written commented out: RPC is relayed only with the JSON-RPC filter, which this version
+    /// does not have; plain TCP would expose node administration (goloop's /admin, an
+    /// Ethereum node's admin_ and debug_ namespaces, CometBFT's unsafe routes).
+    rpc: Port,
+}
+
+const RPC_NOTE: &str = "not relayed by default: as plain TCP it would expose the node's \
+                        administrative calls; relay it only if the node itself refuses them";
+
+impl Preset {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Icon => "icon",
+            Self::Ethereum => "ethereum",
+            Self::Cosmos => "cosmos",
+        }
+    }
+
+    fn chain(self) -> Chain {
+        match self {
+            Self::Icon => Chain {
+                routes: &[Port {
+                    name: "p2p",
+                    port: 7100,
+                    note: "goloop P2P; no PROXY header (goloop does not read one)",
+                }],
+                rpc: Port {
+                    name: "rpc",
+                    port: 9000,
+                    note: RPC_NOTE,
+                },
+            },
+            Self::Ethereum => Chain {
+                routes: &[Port {
+                    name: "devp2p",
+                    port: 30303,
+                    note: "devp2p over TCP (discovery over UDP is not relayed by this version)",
+                }],
+                rpc: Port {
+                    name: "rpc",
+                    port: 8545,
+                    note: RPC_NOTE,
+                },
+            },
+            Self::Cosmos => Chain {
+                routes: &[Port {
+                    name: "p2p",
+                    port: 26656,
+                    note: "CometBFT P2P",
+                }],
+                rpc: Port {
+                    name: "rpc",
+                    port: 26657,
+                    note: RPC_NOTE,
+                },
+            },
+        }
+    }
+}
+
+/// What `pair` needs.
+pub struct Request<'a> {
+    /// `HOST:PORT` the agent dials (the sentry's public name and QUIC port).
+    pub sentry: &'a str,
+    pub out_dir: &'a Path,
+    /// Where the key files will live on the hosts (the configs name them there).
+    pub key_dir: &'a Path,
+    pub preset: Preset,
+}
+
+/// Where the sentry's metrics listener goes (loopback: never public).
+const SENTRY_METRICS: &str = "127.0.0.1:9900";
+/// The agent's, beside it on the validator host.
+const AGENT_METRICS: &str = "127.0.0.1:9901";
+
+/// Write the four files; the message to print.
+pub fn pair(request: &Request<'_>) -> Result<String, String> {
+    let (host, port) = split_host_port(request.sentry)?;
+    let files = ["sentry.key", "agent.key", "sentry.toml", "agent.toml"]
+        .map(|name| request.out_dir.join(name));
+    if let Some(existing) = files.iter().find(|f| f.exists()) {
+        return Err(format!(
+            "{} exists; pair never overwrites keys or configs: choose another --out-dir",
+            existing.display()
+        ));
+    }
+    std::fs::create_dir_all(request.out_dir)
+        .map_err(|e| format!("creating {}: {e}", request.out_dir.display()))?;
+    let sentry_key = PrivateKey::generate().map_err(|e| e.to_string())?;
+    let agent_key = PrivateKey::generate().map_err(|e| e.to_string())?;
+    let chain = request.preset.chain();
+    let wildcard = if host.contains(':') {
+        "[::]"
+    } else {
+        "0.0.0.0"
+    };
+    let key_path = |name: &str| request.key_dir.join(name).display().to_string();
+
+    let mut sentry = format!(
+        "# sentry.toml for the public host, written by `sentry pair --preset {preset}`.\n\
+         # Install as /etc/sentry/sentry.toml, with sentry.key as {sentry_key_path} (mode 0600).\n\
+         # Every key and its default: configs/sentry.example.toml.\n\n\
+         [sentry]\n\
+         private_key = \"{sentry_key_path}\"\n\
+         quic_listen = \"{wildcard}:{port}\"   # UDP: open it in the firewall for the agent\n\
+         metrics_listen = \"{SENTRY_METRICS}\"  # `sentry status` reads it; keep it private\n\n\
+         [[agent]]\n\
+         name = \"validator\"\n\
+         public_key = \"{agent_pub}\"\n",
+        preset = request.preset.name(),
+        sentry_key_path = key_path("sentry.key"),
+        agent_pub = agent_key.public_key(),
+    );
+    let mut agent = format!(
+        "# agent.toml for the validator host, written by `sentry pair --preset {preset}`.\n\
+         # Install as /etc/sentry/agent.toml, with agent.key as {agent_key_path} (mode 0600).\n\
+         # The agent dials out only; the validator host opens no port.\n\n\
+         [agent]\n\
+         name = \"validator\"\n\
+         private_key = \"{agent_key_path}\"\n\
+         metrics_listen = \"{AGENT_METRICS}\"\n\n\
+         [[sentry]]\n\
+         address = \"{address}\"\n\
+         public_key = \"{sentry_pub}\"\n",
+        preset = request.preset.name(),
+        agent_key_path = key_path("agent.key"),
+        address = request.sentry,
+        sentry_pub = sentry_key.public_key(),
+    );
+    for p in chain.routes {
+        let _ = write!(
+            sentry,
+            "\n# {note}\n[[route]]\nname = \"{name}\"\nlisten = \"{wildcard}:{port}\"\n\
+             upstream = [\"validator/{name}\"]\n",
+            note = p.note,
+            name = p.name,
+            port = p.port,
+        );
+        let _ = write!(
+            agent,
+            "\n[[service]]\nname = \"{name}\"\ntarget = \"127.0.0.1:{port}\"\n",
+            name = p.name,
+            port = p.port,
+        );
+    }
+    let rpc = &chain.rpc;
+    let _ = write!(
+        sentry,
+        "\n# JSON-RPC on {port}: {note}.\n# [[route]]\n# name = \"{name}\"\n\
+         # listen = \"{wildcard}:{port}\"\n# upstream = [\"validator/{name}\"]\n",
+        note = rpc.note,
+        name = rpc.name,
+        port = rpc.port,
+    );
+    let _ = write!(
+        agent,
+        "\n# The node's JSON-RPC, for the sentry's commented-out rpc route.\n\
+         # [[service]]\n# name = \"{name}\"\n# target = \"127.0.0.1:{port}\"\n",
+        name = rpc.name,
+        port = rpc.port,
+    );
+
+    // The real parser checks what we generated before anything is written.
+    config::parse_sentry(&files[2], &sentry).map_err(|e| format!("generated sentry.toml: {e}"))?;
+    config::parse_agent(&files[3], &agent).map_err(|e| format!("generated agent.toml: {e}"))?;
+    keys::write_private_key(&files[0], &sentry_key).map_err(|e| e.to_string())?;
+    keys::write_private_key(&files[1], &agent_key).map_err(|e| e.to_string())?;
+    write_new(&files[2], &sentry)?;
+    write_new(&files[3], &agent)?;
+
+    let dir = request.out_dir.display();
+    let key_dir = request.key_dir.display();
+    Ok(format!(
+        "wrote {dir}/sentry.key, sentry.toml (public host) and {dir}/agent.key, agent.toml \
+         (validator host)\n\
+         sentry public key: {sentry_pub}\nagent public key:  {agent_pub}\n\n\
+         On the public host ({host}):\n  \
+           install -D -m 0600 sentry.key {key_dir}/sentry.key\n  \
+           install -D -m 0644 sentry.toml /etc/sentry/sentry.toml\n  \
+           systemctl enable --now sentry\n\
+         On the validator host:\n  \
+           install -D -m 0600 agent.key {key_dir}/agent.key\n  \
+           install -D -m 0644 agent.toml /etc/sentry/agent.toml\n  \
+           systemctl enable --now sentry-agent\n\
+         Then `sentry status` on either host. Open UDP {port} on the public host's firewall.",
+        sentry_pub = sentry_key.public_key(),
+        agent_pub = agent_key.public_key(),
+    ))
+}
+
+fn split_host_port(text: &str) -> Result<(&str, u16), String> {
+    let bad =
+        || format!("--sentry {text:?}: expected HOST:PORT, such as sentry-a.example.org:4433");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
+}
+
+fn write_new(path: &PathBuf, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}

@@ -1,0 +1,307 @@
+//! `sentry status`: a readable view of a running daemon, read from its metrics listener.
+//!
+//! Works for both roles: it reads `/metrics` and `/healthz` and prints what it finds (the
+//! `role` label of `sentry_build_info` tells which).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use relay_core::metrics::{self, Sample};
+use tokio::net::TcpStream;
+
+/// Longest the whole status query may take.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fetch `path` from `addr`: the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let fetch = async {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| {
+            format!(
+                "cannot connect to {addr}: {e} (is metrics_listen set, and is the daemon running?)"
+            )
+        })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        tokio::spawn(connection);
+        let request = Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("{addr}{path}: {e}"))?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), metrics::MAX_EXPOSITION)
+            .collect()
+            .await
+            .map_err(|e| format!("{addr}{path}: {e}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(TIMEOUT, fetch)
+        .await
+        .map_err(|_| format!("{addr}{path}: no answer within {TIMEOUT:?}"))?
+}
+
+/// The status report of the daemon whose metrics listener is `addr`.
+pub async fn report(addr: SocketAddr) -> Result<String, String> {
+    let (code, text) = get(addr, "/metrics").await?;
+    if code != 200 {
+        return Err(format!("{addr}/metrics answered HTTP {code}"));
+    }
+    let samples = metrics::parse(&text).map_err(|e| format!("{addr}/metrics: {e}"))?;
+    let (_, health) = get(addr, "/healthz").await?;
+    let view = View { samples: &samples };
+    let role = view
+        .find("sentry_build_info", &[])
+        .and_then(|s| s.label("role"))
+        .unwrap_or("unknown")
+        .to_owned();
+    let version = view
+        .find("sentry_build_info", &[])
+        .and_then(|s| s.label("version"))
+        .unwrap_or("?")
+        .to_owned();
+    let mut out = format!("{role} {version} at {addr}: {}\n", health.trim());
+    match role.as_str() {
+        "sentry" => view.sentry(&mut out),
+        "agent" => view.agent(&mut out),
+        _ => return Err(format!("{addr}/metrics is not a sentry daemon's")),
+    }
+    Ok(out)
+}
+
+struct View<'a> {
+    samples: &'a [Sample],
+}
+
+impl<'a> View<'a> {
+    fn all(&self, name: &str) -> std::vec::IntoIter<&'a Sample> {
+        let found: Vec<&'a Sample> = self.samples.iter().filter(|s| s.name == name).collect();
+        found.into_iter()
+    }
+
+    fn find(&self, name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
+        self.all(name)
+            .find(|s| labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+    }
+
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.find(name, labels).map_or(0.0, |s| s.value)
+    }
+
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.all(name)
+            .filter(|s| labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+            .map(|s| s.value)
+            .sum()
+    }
+
+    fn sentry(&self, out: &mut String) {
+        let mut tunnels = vec![[
+            "AGENT".to_owned(),
+            "TRANSPORT".to_owned(),
+            "STATE".to_owned(),
+            "RTT".to_owned(),
+            "SINCE".to_owned(),
+            "RECONNECTS".to_owned(),
+        ]];
+        for s in self.all("sentry_tunnel_up") {
+            let agent = s.label("agent").unwrap_or("?");
+            let key = [("agent", agent)];
+            let up = s.value > 0.0;
+            tunnels.push([
+                agent.to_owned(),
+                s.label("transport").unwrap_or("?").to_owned(),
+                if up { "up" } else { "down" }.to_owned(),
+                rtt(up.then(|| self.value("sentry_tunnel_rtt_seconds", &key))),
+                age(up.then(|| self.value("sentry_tunnel_handshake_age_seconds", &key))),
+                count(self.value("sentry_tunnel_reconnects_total", &key)),
+            ]);
+        }
+        let mut routes = vec![[
+            "ROUTE".to_owned(),
+            "LISTEN".to_owned(),
+            "UPSTREAM IN USE".to_owned(),
+            "ACTIVE".to_owned(),
+            "ACCEPTED".to_owned(),
+            "REFUSED".to_owned(),
+            "RECEIVED".to_owned(),
+            "SENT".to_owned(),
+        ]];
+        for s in self.all("sentry_route_info") {
+            let route = s.label("route").unwrap_or("?");
+            let key = [("route", route)];
+            let in_use = self
+                .all("sentry_route_upstream_connected")
+                .filter(|u| u.label("route") == Some(route))
+                .find(|u| u.value > 0.0)
+                .and_then(|u| u.label("upstream"))
+                .unwrap_or("none connected");
+            routes.push([
+                route.to_owned(),
+                s.label("listen").unwrap_or("?").to_owned(),
+                in_use.to_owned(),
+                count(self.value("sentry_route_connections_active", &key)),
+                count(self.value("sentry_route_connections_accepted_total", &key)),
+                self.refusals(route),
+                bytes(self.value("sentry_route_received_bytes_total", &key)),
+                bytes(self.value("sentry_route_sent_bytes_total", &key)),
+            ]);
+        }
+        out.push_str("\nTunnels\n");
+        table(out, &tunnels);
+        out.push_str("\nRoutes\n");
+        table(out, &routes);
+        let dropped = self.sum("sentry_tunnel_handshakes_dropped_total", &[]);
+        let failed = self.sum("sentry_tunnel_handshakes_failed_total", &[]);
+        let _ = writeln!(
+            out,
+            "\nTunnel handshakes dropped by limits: {}, failed: {}. Config reloads: {} ok, {} refused.",
+            count(dropped),
+            count(failed),
+            count(self.value("sentry_config_reloads_total", &[("result", "ok")])),
+            count(self.value("sentry_config_reloads_total", &[("result", "error")])),
+        );
+    }
+
+    /// "12 (rate 10, no_upstream 2)": the total and each non-zero reason.
+    fn refusals(&self, route: &str) -> String {
+        let reasons: Vec<(String, f64)> = self
+            .all("sentry_route_connections_refused_total")
+            .filter(|s| s.label("route") == Some(route) && s.value > 0.0)
+            .map(|s| (s.label("reason").unwrap_or("?").to_owned(), s.value))
+            .collect();
+        let total: f64 = reasons.iter().map(|(_, v)| v).sum();
+        if reasons.is_empty() {
+            return "0".to_owned();
+        }
+        let parts: Vec<String> = reasons
+            .iter()
+            .map(|(r, v)| format!("{r} {}", count(*v)))
+            .collect();
+        format!("{} ({})", count(total), parts.join(", "))
+    }
+
+    fn agent(&self, out: &mut String) {
+        let mut tunnels = vec![[
+            "SENTRY".to_owned(),
+            "TRANSPORT".to_owned(),
+            "STATE".to_owned(),
+            "RTT".to_owned(),
+            "SINCE".to_owned(),
+            "RECONNECTS".to_owned(),
+        ]];
+        for s in self.all("sentry_agent_tunnel_up") {
+            let sentry = s.label("sentry").unwrap_or("?");
+            let key = [("sentry", sentry)];
+            let up = s.value > 0.0;
+            tunnels.push([
+                sentry.to_owned(),
+                s.label("transport").unwrap_or("?").to_owned(),
+                if up { "up" } else { "down" }.to_owned(),
+                rtt(up.then(|| self.value("sentry_agent_tunnel_rtt_seconds", &key))),
+                age(up.then(|| self.value("sentry_agent_tunnel_handshake_age_seconds", &key))),
+                count(self.value("sentry_agent_tunnel_reconnects_total", &key)),
+            ]);
+        }
+        let mut services = vec![[
+            "SERVICE".to_owned(),
+            "ACTIVE".to_owned(),
+            "CONNECTED".to_owned(),
+            "REFUSED".to_owned(),
+            "TO SERVICE".to_owned(),
+            "FROM SERVICE".to_owned(),
+        ]];
+        for s in self.all("sentry_agent_streams_active") {
+            let service = s.label("service").unwrap_or("?");
+            let key = [("service", service)];
+            let ok = self.value(
+                "sentry_agent_streams_total",
+                &[("service", service), ("status", "ok")],
+            );
+            let all = self.sum("sentry_agent_streams_total", &key);
+            services.push([
+                if service == "-" {
+                    "(unknown name)".to_owned()
+                } else {
+                    service.to_owned()
+                },
+                count(s.value),
+                count(ok),
+                count(all - ok),
+                bytes(self.value("sentry_agent_service_sent_bytes_total", &key)),
+                bytes(self.value("sentry_agent_service_received_bytes_total", &key)),
+            ]);
+        }
+        out.push_str("\nTunnels\n");
+        table(out, &tunnels);
+        out.push_str("\nServices\n");
+        table(out, &services);
+    }
+}
+
+fn table<const N: usize>(out: &mut String, rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in rows {
+        let mut line = String::from("  ");
+        for (cell, w) in row.iter().zip(widths) {
+            let _ = write!(line, "{cell:<w$}  ");
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if rows.len() == 1 {
+        out.push_str("  (none)\n");
+    }
+}
+
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn count(v: f64) -> String {
+    format!("{}", v.max(0.0).round() as u64)
+}
+
+fn rtt(seconds: Option<f64>) -> String {
+    seconds.map_or_else(|| "-".to_owned(), |s| format!("{:.1} ms", s * 1000.0))
+}
+
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn age(seconds: Option<f64>) -> String {
+    let Some(s) = seconds else {
+        return "-".to_owned();
+    };
+    let s = s.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn bytes(v: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = v.max(0.0);
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
