@@ -540,3 +540,79 @@ fn systemd_hears_ready_reloading_watchdog_and_stopping() {
     notify.until("STOPPING=1");
     assert_eq!(sentry.wait_exit(PATIENCE), Some(0));
 }
+
+/// A reload pins a new agent key for new tunnels, and an unpinned key gets no new tunnel,
+/// while the tunnel it already has keeps serving.
+#[tokio::test]
+async fn reload_pins_and_unpins_agent_keys_for_new_tunnels() {
+    use tests::{agent_config, echo_service, key, sentry_config, start_agent, start_sentry};
+    let (sentry_key, v1_key, v2_key) = (key(), key(), key());
+    let echo = echo_service().await;
+    let one = sentry_config(&[("v1", &v1_key)], &[("p2p", &["v1/svc"], "")]);
+    let sentry = start_sentry(&one, &sentry_key).await;
+    let quic = sentry.handle.quic_addr();
+    let _v1 = start_agent(
+        agent_config("v1", quic, &sentry_key, &[("svc", echo)]),
+        v1_key.clone(),
+    );
+    sentry.wait_agent("v1", true).await;
+
+    // v2 is not pinned yet: its handshake is refused.
+    let v2_config = agent_config("v2", quic, &sentry_key, &[("svc", echo)]);
+    let peer = &v2_config.sentries[0];
+    let client = relay_core::transport::quic::client_config(
+        &v2_key,
+        peer.public_key,
+        &relay_core::transport::quic::Tuning::default(),
+    )
+    .unwrap();
+    assert!(
+        refused(peer, &client, &v2_key).await,
+        "an unpinned key got a tunnel"
+    );
+
+    let two = sentry_config(
+        &[("v1", &v1_key), ("v2", &v2_key)],
+        &[("p2p", &["v1/svc", "v2/svc"], "")],
+    );
+    let report = sentry.handle.reload(&two, &sentry_key).unwrap();
+    assert_eq!(
+        (report.kept, report.need_restart.len()),
+        (1, 0),
+        "{report:?}"
+    );
+    let _v2 = start_agent(v2_config.clone(), v2_key.clone());
+    sentry.wait_agent("v2", true).await;
+
+    // Unpin v1: its live tunnel stays (no established connection is cut by a reload), but
+    // a new handshake with its key is refused.
+    let only_v2 = sentry_config(&[("v2", &v2_key)], &[("p2p", &["v2/svc"], "")]);
+    sentry.handle.reload(&only_v2, &sentry_key).unwrap();
+    assert_eq!(sentry.handle.connected(), ["v1", "v2"]);
+    let v1_config = agent_config("v1", quic, &sentry_key, &[("svc", echo)]);
+    let client = relay_core::transport::quic::client_config(
+        &v1_key,
+        v1_config.sentries[0].public_key,
+        &relay_core::transport::quic::Tuning::default(),
+    )
+    .unwrap();
+    assert!(
+        refused(&v1_config.sentries[0], &client, &v1_key).await,
+        "an unpinned key still gets a tunnel"
+    );
+}
+
+/// Whether the sentry refuses a tunnel handshake with `key`. TLS 1.3 lets the client finish
+/// before the server has checked its certificate; the refusal may then arrive as the close.
+async fn refused(
+    peer: &relay_core::config::SentryPeer,
+    client: &quinn::ClientConfig,
+    key: &PrivateKey,
+) -> bool {
+    match relay_core::agent::dial(peer, client, key).await {
+        Err(_) => true,
+        Ok((_endpoint, conn)) => tokio::time::timeout(PATIENCE, conn.closed())
+            .await
+            .is_ok_and(|reason| reason.to_string().contains("certificate")),
+    }
+}
