@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -29,7 +29,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::clock;
 use crate::config::{AgentConfig, SentryPeer};
 use crate::keys::PrivateKey;
 use crate::log_limit::LogLimit;
@@ -37,6 +36,7 @@ use crate::metrics::{self, Families, Observe};
 use crate::relay::{ByteCounters, Header, PumpEnd, Status, encode_proxy_header, pump};
 use crate::transport::pin::SERVER_NAME;
 use crate::transport::quic::{self, QuicError, Tuning, code};
+use crate::{clock, lock};
 
 /// Longest a connection attempt to a service may take before the agent answers
 /// `ConnectFailed`. Kept below the sentry's status timeout.
@@ -55,14 +55,7 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Every status an agent answers, in a fixed order (for counters).
-const STATUSES: [Status; 6] = [
-    Status::Ok,
-    Status::UnknownService,
-    Status::ConnectRefused,
-    Status::ConnectFailed,
-    Status::BadHeader,
-    Status::ShuttingDown,
-];
+const STATUSES: [Status; 6] = Status::ALL;
 /// The `service` label of streams that named no exported service. Label values never come
 /// from the wire, so a misbehaving sentry cannot grow the metrics.
 const NO_SERVICE: &str = "-";
@@ -133,7 +126,7 @@ struct Shared {
     unknown: Arc<ServiceStats>,
     tunnels: Mutex<Vec<Arc<TunnelState>>>,
     spawn: mpsc::UnboundedSender<Tunnel>,
-    reloads: [AtomicU64; 2],
+    reloads: metrics::Reloads,
     stop: CancellationToken,
     metrics_addr: Option<SocketAddr>,
 }
@@ -160,10 +153,6 @@ struct TunnelState {
     connects: AtomicU64,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn status_index(status: Status) -> usize {
     STATUSES.iter().position(|s| *s == status).unwrap_or(0)
 }
@@ -182,12 +171,7 @@ impl Agent {
     pub fn new(config: &AgentConfig, key: &PrivateKey) -> Result<Self, AgentError> {
         let metrics = match config.metrics_listen {
             Some(addr) => {
-                let bind = || -> std::io::Result<TcpListener> {
-                    let std = std::net::TcpListener::bind(addr)?;
-                    std.set_nonblocking(true)?;
-                    TcpListener::from_std(std)
-                };
-                Some(bind().map_err(|source| AgentError::Metrics { addr, source })?)
+                Some(metrics::bind(addr).map_err(|source| AgentError::Metrics { addr, source })?)
             }
             None => None,
         };
@@ -200,7 +184,7 @@ impl Agent {
             unknown: Arc::default(),
             tunnels: Mutex::new(Vec::new()),
             spawn,
-            reloads: Default::default(),
+            reloads: metrics::Reloads::default(),
             stop: CancellationToken::new(),
             metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
         });
@@ -324,14 +308,14 @@ impl AgentHandle {
         key: &PrivateKey,
     ) -> Result<ReloadReport, AgentError> {
         let result = self.apply(config, key);
-        self.shared.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        self.shared.reloads.count(result.is_ok());
         result
     }
 
     /// Count a reload refused before it reached [`Self::reload`] (the new config did not
     /// parse or its key did not load), so `config_reloads_total{result="error"}` sees it.
     pub fn count_refused_reload(&self) {
-        self.shared.reloads[1].fetch_add(1, Ordering::Relaxed);
+        self.shared.reloads.count(false);
     }
 
     fn apply(&self, config: &AgentConfig, key: &PrivateKey) -> Result<ReloadReport, AgentError> {
@@ -477,24 +461,7 @@ impl Observe for AgentHandle {
                 )
             }),
         )?;
-        out.counters(
-            "config_reloads",
-            "Config reloads by result.",
-            [("ok", 0), ("error", 1)].map(|(result, i)| {
-                (
-                    [("result", result)],
-                    shared.reloads[i].load(Ordering::Relaxed),
-                )
-            }),
-        )?;
-        out.gauges(
-            "build_info",
-            "The running version.",
-            [(
-                [("version", env!("CARGO_PKG_VERSION")), ("role", "agent")],
-                1_i64,
-            )],
-        )
+        out.common(&shared.reloads, "agent")
     }
 
     fn health(&self) -> Result<String, String> {

@@ -17,3 +17,11 @@ pub mod metrics;
 pub mod relay;
 pub mod sentry;
 pub mod transport;
+
+/// Lock a mutex whose data stays consistent even if a holder panicked (every critical section
+/// in this crate leaves it so): a panic elsewhere never wedges the daemon.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

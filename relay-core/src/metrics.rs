@@ -12,7 +12,9 @@
 
 use std::convert::Infallible;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -68,6 +70,31 @@ pub trait Observe: Send + Sync + 'static {
     fn health(&self) -> Result<String, String>;
 }
 
+/// Config reloads of a daemon, by result.
+#[derive(Debug, Default)]
+pub struct Reloads {
+    ok: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Reloads {
+    /// Count one reload: applied or refused.
+    pub fn count(&self, applied: bool) {
+        let counter = if applied { &self.ok } else { &self.refused };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Bind the metrics listener (synchronously, so start-up fails on a taken port).
+///
+/// # Errors
+/// The address cannot be bound.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let std = std::net::TcpListener::bind(addr)?;
+    std.set_nonblocking(true)?;
+    TcpListener::from_std(std)
+}
+
 /// Writes metric families; a thin layer over prometheus-client's descriptor encoder.
 pub struct Families<'a>(DescriptorEncoder<'a>);
 
@@ -108,6 +135,27 @@ impl Families<'_> {
             ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+
+    /// The families every daemon writes last: its reloads by result, and its version and role.
+    ///
+    /// # Errors
+    /// When the encoder fails.
+    pub fn common(&mut self, reloads: &Reloads, role: &str) -> fmt::Result {
+        self.counters(
+            "config_reloads",
+            "Config reloads by result.",
+            [("ok", &reloads.ok), ("error", &reloads.refused)]
+                .map(|(result, n)| ([("result", result)], n.load(Ordering::Relaxed))),
+        )?;
+        self.gauges(
+            "build_info",
+            "The running version.",
+            [(
+                [("version", env!("CARGO_PKG_VERSION")), ("role", role)],
+                1_i64,
+            )],
+        )
     }
 }
 

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -39,13 +39,13 @@ use crate::admission::{
     DEFAULT_HANDSHAKE_LIMITS, Gate, Handshake, HandshakeGate, HandshakePermit, HandshakeRefusal,
     Permit, Refusal, SentryCount,
 };
-use crate::clock;
 use crate::config::{Route, SentryConfig};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Families, Observe};
 use crate::relay::{ByteCounters, Header, Proxy, PumpEnd, Status, pump};
 use crate::transport::quic::{self, QuicError, Tuning, code};
+use crate::{clock, lock};
 
 /// Longest an agent's QUIC handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -117,7 +117,7 @@ struct Shared {
     open: Arc<SentryCount>,
     handshake_refused: [AtomicU64; HandshakeRefusal::ALL.len()],
     handshake_failed: AtomicU64,
-    reloads: [AtomicU64; 2],
+    reloads: metrics::Reloads,
     stop: CancellationToken,
     relays: TaskTracker,
     epoch: Instant,
@@ -167,10 +167,6 @@ enum OpenError {
     Tunnel(String),
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 fn agent_names(config: &SentryConfig) -> HashMap<PublicKey, String> {
     config
         .agents
@@ -189,9 +185,7 @@ fn bind_route(route: &Route) -> Result<(TcpListener, SocketAddr), StartError> {
 }
 
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let std = std::net::TcpListener::bind(addr)?;
-    std.set_nonblocking(true)?;
-    let listener = TcpListener::from_std(std)?;
+    let listener = metrics::bind(addr)?;
     let local = listener.local_addr()?;
     Ok((listener, local))
 }
@@ -208,7 +202,7 @@ impl Sentry {
         })?;
         let metrics = match config.metrics_listen {
             Some(addr) => {
-                Some(bind_tcp(addr).map_err(|source| StartError::Metrics { addr, source })?)
+                Some(metrics::bind(addr).map_err(|source| StartError::Metrics { addr, source })?)
             }
             None => None,
         };
@@ -223,7 +217,7 @@ impl Sentry {
         let shared = Arc::new(Shared {
             endpoint,
             quic_addr,
-            metrics_addr: metrics.as_ref().map(|(_, a)| *a),
+            metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
             key: key.clone(),
             config: Mutex::new(config.clone()),
             tunnels: Registry {
@@ -235,7 +229,7 @@ impl Sentry {
             open,
             handshake_refused: Default::default(),
             handshake_failed: AtomicU64::new(0),
-            reloads: Default::default(),
+            reloads: metrics::Reloads::default(),
             stop,
             relays: TaskTracker::new(),
             epoch: clock::now(),
@@ -243,7 +237,7 @@ impl Sentry {
         Ok(Self {
             shared,
             initial,
-            metrics: metrics.map(|(l, _)| l),
+            metrics,
         })
     }
 
@@ -391,14 +385,14 @@ impl SentryHandle {
         key: &PrivateKey,
     ) -> Result<ReloadReport, StartError> {
         let result = self.apply(config, key);
-        self.shared.reloads[usize::from(result.is_err())].fetch_add(1, Ordering::Relaxed);
+        self.shared.reloads.count(result.is_ok());
         result
     }
 
     /// Count a reload refused before it reached [`Self::reload`] (the new config did not
     /// parse or its key did not load), so `config_reloads_total{result="error"}` sees it.
     pub fn count_refused_reload(&self) {
-        self.shared.reloads[1].fetch_add(1, Ordering::Relaxed);
+        self.shared.reloads.count(false);
     }
 
     fn apply(&self, config: &SentryConfig, key: &PrivateKey) -> Result<ReloadReport, StartError> {
@@ -638,24 +632,7 @@ impl Observe for SentryHandle {
                 shared.handshake_failed.load(Ordering::Relaxed),
             )],
         )?;
-        out.counters(
-            "config_reloads",
-            "Config reloads by result.",
-            [("ok", 0), ("error", 1)].map(|(result, i)| {
-                (
-                    [("result", result)],
-                    shared.reloads[i].load(Ordering::Relaxed),
-                )
-            }),
-        )?;
-        out.gauges(
-            "build_info",
-            "The running version.",
-            [(
-                [("version", env!("CARGO_PKG_VERSION")), ("role", "sentry")],
-                1_i64,
-            )],
-        )
+        out.common(&shared.reloads, "sentry")
     }
 
     fn health(&self) -> Result<String, String> {

@@ -105,27 +105,7 @@ impl<'a> View<'a> {
     }
 
     fn sentry(&self, out: &mut String) {
-        let mut tunnels = vec![[
-            "AGENT".to_owned(),
-            "TRANSPORT".to_owned(),
-            "STATE".to_owned(),
-            "RTT".to_owned(),
-            "SINCE".to_owned(),
-            "RECONNECTS".to_owned(),
-        ]];
-        for s in self.all("sentry_tunnel_up") {
-            let agent = s.label("agent").unwrap_or("?");
-            let key = [("agent", agent)];
-            let up = s.value > 0.0;
-            tunnels.push([
-                agent.to_owned(),
-                s.label("transport").unwrap_or("?").to_owned(),
-                if up { "up" } else { "down" }.to_owned(),
-                rtt(up.then(|| self.value("sentry_tunnel_rtt_seconds", &key))),
-                age(up.then(|| self.value("sentry_tunnel_handshake_age_seconds", &key))),
-                count(self.value("sentry_tunnel_reconnects_total", &key)),
-            ]);
-        }
+        let tunnels = self.tunnels("sentry_tunnel", "agent");
         let mut routes = vec![[
             "ROUTE".to_owned(),
             "LISTEN".to_owned(),
@@ -172,6 +152,32 @@ impl<'a> View<'a> {
         );
     }
 
+    /// The tunnel table from the `{prefix}_*` families, one row per `peer` label value.
+    fn tunnels(&self, prefix: &str, peer: &str) -> Vec<[String; 6]> {
+        let mut rows = vec![[
+            peer.to_uppercase(),
+            "TRANSPORT".to_owned(),
+            "STATE".to_owned(),
+            "RTT".to_owned(),
+            "SINCE".to_owned(),
+            "RECONNECTS".to_owned(),
+        ]];
+        for s in self.all(&format!("{prefix}_up")) {
+            let name = s.label(peer).unwrap_or("?");
+            let key = [(peer, name)];
+            let up = s.value > 0.0;
+            rows.push([
+                name.to_owned(),
+                s.label("transport").unwrap_or("?").to_owned(),
+                if up { "up" } else { "down" }.to_owned(),
+                rtt(up.then(|| self.value(&format!("{prefix}_rtt_seconds"), &key))),
+                age(up.then(|| self.value(&format!("{prefix}_handshake_age_seconds"), &key))),
+                count(self.value(&format!("{prefix}_reconnects_total"), &key)),
+            ]);
+        }
+        rows
+    }
+
     /// "12 (rate 10, no_upstream 2)": the total and each non-zero reason.
     fn refusals(&self, route: &str) -> String {
         let reasons: Vec<(String, f64)> = self
@@ -191,27 +197,7 @@ impl<'a> View<'a> {
     }
 
     fn agent(&self, out: &mut String) {
-        let mut tunnels = vec![[
-            "SENTRY".to_owned(),
-            "TRANSPORT".to_owned(),
-            "STATE".to_owned(),
-            "RTT".to_owned(),
-            "SINCE".to_owned(),
-            "RECONNECTS".to_owned(),
-        ]];
-        for s in self.all("sentry_agent_tunnel_up") {
-            let sentry = s.label("sentry").unwrap_or("?");
-            let key = [("sentry", sentry)];
-            let up = s.value > 0.0;
-            tunnels.push([
-                sentry.to_owned(),
-                s.label("transport").unwrap_or("?").to_owned(),
-                if up { "up" } else { "down" }.to_owned(),
-                rtt(up.then(|| self.value("sentry_agent_tunnel_rtt_seconds", &key))),
-                age(up.then(|| self.value("sentry_agent_tunnel_handshake_age_seconds", &key))),
-                count(self.value("sentry_agent_tunnel_reconnects_total", &key)),
-            ]);
-        }
+        let tunnels = self.tunnels("sentry_agent_tunnel", "sentry");
         let mut services = vec![[
             "SERVICE".to_owned(),
             "ACTIVE".to_owned(),

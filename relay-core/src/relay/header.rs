@@ -179,6 +179,16 @@ impl Header {
 }
 
 impl Status {
+    /// Every status, in byte order.
+    pub const ALL: [Self; 6] = [
+        Self::Ok,
+        Self::UnknownService,
+        Self::ConnectRefused,
+        Self::ConnectFailed,
+        Self::BadHeader,
+        Self::ShuttingDown,
+    ];
+
     /// The status a byte stands for; `None` for bytes this version does not know.
     #[must_use]
     pub fn from_byte(byte: u8) -> Option<Self> {
@@ -364,14 +374,7 @@ mod tests {
 
     #[test]
     fn status_bytes() {
-        for s in [
-            Status::Ok,
-            Status::UnknownService,
-            Status::ConnectRefused,
-            Status::ConnectFailed,
-            Status::BadHeader,
-            Status::ShuttingDown,
-        ] {
+        for s in Status::ALL {
             assert_eq!(Status::from_byte(s as u8), Some(s));
         }
         assert_eq!(Status::from_byte(6), None);
