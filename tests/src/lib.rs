@@ -324,3 +324,22 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             _ => f64::NAN,
         })
 }
+
+/// Whether `program --version`-style `args` runs: an external tool a test needs. Without it
+/// the test is skipped (it prints why), except under `CI=true`, where CI must have installed
+/// it (`.ci/run`) and the test fails instead.
+#[must_use]
+pub fn tool_available(program: &str, args: &[&str], needed_for: &str) -> bool {
+    let found = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !found {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "{program} is not installed; CI installs it (.ci/run)"
+        );
+        eprintln!("{needed_for} skipped: {program} is not installed");
+    }
+    found
+}

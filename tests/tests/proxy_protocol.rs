@@ -23,18 +23,7 @@ struct Haproxy {
 }
 
 fn haproxy_available() -> bool {
-    let found = Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if !found {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "haproxy is not installed; CI installs it (.ci/run)"
-        );
-        eprintln!("PROXY protocol interop test skipped: haproxy is not installed");
-    }
-    found
+    tests::tool_available("haproxy", &["-v"], "PROXY protocol interop test")
 }
 
 async fn free_port() -> u16 {

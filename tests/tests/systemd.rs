@@ -15,18 +15,7 @@ use tests::{repo_root, sentry_bin};
 const UNITS: [&str; 2] = ["sentry.service", "sentry-agent.service"];
 
 fn analyze_available() -> bool {
-    let found = Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if !found {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "systemd-analyze is not installed; CI installs it (.ci/run)"
-        );
-        eprintln!("systemd unit checks skipped: systemd-analyze is not installed");
-    }
-    found
+    tests::tool_available("systemd-analyze", &["--version"], "systemd unit checks")
 }
 
 #[test]
