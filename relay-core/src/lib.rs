@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod cidr;
 pub mod clock;
 pub mod config;
+pub mod jsonrpc;
 pub mod keys;
 pub mod log_limit;
 pub mod metrics;

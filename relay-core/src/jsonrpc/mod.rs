@@ -1,0 +1,15 @@
+//! Chain-aware JSON-RPC filtering for `protocol = "jsonrpc"` routes.
+//!
+//! [`filter`] is the pure, bounded decision on each request (path, HTTP method, body, batch,
+//! every call's method); [`preset`] holds each chain's lists with the reason for every entry;
+//! [`glob`] the two small pattern languages. The HTTP gateway that applies them on a route's
+//! listener builds on these.
+
+pub mod filter;
+pub mod glob;
+pub mod preset;
+
+pub use filter::{Forwarded, Kind, Policy, Refusal, Verdict, merge_batch};
+
+#[cfg(test)]
+mod tests;
