@@ -475,25 +475,19 @@ impl Observe for SentryHandle {
             .iter()
             .map(|s| (s.clone(), s.route.load_full()))
             .collect();
-        let live: Vec<(String, Duration, Duration)> = {
+        // One snapshot of the registry: live tunnels (name, RTT, age) and connects per agent.
+        let (live, connects) = {
             let tunnels = lock(&shared.tunnels.state);
-            tunnels
+            let now = clock::now();
+            let live: Vec<(String, Duration, Duration)> = tunnels
                 .live
                 .iter()
-                .map(|(name, l)| {
-                    (
-                        name.clone(),
-                        l.conn.rtt(),
-                        clock::now().duration_since(l.since),
-                    )
-                })
-                .collect()
+                .map(|(name, l)| (name.clone(), l.conn.rtt(), now.duration_since(l.since)))
+                .collect();
+            (live, tunnels.connects.clone())
         };
-        let (agents, connects): (Vec<String>, HashMap<String, u64>) = {
-            let mut agents: Vec<String> = shared.tunnels.names.load().values().cloned().collect();
-            agents.sort();
-            (agents, lock(&shared.tunnels.state).connects.clone())
-        };
+        let mut agents: Vec<String> = shared.tunnels.names.load().values().cloned().collect();
+        agents.sort();
         let route_label = |r: &Route| [("route", r.name.clone())];
         out.counters(
             "route_connections_accepted",
