@@ -326,6 +326,110 @@ impl Drop for Permit {
     }
 }
 
+/// A per-client rate of events that come in counts, such as JSON-RPC calls (a batch of N
+/// counts N), on a clock passed in like [`Gate`]'s.
+pub struct CallRate {
+    rate: units::Rate,
+    clock: PassedClock,
+    limiter: Limiter,
+    decisions: AtomicU64,
+}
+
+impl std::fmt::Debug for CallRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallRate")
+            .field("rate", &self.rate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallRate {
+    #[must_use]
+    pub fn new(rate: units::Rate) -> Self {
+        let clock = PassedClock::default();
+        Self {
+            rate,
+            limiter: RateLimiter::dashmap_with_clock(quota(rate), clock.clone()),
+            clock,
+            decisions: AtomicU64::new(0),
+        }
+    }
+
+    /// The rate this limiter enforces.
+    #[must_use]
+    pub fn rate(&self) -> units::Rate {
+        self.rate
+    }
+
+    /// Whether `ip` may make `n` more calls at `now`; when it may, they are counted. More
+    /// than one interval's count at once is never allowed.
+    pub fn allow(&self, now: Duration, ip: IpAddr, n: usize) -> bool {
+        self.clock.advance_to(now);
+        if self.decisions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.limiter.retain_recent();
+        }
+        let Some(n) = u32::try_from(n).ok().and_then(std::num::NonZeroU32::new) else {
+            return true;
+        };
+        matches!(self.limiter.check_key_n(&client_key(ip), n), Ok(Ok(())))
+    }
+}
+
+/// A per-client cap on things held open (such as WebSockets), with places given back by
+/// dropping the [`Held`] guard.
+#[derive(Debug, Default)]
+pub struct PerClientCap {
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One place held under a [`PerClientCap`].
+#[derive(Debug)]
+pub struct Held {
+    cap: Arc<PerClientCap>,
+    key: IpAddr,
+}
+
+impl PerClientCap {
+    /// Take a place for `ip` if it holds fewer than `max`.
+    #[must_use]
+    pub fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<Held> {
+        let key = client_key(ip);
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = held.entry(key).or_insert(0);
+        if *n >= max {
+            if *n == 0 {
+                held.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            cap: self.clone(),
+            key,
+        })
+    }
+
+    /// Places held now, all clients together.
+    #[must_use]
+    pub fn total(&self) -> usize {
+        self.held.lock().map_or(0, |h| h.values().sum())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self
+            .cap
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        release(&mut held, self.key);
+    }
+}
+
 /// Limits on the tunnel listener, applied to each QUIC handshake attempt before any
 /// cryptography is done for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -798,6 +902,46 @@ mod tests {
             gate.in_flight(),
             0,
             "dropped permits give their places back"
+        );
+    }
+
+    #[test]
+    fn call_rate_counts_each_call_of_a_batch() {
+        let rate = CallRate::new(parse_rate("10/s").unwrap());
+        let (a, b) = (ip("203.0.113.7"), ip("203.0.113.8"));
+        let t0 = Duration::from_secs(5);
+        assert!(rate.allow(t0, a, 6));
+        assert!(rate.allow(t0, a, 4));
+        assert!(!rate.allow(t0, a, 1), "the burst of 10 is spent");
+        assert!(rate.allow(t0, b, 10), "another client has its own budget");
+        assert!(!rate.allow(t0, b, 1));
+        assert!(
+            !rate.allow(t0 + Duration::from_secs(9), a, 11),
+            "more than a burst never passes"
+        );
+        assert!(
+            rate.allow(t0 + Duration::from_millis(210), a, 2),
+            "refills at 10/s"
+        );
+        assert!(rate.allow(t0, a, 0), "nothing to count is always allowed");
+    }
+
+    #[test]
+    fn per_client_cap_gives_places_back() {
+        let cap = Arc::new(PerClientCap::default());
+        let a = ip("2001:db8::1");
+        let same_64 = ip("2001:db8::2");
+        let first = cap.take(a, 2).unwrap();
+        let second = cap.take(same_64, 2).unwrap();
+        assert!(cap.take(a, 2).is_none(), "a /64 counts as one client");
+        assert!(cap.take(ip("203.0.113.1"), 2).is_some());
+        drop(first);
+        let third = cap.take(a, 2).unwrap();
+        drop((second, third));
+        assert_eq!(cap.total(), 0);
+        assert!(
+            cap.held.lock().unwrap().is_empty(),
+            "idle clients are forgotten"
         );
     }
 }

@@ -287,6 +287,7 @@ pub fn sentry_bin() -> PathBuf {
 
 pub mod daemon;
 pub mod netns;
+pub mod rpc_node;
 pub mod stand_in;
 
 /// `GET path` over HTTP/1.0 (blocking, bounded): the status code and the body.

@@ -178,7 +178,31 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "unsupported-protocol",
         "12:12",
         "route[0].protocol",
-        "protocol \"jsonrpc\" is not supported",
+        "protocol \"udp\" is not supported",
+    ),
+    (
+        "jsonrpc-proxy-protocol",
+        "15:18",
+        "route[0].proxy_protocol",
+        "a PROXY header cannot name the client",
+    ),
+    (
+        "jsonrpc-unknown-preset",
+        "16:10",
+        "route[0].jsonrpc.preset",
+        "unknown preset \"goloop\"",
+    ),
+    (
+        "jsonrpc-on-tcp-route",
+        "14:1",
+        "route[0].jsonrpc",
+        "applies only to a route with protocol = \"jsonrpc\"",
+    ),
+    (
+        "jsonrpc-bad-path",
+        "17:27",
+        "route[0].jsonrpc.allow_paths[1]",
+        "invalid path \"/api/../admin\"",
     ),
     (
         "upstream-without-service",

@@ -82,7 +82,51 @@ pub struct Route {
     pub proxy_protocol: Option<ProxyVersion>,
     /// Who may connect and how much (admission control).
     pub limits: Limits,
+    /// `Some` for a `protocol = "jsonrpc"` route: HTTP is served on the listener and every
+    /// request filtered (see [`crate::gateway`]); `None` relays TCP byte for byte.
+    pub jsonrpc: Option<JsonRpc>,
 }
+
+/// A JSON-RPC route's gateway: `[route.jsonrpc]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonRpc {
+    /// The preset's name (`icon`, `ethereum`, `cosmos`, `none`).
+    pub preset: &'static str,
+    /// The preset and the config's lists, merged.
+    pub policy: crate::jsonrpc::Policy,
+    /// Whether WebSocket upgrades are relayed (on the policy's WebSocket paths only).
+    pub websocket: bool,
+    /// JSON-RPC calls per client (IPv4 address or IPv6 /64); a batch counts each call.
+    pub rate_per_ip: units::Rate,
+    /// Open WebSockets per client.
+    pub max_websockets_per_ip: usize,
+    /// How the client's address is told to the node.
+    pub forwarded: ForwardedHeader,
+}
+
+/// The header that carries the client's address to the node. Whatever a client sends in
+/// `X-Forwarded-For`, `Forwarded` or `X-Real-IP` is always removed first: a client must never
+/// choose the address the node sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: <client>` and `X-Forwarded-Proto` (the default; goloop, geth and
+    /// CometBFT log it).
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=<client>;proto=<http|https>`.
+    Forwarded,
+    /// No client address header.
+    None,
+}
+
+/// Default of `[route.jsonrpc] max_body`.
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+/// Default of `[route.jsonrpc] rate_per_ip`: 50 calls/s.
+pub const DEFAULT_CALL_RATE_PER_IP: units::Rate = units::Rate {
+    count: std::num::NonZeroU32::new(50).expect("invariant: 50 is not zero"),
+    per: Duration::from_secs(1),
+};
+/// Default of `[route.jsonrpc] max_websockets_per_ip`.
+pub const DEFAULT_MAX_WEBSOCKETS_PER_IP: usize = 4;
 
 /// A route's admission policy. See [`crate::admission`].
 #[derive(Debug, Clone, PartialEq, Eq)]

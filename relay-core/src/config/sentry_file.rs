@@ -11,11 +11,15 @@ use ipnet::IpNet;
 use crate::cidr::{self, CidrSet};
 use crate::relay::ProxyVersion;
 
-use super::units::{Addr, Cidr, HumanDuration, HumanRate, Key, Name, check_name};
+use crate::jsonrpc::glob::{PathError, canonical_path};
+use crate::jsonrpc::{Policy, preset};
+
+use super::units::{Addr, Cidr, HumanDuration, HumanRate, HumanSize, Key, Name, check_name};
 use super::{
-    AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_SENTRY_MAX_CONNECTIONS, Limits, Locator, Reserved, Route, SentryConfig, Upstream,
-    deserialize,
+    AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_CALL_RATE_PER_IP, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_WEBSOCKETS_PER_IP,
+    DEFAULT_SENTRY_MAX_CONNECTIONS, ForwardedHeader, JsonRpc, Limits, Locator, Reserved, Route,
+    SentryConfig, Upstream, deserialize,
 };
 
 #[derive(Deserialize)]
@@ -82,8 +86,37 @@ struct RouteTable {
     max_connections: Option<Spanned<u64>>,
     max_connections_per_ip: Option<Spanned<u64>>,
     connect_rate_per_ip: Option<HumanRate>,
-    jsonrpc: Reserved,
+    jsonrpc: Option<Spanned<JsonRpcTable>>,
     tls: Reserved,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct JsonRpcTable {
+    preset: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_paths: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_methods: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny_methods: Vec<Spanned<String>>,
+    websocket: Option<bool>,
+    max_body: Option<Spanned<HumanSize>>,
+    max_batch: Option<Spanned<u64>>,
+    rate_per_ip: Option<HumanRate>,
+    max_websockets_per_ip: Option<Spanned<u64>>,
+    forwarded: Option<Spanned<ForwardedKey>>,
+}
+
+/// `forwarded = "x-forwarded-for" | "forwarded" | "none"`.
+#[derive(Deserialize)]
+enum ForwardedKey {
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    #[serde(rename = "forwarded")]
+    Rfc7239,
+    #[serde(rename = "none")]
+    None,
 }
 
 pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
@@ -191,6 +224,7 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
 
 fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentPeer]) -> Route {
     let key = |field: &str| format!("route[{i}].{field}");
+    let mut is_jsonrpc = false;
     if let Some(protocol) = &table.protocol {
         match protocol.get_ref() {
             Protocol::Tcp => {}
@@ -199,11 +233,7 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
                 key("protocol"),
                 "protocol \"udp\" is not supported by this version of sentry yet; use \"tcp\"",
             ),
-            Protocol::Jsonrpc => check.fail(
-                protocol,
-                key("protocol"),
-                "protocol \"jsonrpc\" is not supported by this version of sentry yet; use \"tcp\"",
-            ),
+            Protocol::Jsonrpc => is_jsonrpc = true,
         }
     }
     let proxy_protocol = match table.proxy_protocol.as_ref().map(Spanned::get_ref) {
@@ -211,13 +241,30 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
         Some(ProxyProtocol::V1) => Some(ProxyVersion::V1),
         Some(ProxyProtocol::V2) => Some(ProxyVersion::V2),
     };
-    let limits = limits(check, i, table);
-    for (field, value, what) in [
-        ("jsonrpc", &table.jsonrpc, "JSON-RPC routes"),
-        ("tls", &table.tls, "JSON-RPC routes"),
-    ] {
-        check.reserved(value, key(field), what);
+    if let (true, Some(spanned), Some(_)) = (is_jsonrpc, &table.proxy_protocol, proxy_protocol) {
+        check.fail(
+            spanned,
+            key("proxy_protocol"),
+            "a jsonrpc route serves many clients over each upstream connection, so a PROXY \
+             header cannot name the client; the client's address goes in a header instead \
+             ([route.jsonrpc] forwarded)",
+        );
     }
+    let limits = limits(check, i, table);
+    let jsonrpc = match (&table.jsonrpc, is_jsonrpc) {
+        (Some(spanned), true) => Some(jsonrpc(check, i, spanned.get_ref())),
+        (None, true) => Some(jsonrpc(check, i, &JsonRpcTable::default())),
+        (Some(spanned), false) => {
+            check.fail(
+                spanned,
+                key("jsonrpc"),
+                "[route.jsonrpc] applies only to a route with protocol = \"jsonrpc\"",
+            );
+            None
+        }
+        (None, false) => None,
+    };
+    check.reserved(&table.tls, key("tls"), "HTTPS on JSON-RPC routes");
     if table.upstream.get_ref().is_empty() {
         check.fail(
             &table.upstream,
@@ -245,6 +292,143 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
             .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
         proxy_protocol,
         limits,
+        jsonrpc,
+    }
+}
+
+/// `[route.jsonrpc]`, with the defaults of an absent table.
+fn jsonrpc(check: &mut Checker<'_>, i: usize, table: &JsonRpcTable) -> JsonRpc {
+    let key = |field: &str| format!("route[{i}].jsonrpc.{field}");
+    let preset = match &table.preset {
+        None => preset::NONE,
+        Some(name) => preset::by_name(name.get_ref()).unwrap_or_else(|| {
+            let known: Vec<&str> = preset::ALL.iter().map(|p| p.name).collect();
+            check.fail(
+                name,
+                key("preset"),
+                format!("unknown preset {:?} (known: {known:?})", name.get_ref()),
+            );
+            preset::NONE
+        }),
+    };
+    for (j, path) in table.allow_paths.iter().enumerate() {
+        if let Err(why) = check_path_glob(path.get_ref()) {
+            check.fail(path, format!("route[{i}].jsonrpc.allow_paths[{j}]"), why);
+        }
+    }
+    for (field, list) in [
+        ("allow_methods", &table.allow_methods),
+        ("deny_methods", &table.deny_methods),
+    ] {
+        for (j, glob) in list.iter().enumerate() {
+            if let Err(why) = check_method_glob(glob.get_ref()) {
+                check.fail(glob, format!("route[{i}].jsonrpc.{field}[{j}]"), why);
+            }
+        }
+    }
+    let max_body = match &table.max_body {
+        None => DEFAULT_MAX_BODY,
+        Some(size) if (1024..=MAX_MAX_BODY).contains(&size.get_ref().0) => {
+            usize::try_from(size.get_ref().0).unwrap_or(DEFAULT_MAX_BODY)
+        }
+        Some(size) => {
+            check.fail(
+                size,
+                key("max_body"),
+                format!("must be from 1KiB to {}MiB", MAX_MAX_BODY >> 20),
+            );
+            DEFAULT_MAX_BODY
+        }
+    };
+    let max_batch = match &table.max_batch {
+        None => None,
+        Some(n) if (1..=1000).contains(n.get_ref()) => usize::try_from(*n.get_ref()).ok(),
+        Some(n) => {
+            check.fail(n, key("max_batch"), "must be from 1 to 1000");
+            None
+        }
+    };
+    let strings = |list: &[Spanned<String>]| -> Vec<String> {
+        list.iter().map(|s| s.get_ref().clone()).collect()
+    };
+    let policy = Policy::new(
+        &preset,
+        &strings(&table.allow_paths),
+        &strings(&table.allow_methods),
+        &strings(&table.deny_methods),
+        max_body,
+        max_batch,
+    );
+    let max_websockets_per_ip = match &table.max_websockets_per_ip {
+        None => DEFAULT_MAX_WEBSOCKETS_PER_IP,
+        Some(n) if (1..=10_000).contains(n.get_ref()) => {
+            usize::try_from(*n.get_ref()).unwrap_or(DEFAULT_MAX_WEBSOCKETS_PER_IP)
+        }
+        Some(n) => {
+            check.fail(
+                n,
+                key("max_websockets_per_ip"),
+                "must be from 1 to 10000 (websocket = false turns WebSockets off)",
+            );
+            DEFAULT_MAX_WEBSOCKETS_PER_IP
+        }
+    };
+    JsonRpc {
+        preset: preset.name,
+        policy,
+        websocket: table.websocket.unwrap_or(true),
+        rate_per_ip: table
+            .rate_per_ip
+            .as_ref()
+            .map_or(DEFAULT_CALL_RATE_PER_IP, |r| r.0),
+        max_websockets_per_ip,
+        forwarded: match table.forwarded.as_ref().map(Spanned::get_ref) {
+            None | Some(ForwardedKey::XForwardedFor) => ForwardedHeader::XForwardedFor,
+            Some(ForwardedKey::Rfc7239) => ForwardedHeader::Forwarded,
+            Some(ForwardedKey::None) => ForwardedHeader::None,
+        },
+    }
+}
+
+/// Largest accepted `max_body`: a JSON-RPC request is buffered whole before it is checked.
+const MAX_MAX_BODY: u64 = 64 << 20;
+
+fn check_path_glob(glob: &str) -> Result<(), String> {
+    let example = "such as \"/api/v3\" or \"/api/v3/*\"";
+    if !glob.starts_with('/') {
+        return Err(format!(
+            "invalid path {glob:?}: a path starts with '/', {example}"
+        ));
+    }
+    // A `*` segment stands for one segment; the rest must be a canonical path itself, or
+    // no client request could ever match it.
+    let literal: Vec<&str> = glob
+        .split('/')
+        .map(|segment| if segment == "*" { "x" } else { segment })
+        .collect();
+    canonical_path(&literal.join("/")).map_err(|e| {
+        let why = match e {
+            PathError::Shape => "too long",
+            PathError::Character => {
+                "a character that a canonical path does not contain ('*' stands alone as a segment)"
+            }
+            PathError::Segment => "an empty or dot segment, or one ending in a dot",
+        };
+        format!("invalid path {glob:?}: {why}; write it as a client's canonical path, {example}")
+    })
+}
+
+fn check_method_glob(glob: &str) -> Result<(), String> {
+    let ok = !glob.is_empty()
+        && glob.len() <= 128
+        && glob.bytes().all(|b| b.is_ascii_graphic() && b != b'"');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid method glob {glob:?}: 1 to 128 printable characters, '*' matching any run, \
+             such as \"eth_*\" or \"icx_getBalance\""
+        ))
     }
 }
 

@@ -177,6 +177,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sizes() {
+        for (text, want) in [
+            ("1MiB", 1 << 20),
+            ("512KiB", 512 << 10),
+            ("2GiB", 2 << 30),
+            ("4096B", 4096),
+            ("100", 100),
+            ("0", 0),
+        ] {
+            assert_eq!(parse_size(text), Ok(want), "{text}");
+        }
+        for bad in [
+            "",
+            "MiB",
+            "1MB",
+            "1.5MiB",
+            "-1",
+            "1 TiB",
+            "99999999999999999999GiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn durations() {
         let ok = [
             ("500ms", Duration::from_millis(500)),
@@ -266,6 +291,39 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
     })?;
     Ok(Rate { count, per })
 }
+
+/// Parse a size in bytes: `1MiB`, `512KiB`, `1GiB`, `4096B` or a plain number of bytes.
+/// Binary units only, so `1MiB` means what the operator of a node's config means by it.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid size {text:?}: expected a number of bytes with a unit (B, KiB, MiB, GiB), \
+             such as \"1MiB\" or \"512KiB\""
+        )
+    };
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: u64 = text[..digits].parse().map_err(|_| bad())?;
+    let unit: u64 = match text[digits..].trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    number
+        .checked_mul(unit)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+string_value!(
+    /// A size written as text.
+    HumanSize(u64),
+    "a size such as \"1MiB\" or \"512KiB\"",
+    parse_size
+);
 
 string_value!(
     /// A rate written as text.

@@ -32,6 +32,8 @@ pub struct Policy {
     pub post_paths: Vec<String>,
     pub get_method_paths: Vec<String>,
     pub websocket_paths: Vec<String>,
+    /// WebSocket paths whose messages are the node's own subscription protocol, not calls.
+    pub websocket_subscription_paths: Vec<String>,
     pub allow_methods: Vec<String>,
     pub deny_methods: Vec<String>,
     pub max_body: usize,
@@ -45,8 +47,10 @@ pub enum Kind {
     Post,
     /// A URI-form call (`GET /status?...`) of this method, already allowed.
     GetMethod(String),
-    /// A WebSocket upgrade; each message is a body for [`Policy::check_body`].
-    WebSocket,
+    /// A WebSocket upgrade. With `calls`, each message is a body for [`Policy::check_body`];
+    /// without, messages are the node's subscription protocol: see
+    /// [`Policy::check_subscription`].
+    WebSocket { calls: bool },
 }
 
 /// Why a request is refused before its body is read, as the HTTP status to answer with.
@@ -124,6 +128,10 @@ impl Policy {
         };
         let mut post_paths = globs(preset.post_paths);
         post_paths.extend(allow_paths.iter().cloned());
+        // "Upgrades on allowed paths": a path the operator allows takes WebSocket too (the
+        // gateway still checks `websocket = true`).
+        let mut websocket_paths = globs(preset.websocket_paths);
+        websocket_paths.extend(allow_paths.iter().cloned());
         let mut allow = globs(preset.allow_methods);
         allow.extend(allow_methods.iter().cloned());
         let mut deny = globs(preset.deny_methods);
@@ -138,7 +146,12 @@ impl Policy {
         Self {
             post_paths,
             get_method_paths: globs(preset.get_method_paths),
-            websocket_paths: globs(preset.websocket_paths),
+            websocket_paths,
+            websocket_subscription_paths: if preset.websocket_calls {
+                Vec::new()
+            } else {
+                globs(preset.websocket_paths)
+            },
             allow_methods: allow,
             deny_methods: deny,
             max_body,
@@ -170,7 +183,9 @@ impl Policy {
         let listed = |globs: &[String]| globs.iter().any(|g| path_matches(g, path));
         if upgrade {
             return if http_method == "GET" && listed(&self.websocket_paths) {
-                Ok(Kind::WebSocket)
+                Ok(Kind::WebSocket {
+                    calls: !listed(&self.websocket_subscription_paths),
+                })
             } else {
                 Err(Refusal::Forbidden)
             };
@@ -233,6 +248,32 @@ impl Policy {
                 methods: vec![method],
             },
             Checked::Answered(json) => Verdict::Answer { json, calls: 1 },
+        }
+    }
+
+    /// Decide on a message of a node's own subscription protocol (goloop's block and event
+    /// sockets): no method to filter, so it passes unchanged when it is bounded, well-formed
+    /// JSON, and counts as one call.
+    #[must_use]
+    pub fn check_subscription(&self, message: &[u8]) -> Verdict {
+        let bad = |message: &str| answer(error(None, code::PARSE_ERROR, message), 1);
+        if message.len() > self.max_body {
+            return answer(error(None, code::INVALID_REQUEST, "message too large"), 1);
+        }
+        let Ok(text) = std::str::from_utf8(message) else {
+            return bad("parse error: not UTF-8");
+        };
+        if !depth_within(text.as_bytes(), MAX_DEPTH) {
+            return bad("parse error: nested too deep");
+        }
+        if serde_json::from_str::<&RawValue>(text).is_err() {
+            return bad("parse error");
+        }
+        Verdict::Forward {
+            body: Forwarded::Unchanged,
+            answered: Vec::new(),
+            calls: 1,
+            methods: Vec::new(),
         }
     }
 

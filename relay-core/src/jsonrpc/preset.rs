@@ -19,6 +19,10 @@ pub struct Preset {
     pub get_method_paths: &'static [Entry],
     /// Paths that may be upgraded to WebSocket.
     pub websocket_paths: &'static [Entry],
+    /// Whether messages on `websocket_paths` are JSON-RPC calls (filtered call by call), or
+    /// the node's own subscription protocol (no method to filter: checked as bounded JSON and
+    /// counted as one call each). Paths added by `allow_paths` always carry calls.
+    pub websocket_calls: bool,
     pub allow_methods: &'static [Entry],
     /// Denied even when an allow glob matches.
     pub deny_methods: &'static [Entry],
@@ -47,6 +51,8 @@ pub const ICON: Preset = Preset {
         entry("/api/v3/*/block", "block notifications of one channel"),
         entry("/api/v3/*/event", "event notifications of one channel"),
     ],
+    // goloop's block and event sockets take a {"height": ...} request, not JSON-RPC.
+    websocket_calls: false,
     allow_methods: &[
         entry(
             "icx_*",
@@ -68,6 +74,7 @@ pub const ETHEREUM: Preset = Preset {
     post_paths: &[entry("/", "the JSON-RPC endpoint")],
     get_method_paths: &[],
     websocket_paths: &[entry("/", "the WebSocket endpoint, for eth_subscribe")],
+    websocket_calls: true,
     allow_methods: &[
         entry(
             "eth_*",
@@ -111,6 +118,7 @@ pub const COSMOS: Preset = Preset {
     post_paths: &[entry("/", "the JSON-RPC endpoint")],
     get_method_paths: &[entry("/*", "URI-form calls, such as GET /status")],
     websocket_paths: &[entry("/websocket", "event subscriptions")],
+    websocket_calls: true,
     allow_methods: &[entry(
         "*",
         "the RPC is public by design; the dangerous routes are denied below",
@@ -136,6 +144,7 @@ pub const NONE: Preset = Preset {
     post_paths: &[],
     get_method_paths: &[],
     websocket_paths: &[],
+    websocket_calls: true,
     allow_methods: &[],
     deny_methods: &[],
     deny_unless_allowed: &[],

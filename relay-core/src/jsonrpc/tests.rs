@@ -72,11 +72,11 @@ fn icon_paths() {
     // WebSocket only on the notification paths.
     assert_eq!(
         p.check_request("GET", "/api/v3/icon_dex/block", true, None),
-        Ok(Kind::WebSocket)
+        Ok(Kind::WebSocket { calls: false })
     );
     assert_eq!(
         p.check_request("GET", "/api/v3/icon_dex/event", true, None),
-        Ok(Kind::WebSocket)
+        Ok(Kind::WebSocket { calls: false })
     );
     assert_eq!(
         p.check_request("GET", "/api/v3", true, None),
@@ -197,7 +197,7 @@ fn cosmos_get_and_post() {
     }
     assert_eq!(
         p.check_request("GET", "/websocket", true, None),
-        Ok(Kind::WebSocket)
+        Ok(Kind::WebSocket { calls: true })
     );
     let v =
         answer_of(&p.check_body(

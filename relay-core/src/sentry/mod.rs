@@ -20,6 +20,9 @@
 //!   finish, an added one binds. Every new socket is bound before anything changes, so a
 //!   reload that cannot bind changes nothing.
 
+mod gateway;
+mod websocket;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -135,6 +138,8 @@ struct RouteSlot {
     no_upstream: AtomicU64,
     /// Cancelled when a reload removes the route (and at shutdown).
     stop: CancellationToken,
+    /// `Some` while the route is `protocol = "jsonrpc"`.
+    gateway: ArcSwapOption<gateway::Gateway>,
 }
 
 /// Connected agents by name.
@@ -315,7 +320,21 @@ impl RouteSlot {
             bytes: ByteCounters::default(),
             no_upstream: AtomicU64::new(0),
             stop: stop.child_token(),
+            gateway: ArcSwapOption::new(route.jsonrpc.as_ref().map(gateway::Gateway::new)),
         })
+    }
+
+    /// Apply a reloaded config's version of this route to later connections.
+    fn set_route(&self, route: &Route) {
+        self.gate.set_limits(route.limits.clone());
+        let old = self.route.swap(Arc::new(route.clone()));
+        match (&route.jsonrpc, self.gateway.load_full()) {
+            (Some(settings), Some(gateway)) => {
+                gateway.update(settings, old.upstreams != route.upstreams);
+            }
+            (Some(settings), None) => self.gateway.store(Some(gateway::Gateway::new(settings))),
+            (None, _) => self.gateway.store(None),
+        }
     }
 }
 
@@ -418,8 +437,7 @@ impl SentryHandle {
         for slot in routes.drain(..) {
             match config.routes.iter().find(|r| slot.is(r)) {
                 Some(route) => {
-                    slot.gate.set_limits(route.limits.clone());
-                    slot.route.store(Arc::new(route.clone()));
+                    slot.set_route(route);
                     report.kept += 1;
                     kept.push(slot);
                 }
@@ -565,6 +583,60 @@ impl Observe for SentryHandle {
                         )
                     })
                     .collect::<Vec<_>>()
+            }),
+        )?;
+        let gateways: Vec<(String, Arc<gateway::Gateway>)> = routes
+            .iter()
+            .filter_map(|(s, r)| s.gateway.load_full().map(|g| (r.name.clone(), g)))
+            .collect();
+        out.counters(
+            "jsonrpc_requests",
+            "HTTP requests on JSON-RPC routes by outcome (a WebSocket upgrade is one request).",
+            gateways.iter().flat_map(|(route, g)| {
+                g.stats
+                    .requests()
+                    .map(|(outcome, n)| {
+                        (
+                            [
+                                ("route", route.clone()),
+                                ("outcome", outcome.as_str().to_owned()),
+                            ],
+                            n,
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        )?;
+        out.counters(
+            "jsonrpc_calls",
+            "JSON-RPC calls by method and outcome (forwarded, refused by the sentry, \
+             rate_limited). Method labels are bounded: names past the first 64 count as \
+             \"other\", and calls refused before their method is known as \"-\".",
+            gateways.iter().flat_map(|(route, g)| {
+                g.stats
+                    .calls()
+                    .into_iter()
+                    .map(|(method, outcome, n)| {
+                        (
+                            [
+                                ("route", route.clone()),
+                                ("method", method),
+                                ("outcome", outcome.to_owned()),
+                            ],
+                            n,
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        )?;
+        out.gauges(
+            "jsonrpc_websockets_active",
+            "WebSockets open on a JSON-RPC route now.",
+            gateways.iter().map(|(route, g)| {
+                (
+                    [("route", route.clone())],
+                    i64::try_from(g.websockets.total()).unwrap_or(i64::MAX),
+                )
             }),
         )?;
         out.gauges(
@@ -779,17 +851,29 @@ async fn accept_clients(slot: Arc<RouteSlot>, listener: TcpListener, shared: Arc
         };
         match accepted {
             Ok((tcp, peer)) => match slot.gate.admit(clock::now() - shared.epoch, peer.ip()) {
-                Ok(permit) => {
-                    let route = slot.route.load_full();
-                    shared.relays.spawn(relay_client(
-                        slot.clone(),
-                        route,
-                        tcp,
-                        peer,
-                        shared.clone(),
-                        permit,
-                    ));
-                }
+                Ok(permit) => match slot.gateway.load_full() {
+                    Some(gateway) => {
+                        shared.relays.spawn(gateway::serve(
+                            slot.clone(),
+                            gateway,
+                            shared.clone(),
+                            tcp,
+                            peer,
+                            permit,
+                        ));
+                    }
+                    None => {
+                        let route = slot.route.load_full();
+                        shared.relays.spawn(relay_client(
+                            slot.clone(),
+                            route,
+                            tcp,
+                            peer,
+                            shared.clone(),
+                            permit,
+                        ));
+                    }
+                },
                 Err(reason) => {
                     // Closed at once, before any tunnel work.
                     drop(tcp);
@@ -825,7 +909,6 @@ async fn relay_client(
     // Held for the connection's life; gives its place back when dropped.
     _permit: Permit,
 ) {
-    let registry = &shared.tunnels;
     let _ = tcp.set_nodelay(true);
     let proxy = match (route.proxy_protocol, tcp.local_addr()) {
         (None, _) => None,
@@ -838,6 +921,41 @@ async fn relay_client(
             return;
         }
     };
+    if let Some((agent, mut send, mut recv)) =
+        connect_upstream(&shared, &route, client, proxy).await
+    {
+        let (mut client_read, mut client_write) = tcp.split();
+        let (end, stats) = pump(
+            &mut client_read,
+            &mut client_write,
+            &mut recv,
+            &mut send,
+            route.idle_timeout,
+            &slot.bytes,
+        )
+        .await;
+        if !matches!(end, PumpEnd::Done) {
+            let _ = send.reset(code::RELAY_ERROR);
+            let _ = recv.stop(code::RELAY_ERROR);
+        }
+        debug!(route = %route.name, %client, %agent, up = stats.up, down = stats.down, ?end, "relayed connection closed");
+        return;
+    }
+    slot.no_upstream.fetch_add(1, Ordering::Relaxed);
+    if let Some(suppressed) = NO_UPSTREAM_LOG.allow() {
+        info!(route = %route.name, %client, suppressed, "no upstream available; client closed");
+    }
+}
+
+/// A relay stream for `client` through the first upstream of `route` that answers `Ok`: the
+/// agent's name and the stream. `None` when no connected upstream does.
+async fn connect_upstream(
+    shared: &Shared,
+    route: &Route,
+    client: SocketAddr,
+    proxy: Option<Proxy>,
+) -> Option<(String, SendStream, RecvStream)> {
+    let registry = &shared.tunnels;
     for upstream in &route.upstreams {
         let Some(conn) = registry.get(&upstream.agent) else {
             continue;
@@ -849,24 +967,7 @@ async fn relay_client(
             proxy,
         };
         match open(&conn, &header).await {
-            Ok((mut send, mut recv)) => {
-                let (mut client_read, mut client_write) = tcp.split();
-                let (end, stats) = pump(
-                    &mut client_read,
-                    &mut client_write,
-                    &mut recv,
-                    &mut send,
-                    route.idle_timeout,
-                    &slot.bytes,
-                )
-                .await;
-                if !matches!(end, PumpEnd::Done) {
-                    let _ = send.reset(code::RELAY_ERROR);
-                    let _ = recv.stop(code::RELAY_ERROR);
-                }
-                debug!(route = %route.name, %client, agent = %upstream.agent, up = stats.up, down = stats.down, ?end, "relayed connection closed");
-                return;
-            }
+            Ok((send, recv)) => return Some((upstream.agent.clone(), send, recv)),
             Err(OpenError::Refused(status)) => {
                 debug!(route = %route.name, %client, agent = %upstream.agent, ?status, "upstream refused; trying the next");
             }
@@ -880,10 +981,7 @@ async fn relay_client(
             }
         }
     }
-    slot.no_upstream.fetch_add(1, Ordering::Relaxed);
-    if let Some(suppressed) = NO_UPSTREAM_LOG.allow() {
-        info!(route = %route.name, %client, suppressed, "no upstream available; client closed");
-    }
+    None
 }
 
 /// Open a stream to an agent and wait for its status.

@@ -1,0 +1,980 @@
+//! The JSON-RPC gateway of a `protocol = "jsonrpc"` route: HTTP on the route's listener, every
+//! request filtered ([`crate::jsonrpc`]) before anything reaches the node.
+//!
+//! - Each admitted client connection is served by hyper (HTTP/1.1, keep-alive), with a bounded
+//!   head, a header timeout, a body timeout and the route's idle timeout.
+//! - A request passes the path and method checks, then its body is read up to `max_body`
+//!   (refused with 413 past it), checked, and counted against the client's call rate (a batch
+//!   counts each call; 429 past it). Denied calls are answered by the sentry.
+//! - What passes is sent to the first connected upstream over a tunnel stream taken from a
+//!   pool (hyper's client pool over a connector that opens relay streams): no new stream per
+//!   request while a pooled one is idle. The client's address goes in `X-Forwarded-For` or
+//!   `Forwarded`; whatever the client wrote there is removed first.
+//! - A WebSocket upgrade on an allowed path is relayed message by message ([`super::websocket`]).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use super::{RouteSlot, Shared, connect_upstream};
+use crate::admission::{CallRate, PerClientCap, Permit};
+use crate::config::{ForwardedHeader, JsonRpc};
+use crate::jsonrpc::{Forwarded, Kind, Refusal, Verdict, merge_batch};
+use crate::log_limit::LogLimit;
+use crate::{clock, lock};
+
+/// Longest a client may take to send a request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (request line and headers).
+const MAX_HEAD: usize = 64 * 1024;
+/// Longest a client may take to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest the node may take to start answering a request.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest node response buffered to merge the sentry's answers into a batch response.
+const MAX_MERGED_RESPONSE: usize = 64 << 20;
+/// How long an idle pooled upstream stream is kept.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Idle pooled upstream streams kept per route.
+const POOL_MAX_IDLE: usize = 64;
+/// How long open requests get to finish when the connection is closed (idle, or shutdown).
+const GRACE: Duration = Duration::from_secs(10);
+/// Distinct method names used as metric labels per route; later names count as `other`.
+const MAX_METHOD_LABELS: usize = 64;
+/// The authority of upstream request URIs: it keys the pool, never leaves the sentry.
+const UPSTREAM_AUTHORITY: &str = "upstream";
+
+static NO_UPSTREAM_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
+
+/// What the gateway gives a response body: its own answers, or the node's streamed through.
+pub(super) type Body = Either<Full<Bytes>, Incoming>;
+type UpstreamClient = Client<Connector, Full<Bytes>>;
+
+/// One route's gateway state; kept across reloads that keep the route.
+pub(super) struct Gateway {
+    settings: ArcSwap<JsonRpc>,
+    calls: ArcSwap<CallRate>,
+    pub(super) websockets: Arc<PerClientCap>,
+    /// Built on first use; dropped when a reload changes the upstreams (so pooled streams to a
+    /// removed upstream are not reused).
+    client: ArcSwapOption<UpstreamClient>,
+    pub(super) stats: Stats,
+}
+
+impl Gateway {
+    pub(super) fn new(settings: &JsonRpc) -> Arc<Self> {
+        Arc::new(Self {
+            calls: ArcSwap::from_pointee(CallRate::new(settings.rate_per_ip)),
+            settings: ArcSwap::from_pointee(settings.clone()),
+            websockets: Arc::default(),
+            client: ArcSwapOption::empty(),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Apply a reloaded route's settings to later requests.
+    pub(super) fn update(&self, settings: &JsonRpc, upstreams_changed: bool) {
+        if self.calls.load().rate() != settings.rate_per_ip {
+            self.calls
+                .store(Arc::new(CallRate::new(settings.rate_per_ip)));
+        }
+        self.settings.store(Arc::new(settings.clone()));
+        if upstreams_changed {
+            self.client.store(None);
+        }
+    }
+
+    pub(super) fn settings(&self) -> Arc<JsonRpc> {
+        self.settings.load_full()
+    }
+
+    fn client(&self, slot: &Arc<RouteSlot>, shared: &Arc<Shared>) -> Arc<UpstreamClient> {
+        if let Some(client) = self.client.load_full() {
+            return client;
+        }
+        let connector = Connector {
+            shared: Arc::downgrade(shared),
+            slot: Arc::downgrade(slot),
+        };
+        let client = Arc::new(
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .pool_max_idle_per_host(POOL_MAX_IDLE)
+                .build(connector),
+        );
+        // Two first requests at once may each build one; either is fine.
+        self.client.store(Some(client.clone()));
+        client
+    }
+}
+
+/// What each request of one client connection needs.
+pub(super) struct Ctx {
+    pub(super) slot: Arc<RouteSlot>,
+    pub(super) gateway: Arc<Gateway>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) client: SocketAddr,
+    /// The connection's admission permit. A WebSocket relayed from this connection holds the
+    /// context, so the place stays taken for as long as the socket is open.
+    _permit: Permit,
+}
+
+/// Serve one admitted client connection until it closes, idles out, or the route stops.
+pub(super) async fn serve(
+    slot: Arc<RouteSlot>,
+    gateway: Arc<Gateway>,
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    permit: Permit,
+) {
+    let _ = tcp.set_nodelay(true);
+    let idle_timeout = slot.route.load().idle_timeout;
+    let stop = slot.stop.clone();
+    let activity = Activity::new();
+    let io = Counted {
+        inner: tcp,
+        slot: slot.clone(),
+        activity: activity.clone(),
+    };
+    let ctx = Arc::new(Ctx {
+        slot,
+        gateway,
+        shared,
+        client,
+        _permit: permit,
+    });
+    let service = service_fn(move |request| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.handle(request).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                debug!(%client, "client connection ended: {e}");
+            }
+            return;
+        }
+        () = stop.cancelled() => {}
+        () = activity.idle(idle_timeout) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(GRACE, connection).await;
+}
+
+impl Ctx {
+    async fn handle(self: &Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let settings = self.gateway.settings();
+        let policy = &settings.policy;
+        let upgrade = wants_websocket(request.headers());
+        let length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let kind = match policy.check_request(
+            request.method().as_str(),
+            request.uri().path(),
+            upgrade,
+            length,
+        ) {
+            Ok(kind) => kind,
+            Err(refusal) => return self.refuse(refusal),
+        };
+        match kind {
+            Kind::WebSocket { calls } if settings.websocket => {
+                super::websocket::upgrade(self.clone(), settings.clone(), request, calls).await
+            }
+            Kind::WebSocket { .. } => self.refuse(Refusal::Forbidden),
+            Kind::GetMethod(method) => {
+                if !self.calls_allowed(1) {
+                    return self.rate_limited(1);
+                }
+                self.gateway.stats.call(&method, CallOutcome::Forwarded);
+                let (parts, _) = request.into_parts();
+                self.forward(parts, Bytes::new(), &[], &settings).await
+            }
+            Kind::Post => {
+                let (parts, body) = request.into_parts();
+                let body = Limited::new(body, policy.max_body);
+                let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+                    Ok(Ok(collected)) => collected.to_bytes(),
+                    Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+                        return self.refuse(Refusal::TooLarge);
+                    }
+                    Ok(Err(_)) => {
+                        return self.answer_status(
+                            Outcome::BadRequest,
+                            StatusCode::BAD_REQUEST,
+                            "bad request body\n",
+                        );
+                    }
+                    Err(_) => {
+                        return self.answer_status(
+                            Outcome::BadRequest,
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request body not received in time\n",
+                        );
+                    }
+                };
+                match policy.check_body(&bytes) {
+                    Verdict::Answer { json, calls } => {
+                        if !self.calls_allowed(calls) {
+                            return self.rate_limited(calls);
+                        }
+                        self.gateway.stats.refused_calls(calls);
+                        self.gateway.stats.request(Outcome::Answered);
+                        json_response(json)
+                    }
+                    Verdict::Forward {
+                        body,
+                        answered,
+                        calls,
+                        methods,
+                    } => {
+                        if !self.calls_allowed(calls) {
+                            return self.rate_limited(calls);
+                        }
+                        for method in &methods {
+                            self.gateway.stats.call(method, CallOutcome::Forwarded);
+                        }
+                        self.gateway
+                            .stats
+                            .refused_calls(calls.saturating_sub(methods.len()));
+                        let body = match body {
+                            Forwarded::Unchanged => bytes,
+                            Forwarded::Rebuilt(text) => Bytes::from(text),
+                        };
+                        self.forward(parts, body, &answered, &settings).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the client may make `calls` more calls now (they are counted if so).
+    pub(super) fn calls_allowed(&self, calls: usize) -> bool {
+        let now = clock::now() - self.shared.epoch;
+        self.gateway
+            .calls
+            .load()
+            .allow(now, self.client.ip(), calls)
+    }
+
+    fn rate_limited(&self, calls: usize) -> Response<Body> {
+        self.gateway.stats.rate_limited_calls(calls);
+        let mut response = self.answer_status(
+            Outcome::RateLimited,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many calls from this address; slow down\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+    }
+
+    pub(super) fn refuse(&self, refusal: Refusal) -> Response<Body> {
+        match refusal {
+            Refusal::Forbidden => self.answer_status(
+                Outcome::Forbidden,
+                StatusCode::FORBIDDEN,
+                "forbidden: this path is not served here\n",
+            ),
+            Refusal::MethodNotAllowed => {
+                let mut response = self.answer_status(
+                    Outcome::MethodNotAllowed,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method not allowed: send JSON-RPC calls by POST\n",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
+                response
+            }
+            Refusal::TooLarge => self.answer_status(
+                Outcome::TooLarge,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large\n",
+            ),
+        }
+    }
+
+    pub(super) fn answer_status(
+        &self,
+        outcome: Outcome,
+        status: StatusCode,
+        text: &'static str,
+    ) -> Response<Body> {
+        self.gateway.stats.request(outcome);
+        let mut response =
+            Response::new(Either::Left(Full::new(Bytes::from_static(text.as_bytes()))));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+
+    /// The request to send to the node: the client's method, path and query, and headers
+    /// without hop-by-hop and client-chosen forwarding headers, plus the client's address.
+    pub(super) fn upstream_request(
+        &self,
+        parts: &Parts,
+        body: Bytes,
+        settings: &JsonRpc,
+    ) -> Option<Request<Full<Bytes>>> {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri: Uri = format!("http://{UPSTREAM_AUTHORITY}{path}").parse().ok()?;
+        let mut headers = upstream_headers(&parts.headers);
+        if !body.is_empty() || parts.method == Method::POST {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        add_client_address(&mut headers, self.client, settings.forwarded);
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Some(request)
+    }
+
+    /// Send to the node through a pooled tunnel stream.
+    pub(super) async fn send_upstream(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, Response<Body>> {
+        let client = self.gateway.client(&self.slot, &self.shared);
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) if e.is_connect() => {
+                if let Some(suppressed) = NO_UPSTREAM_LOG.allow() {
+                    info!(route = %self.slot.route.load().name, client = %self.client, suppressed, "no upstream available; answered 503");
+                }
+                Err(self.answer_status(
+                    Outcome::NoUpstream,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no upstream available; try again later\n",
+                ))
+            }
+            Ok(Err(e)) => {
+                debug!(route = %self.slot.route.load().name, client = %self.client, "upstream request failed: {e}");
+                Err(self.answer_status(
+                    Outcome::UpstreamFailed,
+                    StatusCode::BAD_GATEWAY,
+                    "the node did not answer\n",
+                ))
+            }
+            Err(_) => Err(self.answer_status(
+                Outcome::UpstreamFailed,
+                StatusCode::GATEWAY_TIMEOUT,
+                "the node did not answer in time\n",
+            )),
+        }
+    }
+
+    async fn forward(
+        &self,
+        parts: Parts,
+        body: Bytes,
+        answered: &[String],
+        settings: &JsonRpc,
+    ) -> Response<Body> {
+        let Some(request) = self.upstream_request(&parts, body, settings) else {
+            return self.refuse(Refusal::Forbidden);
+        };
+        let response = match self.send_upstream(request).await {
+            Ok(response) => response,
+            Err(answer) => return answer,
+        };
+        self.gateway.stats.request(Outcome::Forwarded);
+        let (mut head, body) = response.into_parts();
+        strip_hop_by_hop(&mut head.headers);
+        if answered.is_empty() {
+            return Response::from_parts(head, Either::Right(body));
+        }
+        // Some calls of the batch were answered here: merge them into the node's array.
+        let node = match Limited::new(body, MAX_MERGED_RESPONSE).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                debug!(client = %self.client, "reading the node's batch response failed: {e}");
+                return self.answer_status(
+                    Outcome::UpstreamFailed,
+                    StatusCode::BAD_GATEWAY,
+                    "the node's response could not be read\n",
+                );
+            }
+        };
+        let merged = match std::str::from_utf8(&node) {
+            Ok(text) => Bytes::from(merge_batch(text, answered)),
+            Err(_) => node,
+        };
+        head.headers.remove(header::CONTENT_LENGTH);
+        Response::from_parts(head, Either::Left(Full::new(merged)))
+    }
+}
+
+fn json_response(json: Option<String>) -> Response<Body> {
+    let body = json.map(Bytes::from).unwrap_or_default();
+    let mut response = Response::new(Either::Left(Full::new(body)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Whether the request asks for a WebSocket upgrade.
+pub(super) fn wants_websocket(headers: &HeaderMap) -> bool {
+    let has_token = |name: HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
+}
+
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), and the client address
+/// headers a client could forge.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+const CLIENT_ADDRESS: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+];
+
+/// The client's headers as the node gets them: without hop-by-hop headers (and those the
+/// `Connection` header names), `Upgrade`, `Expect` (the body is already read), the length
+/// (set again for the body sent), and any client address header.
+fn upstream_headers(from: &HeaderMap) -> HeaderMap {
+    let named: Vec<String> = from
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut headers = HeaderMap::with_capacity(from.len() + 2);
+    for (name, value) in from {
+        let lower = name.as_str();
+        let dropped = HOP_BY_HOP.contains(&lower)
+            || CLIENT_ADDRESS.contains(&lower)
+            || named.iter().any(|n| n == lower)
+            || name == header::UPGRADE
+            || name == header::EXPECT
+            || name == header::CONTENT_LENGTH;
+        if !dropped {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Tell the node who the client is, in the configured header.
+fn add_client_address(headers: &mut HeaderMap, client: SocketAddr, how: ForwardedHeader) {
+    let ip = client.ip().to_canonical();
+    let value = match how {
+        ForwardedHeader::XForwardedFor => {
+            headers.insert(
+                HeaderName::from_static("x-forwarded-proto"),
+                HeaderValue::from_static("http"),
+            );
+            ip.to_string()
+        }
+        ForwardedHeader::Forwarded => match ip {
+            std::net::IpAddr::V4(v4) => format!("for={v4};proto=http"),
+            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=http"),
+        },
+        ForwardedHeader::None => return,
+    };
+    let name = match how {
+        ForwardedHeader::Forwarded => header::FORWARDED,
+        _ => HeaderName::from_static("x-forwarded-for"),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(name, value);
+    }
+}
+
+/// How a request ended, for `sentry_jsonrpc_requests_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Sent to the node (all or some of its calls).
+    Forwarded,
+    /// Answered by the sentry alone: every call denied or invalid, or malformed JSON.
+    Answered,
+    /// 403: path not served.
+    Forbidden,
+    /// 405.
+    MethodNotAllowed,
+    /// 413.
+    TooLarge,
+    /// 429: the client's call rate, or its WebSocket cap.
+    RateLimited,
+    /// 400 or 408: a body that broke off or came too slowly.
+    BadRequest,
+    /// 503: no connected upstream answered.
+    NoUpstream,
+    /// 502 or 504: the node failed or did not answer in time.
+    UpstreamFailed,
+    /// A WebSocket was upgraded and relayed.
+    WebSocket,
+}
+
+impl Outcome {
+    pub(super) const ALL: [Self; 10] = [
+        Self::Forwarded,
+        Self::Answered,
+        Self::Forbidden,
+        Self::MethodNotAllowed,
+        Self::TooLarge,
+        Self::RateLimited,
+        Self::BadRequest,
+        Self::NoUpstream,
+        Self::UpstreamFailed,
+        Self::WebSocket,
+    ];
+
+    pub(super) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Answered => "answered",
+            Self::Forbidden => "forbidden",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
+            Self::BadRequest => "bad_request",
+            Self::NoUpstream => "no_upstream",
+            Self::UpstreamFailed => "upstream_failed",
+            Self::WebSocket => "websocket",
+        }
+    }
+}
+
+/// What became of one JSON-RPC call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum CallOutcome {
+    Forwarded,
+    /// Answered by the sentry: a denied method, or an invalid call.
+    Refused,
+    /// Its request (or WebSocket message) was over the client's call rate.
+    RateLimited,
+}
+
+impl CallOutcome {
+    pub(super) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Refused => "refused",
+            Self::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// A route's JSON-RPC counters. Method labels are bounded: the first [`MAX_METHOD_LABELS`]
+/// distinct names seen keep their own label, later ones count as `other`; calls whose method
+/// is not known (refused, rate-limited) count as `-`.
+#[derive(Default)]
+pub(super) struct Stats {
+    requests: [AtomicU64; Outcome::ALL.len()],
+    calls: Mutex<Calls>,
+}
+
+#[derive(Default)]
+struct Calls {
+    labels: std::collections::HashSet<String>,
+    counts: std::collections::HashMap<(String, CallOutcome), u64>,
+}
+
+impl Stats {
+    pub(super) fn request(&self, outcome: Outcome) {
+        self.requests[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn requests(&self) -> impl Iterator<Item = (Outcome, u64)> + '_ {
+        Outcome::ALL
+            .iter()
+            .map(|o| (*o, self.requests[*o as usize].load(Ordering::Relaxed)))
+    }
+
+    pub(super) fn call(&self, method: &str, outcome: CallOutcome) {
+        let mut calls = lock(&self.calls);
+        let label = if calls.labels.contains(method) {
+            method.to_owned()
+        } else if calls.labels.len() < MAX_METHOD_LABELS && label_safe(method) {
+            calls.labels.insert(method.to_owned());
+            method.to_owned()
+        } else {
+            "other".to_owned()
+        };
+        *calls.counts.entry((label, outcome)).or_insert(0) += 1;
+    }
+
+    pub(super) fn refused_calls(&self, n: usize) {
+        self.unnamed(n, CallOutcome::Refused);
+    }
+
+    pub(super) fn rate_limited_calls(&self, n: usize) {
+        self.unnamed(n, CallOutcome::RateLimited);
+    }
+
+    fn unnamed(&self, n: usize, outcome: CallOutcome) {
+        if n > 0 {
+            let mut calls = lock(&self.calls);
+            *calls.counts.entry(("-".to_owned(), outcome)).or_insert(0) +=
+                u64::try_from(n).unwrap_or(u64::MAX);
+        }
+    }
+
+    /// (method label, outcome, count), sorted.
+    pub(super) fn calls(&self) -> Vec<(String, &'static str, u64)> {
+        let mut rows: Vec<_> = lock(&self.calls)
+            .counts
+            .iter()
+            .map(|((method, outcome), n)| (method.clone(), outcome.as_str(), *n))
+            .collect();
+        rows.sort();
+        rows
+    }
+}
+
+/// A method name is a label value only when it is short and plain.
+fn label_safe(method: &str) -> bool {
+    !method.is_empty()
+        && method.len() <= 64
+        && method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
+}
+
+/// Opens relay streams for the upstream pool: the first upstream of the route (as configured
+/// now) that answers `Ok`.
+#[derive(Clone)]
+struct Connector {
+    // Weak: the pool lives inside the route, which lives inside `Shared`.
+    shared: Weak<Shared>,
+    slot: Weak<RouteSlot>,
+}
+
+/// No connected upstream answered.
+#[derive(Debug, thiserror::Error)]
+#[error("no upstream available")]
+struct NoUpstream;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TunnelIo>;
+    type Error = NoUpstream;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, NoUpstream>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), NoUpstream>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let (shared, slot) = (self.shared.clone(), self.slot.clone());
+        Box::pin(async move {
+            let (Some(shared), Some(slot)) = (shared.upgrade(), slot.upgrade()) else {
+                return Err(NoUpstream);
+            };
+            let route = slot.route.load_full();
+            // A pooled stream serves many clients: the header names the route's own address.
+            match connect_upstream(&shared, &route, slot.local, None).await {
+                Some((_, send, recv)) => Ok(TokioIo::new(TunnelIo { send, recv })),
+                None => {
+                    slot.no_upstream.fetch_add(1, Ordering::Relaxed);
+                    Err(NoUpstream)
+                }
+            }
+        })
+    }
+}
+
+/// A relay stream as one byte stream, for hyper.
+pub(super) struct TunnelIo {
+    send: SendStream,
+    recv: RecvStream,
+}
+
+impl Connection for TunnelIo {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+    }
+}
+
+/// When a client connection last moved a byte.
+#[derive(Clone)]
+struct Activity {
+    epoch: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: clock::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from((clock::now() - self.epoch).as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Completes once no byte moved for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let last = self.last_ms.load(Ordering::Relaxed);
+            let deadline = self.epoch + Duration::from_millis(last) + timeout;
+            tokio::time::sleep_until(deadline.into()).await;
+            if self.last_ms.load(Ordering::Relaxed) == last {
+                return;
+            }
+        }
+    }
+}
+
+/// The client socket, counting bytes into the route's totals and noting activity.
+struct Counted {
+    inner: TcpStream,
+    slot: Arc<RouteSlot>,
+    activity: Activity,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.slot.bytes.up.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            self.wrote(n);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = result {
+            self.wrote(n);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Counted {
+    fn wrote(&self, n: usize) {
+        if n > 0 {
+            self.slot.bytes.down.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.touch();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn client_chosen_address_headers_never_reach_the_node() {
+        let from = headers(&[
+            ("host", "rpc.example"),
+            ("content-type", "application/json"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("Forwarded", "for=10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "hop"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "99"),
+            ("expect", "100-continue"),
+        ]);
+        let mut out = upstream_headers(&from);
+        add_client_address(
+            &mut out,
+            "[::ffff:203.0.113.9]:4000".parse().unwrap(),
+            ForwardedHeader::XForwardedFor,
+        );
+        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "host",
+                "content-type",
+                "x-forwarded-proto",
+                "x-forwarded-for"
+            ]
+        );
+        assert_eq!(out["x-forwarded-for"], "203.0.113.9");
+
+        let mut out = upstream_headers(&from);
+        add_client_address(
+            &mut out,
+            "[2001:db8::7]:4000".parse().unwrap(),
+            ForwardedHeader::Forwarded,
+        );
+        assert_eq!(out["forwarded"], "for=\"[2001:db8::7]\";proto=http");
+        assert!(!out.contains_key("x-forwarded-for"));
+
+        let mut out = upstream_headers(&from);
+        add_client_address(
+            &mut out,
+            "203.0.113.9:1".parse().unwrap(),
+            ForwardedHeader::None,
+        );
+        assert!(!out.contains_key("x-forwarded-for") && !out.contains_key("forwarded"));
+    }
+
+    #[test]
+    fn websocket_upgrade_is_recognised_by_tokens() {
+        assert!(wants_websocket(&headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ])));
+        assert!(!wants_websocket(&headers(&[("upgrade", "websocket")])));
+        assert!(!wants_websocket(&headers(&[
+            ("connection", "upgrade"),
+            ("upgrade", "h2c"),
+        ])));
+    }
+
+    #[test]
+    fn method_labels_are_bounded() {
+        let stats = Stats::default();
+        for i in 0..(MAX_METHOD_LABELS + 10) {
+            stats.call(&format!("eth_m{i}"), CallOutcome::Forwarded);
+        }
+        stats.call("eth_m0", CallOutcome::Forwarded);
+        stats.call("bad label\n", CallOutcome::Forwarded);
+        stats.refused_calls(3);
+        let rows = stats.calls();
+        assert_eq!(rows.len(), MAX_METHOD_LABELS + 2, "the names, other, and -");
+        let count = |m: &str| rows.iter().find(|r| r.0 == m).map(|r| r.2);
+        assert_eq!(count("eth_m0"), Some(2));
+        assert_eq!(count("other"), Some(11));
+        assert_eq!(count("-"), Some(3));
+    }
+}
