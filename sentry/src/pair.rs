@@ -32,14 +32,13 @@ struct Port {
 struct Chain {
     /// Relayed from the start.
     routes: &'static [Port],
-    /// Written commented out: RPC is relayed only with the JSON-RPC filter, which this version
-    /// does not have; plain TCP would expose node administration (goloop's /admin, an
-    /// Ethereum node's admin_ and debug_ namespaces, CometBFT's unsafe routes).
+    /// Relayed through the JSON-RPC filter with the chain's preset, never as plain TCP
+    /// (which would expose goloop's /admin, an Ethereum node's admin_ and debug_ namespaces,
+    /// CometBFT's unsafe routes).
     rpc: Port,
 }
 
-const RPC_NOTE: &str = "not relayed by default: as plain TCP it would expose the node's \
-                        administrative calls; relay it only if the node itself refuses them";
+const RPC_NOTE: &str = "filtered by the chain's preset";
 
 impl Preset {
     fn name(self) -> &'static str {
@@ -180,16 +179,20 @@ pub fn pair(request: &Request<'_>) -> Result<String, String> {
     let rpc = &chain.rpc;
     let _ = write!(
         sentry,
-        "\n# JSON-RPC on {port}: {note}.\n# [[route]]\n# name = \"{name}\"\n\
-         # listen = \"{wildcard}:{port}\"\n# upstream = [\"validator/{name}\"]\n",
+        "\n# JSON-RPC on {port}, {note}:\n# only the public API reaches the node; refused \
+         paths get 403, denied methods a JSON-RPC\n# error. [route.jsonrpc]'s keys: \
+         configs/sentry.example.toml.\n[[route]]\n\
+         name = \"{name}\"\nlisten = \"{wildcard}:{port}\"\nprotocol = \"jsonrpc\"\n\
+         upstream = [\"validator/{name}\"]\n[route.jsonrpc]\npreset = \"{preset}\"\n",
         note = rpc.note,
         name = rpc.name,
         port = rpc.port,
+        preset = request.preset.name(),
     );
     let _ = write!(
         agent,
-        "\n# The node's JSON-RPC, for the sentry's commented-out rpc route.\n\
-         # [[service]]\n# name = \"{name}\"\n# target = \"127.0.0.1:{port}\"\n",
+        "\n# The node's JSON-RPC, reached only through the sentry's filtered rpc route.\n\
+         [[service]]\nname = \"{name}\"\ntarget = \"127.0.0.1:{port}\"\n",
         name = rpc.name,
         port = rpc.port,
     );

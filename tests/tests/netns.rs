@@ -878,6 +878,12 @@ fn a_generated_pair_relays_through_the_nat_and_status_shows_it() {
         Host::Validator,
         "127.0.0.1:7100".parse().unwrap(),
     ));
+    // And its JSON-RPC port (a stand-in answering every POST).
+    let _rpc = stand_in::jsonrpc(listen(
+        &t,
+        Host::Validator,
+        "127.0.0.1:9000".parse().unwrap(),
+    ));
     let sentry = t.daemon(Host::Sentry, "serve", &dir.join("sentry.toml"));
     sentry.wait_log("sentry ready", 1, PATIENCE);
     let agent = t.daemon(Host::Validator, "agent", &dir.join("agent.toml"));
@@ -887,11 +893,24 @@ fn a_generated_pair_relays_through_the_nat_and_status_shows_it() {
         tcp.set_read_timeout(Some(PATIENCE)).unwrap();
         assert!(echo_once(&mut tcp, b"generated pair").unwrap());
     }
+    // The generated rpc route filters with the icon preset: the public API is served through
+    // the NAT, goloop's node administration is refused at the sentry.
+    let mut tcp = t.client_connect(public(RPC_PORT), PATIENCE).unwrap();
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let body = jsonrpc_call(&mut tcp, 77).unwrap();
+    assert!(body.contains("\"id\":77") && body.contains("0x1"), "{body}");
+    let mut tcp = t.client_connect(public(RPC_PORT), PATIENCE).unwrap();
+    tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp.write_all(b"POST /admin/chain HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = tcp.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 
     let status = run(Some(Host::Sentry), &["status"]);
     eprintln!("{status}");
     assert!(status.starts_with("sentry "), "{status}");
-    assert!(status.contains("ok: 1 route(s)"), "{status}");
+    assert!(status.contains("ok: 2 route(s)"), "{status}");
     let tunnel = status.lines().find(|l| l.contains("validator ")).unwrap();
     assert!(tunnel.contains(" up "), "{status}");
     let route = status
