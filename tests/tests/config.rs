@@ -199,6 +199,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "applies only to a route with protocol = \"jsonrpc\"",
     ),
     (
+        "jsonrpc-tls-missing-cert",
+        "18:8",
+        "route[0].tls.cert",
+        "no-such-rpc.crt: No such file",
+    ),
+    (
         "jsonrpc-bad-path",
         "17:27",
         "route[0].jsonrpc.allow_paths[1]",

@@ -102,6 +102,38 @@ pub struct JsonRpc {
     pub max_websockets_per_ip: usize,
     /// How the client's address is told to the node.
     pub forwarded: ForwardedHeader,
+    /// `[route.tls]`: HTTPS terminated on the sentry. `None`: plain HTTP.
+    pub tls: Option<RouteTls>,
+}
+
+/// A JSON-RPC route's certificate and key, read and checked when the config is loaded (so a
+/// reload re-reads them, and a bad file is a config error at its key).
+#[derive(Clone)]
+pub struct RouteTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// TLS 1.3, ALPN `http/1.1`, the certificate chain and key of the files.
+    pub server: std::sync::Arc<rustls::ServerConfig>,
+    /// SHA-256 over what was read: tells a changed file apart on reload.
+    pub digest: [u8; 32],
+}
+
+impl PartialEq for RouteTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert == other.cert && self.key == other.key && self.digest == other.digest
+    }
+}
+
+impl Eq for RouteTls {}
+
+impl std::fmt::Debug for RouteTls {
+    // Never the key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteTls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The header that carries the client's address to the node. Whatever a client sends in

@@ -19,7 +19,7 @@ use super::{
     AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_CALL_RATE_PER_IP, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_WEBSOCKETS_PER_IP,
     DEFAULT_SENTRY_MAX_CONNECTIONS, ForwardedHeader, JsonRpc, Limits, Locator, Reserved, Route,
-    SentryConfig, Upstream, deserialize,
+    RouteTls, SentryConfig, Upstream, deserialize,
 };
 
 #[derive(Deserialize)]
@@ -87,7 +87,14 @@ struct RouteTable {
     max_connections_per_ip: Option<Spanned<u64>>,
     connect_rate_per_ip: Option<HumanRate>,
     jsonrpc: Option<Spanned<JsonRpcTable>>,
-    tls: Reserved,
+    tls: Option<Spanned<TlsTable>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsTable {
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -251,7 +258,7 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
         );
     }
     let limits = limits(check, i, table);
-    let jsonrpc = match (&table.jsonrpc, is_jsonrpc) {
+    let mut jsonrpc = match (&table.jsonrpc, is_jsonrpc) {
         (Some(spanned), true) => Some(jsonrpc(check, i, spanned.get_ref())),
         (None, true) => Some(jsonrpc(check, i, &JsonRpcTable::default())),
         (Some(spanned), false) => {
@@ -264,7 +271,16 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
         }
         (None, false) => None,
     };
-    check.reserved(&table.tls, key("tls"), "HTTPS on JSON-RPC routes");
+    match (&table.tls, &mut jsonrpc) {
+        (Some(spanned), Some(settings)) => settings.tls = tls(check, i, spanned.get_ref()),
+        (Some(spanned), None) => check.fail(
+            spanned,
+            key("tls"),
+            "[route.tls] applies only to a route with protocol = \"jsonrpc\" (a tcp route \
+             relays TLS untouched to the node)",
+        ),
+        (None, _) => {}
+    }
     if table.upstream.get_ref().is_empty() {
         check.fail(
             &table.upstream,
@@ -382,12 +398,99 @@ fn jsonrpc(check: &mut Checker<'_>, i: usize, table: &JsonRpcTable) -> JsonRpc {
             .as_ref()
             .map_or(DEFAULT_CALL_RATE_PER_IP, |r| r.0),
         max_websockets_per_ip,
+        tls: None,
         forwarded: match table.forwarded.as_ref().map(Spanned::get_ref) {
             None | Some(ForwardedKey::XForwardedFor) => ForwardedHeader::XForwardedFor,
             Some(ForwardedKey::Rfc7239) => ForwardedHeader::Forwarded,
             Some(ForwardedKey::None) => ForwardedHeader::None,
         },
     }
+}
+
+/// Largest certificate or key file read.
+const MAX_PEM: u64 = 1 << 20;
+
+/// `[route.tls]`: both files read, parsed and checked to belong together.
+fn tls(check: &mut Checker<'_>, i: usize, table: &TlsTable) -> Option<RouteTls> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let cert_path = check.key_path(table.cert.get_ref());
+    let key_path = check.key_path(table.key.get_ref());
+    let read = |path: &std::path::Path| -> Result<Vec<u8>, String> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_PEM + 1).read_to_end(&mut bytes))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if bytes.len() as u64 > MAX_PEM {
+            return Err(format!("{} is larger than 1 MiB", path.display()));
+        }
+        Ok(bytes)
+    };
+    let cert_pem = match read(&cert_path) {
+        Ok(bytes) => bytes,
+        Err(why) => {
+            check.fail(&table.cert, format!("route[{i}].tls.cert"), why);
+            return None;
+        }
+    };
+    let key_pem = match read(&key_path) {
+        Ok(bytes) => bytes,
+        Err(why) => {
+            check.fail(&table.key, format!("route[{i}].tls.key"), why);
+            return None;
+        }
+    };
+    let certs: Result<Vec<CertificateDer<'static>>, _> =
+        CertificateDer::pem_slice_iter(&cert_pem).collect();
+    let certs = match certs {
+        Ok(certs) if !certs.is_empty() => certs,
+        Ok(_) | Err(_) => {
+            let why = format!(
+                "{} holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")",
+                cert_path.display()
+            );
+            check.fail(&table.cert, format!("route[{i}].tls.cert"), why);
+            return None;
+        }
+    };
+    let Ok(key) = PrivateKeyDer::from_pem_slice(&key_pem) else {
+        let why = format!(
+            "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+            key_path.display()
+        );
+        check.fail(&table.key, format!("route[{i}].tls.key"), why);
+        return None;
+    };
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let built = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key));
+    let mut server = match built {
+        Ok(server) => server,
+        Err(e) => {
+            let why = format!(
+                "{} and {} do not make a usable certificate: {e}",
+                cert_path.display(),
+                key_path.display()
+            );
+            check.fail(&table.key, format!("route[{i}].tls.key"), why);
+            return None;
+        }
+    };
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(&cert_pem);
+    digest.update(&key_pem);
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(digest.finish().as_ref());
+    Some(RouteTls {
+        cert: cert_path,
+        key: key_path,
+        server: std::sync::Arc::new(server),
+        digest: bytes,
+    })
 }
 
 /// Largest accepted `max_body`: a JSON-RPC request is buffered whole before it is checked.

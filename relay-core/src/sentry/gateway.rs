@@ -137,6 +137,8 @@ pub(super) struct Ctx {
     pub(super) gateway: Arc<Gateway>,
     pub(super) shared: Arc<Shared>,
     pub(super) client: SocketAddr,
+    /// Whether the client connection is HTTPS (for `X-Forwarded-Proto`).
+    https: bool,
     /// The connection's admission permit. A WebSocket relayed from this connection holds the
     /// context, so the place stays taken for as long as the socket is open.
     _permit: Permit,
@@ -160,13 +162,49 @@ pub(super) async fn serve(
         slot: slot.clone(),
         activity: activity.clone(),
     };
+    let tls = gateway.settings().tls.clone();
     let ctx = Arc::new(Ctx {
         slot,
         gateway,
         shared,
         client,
+        https: tls.is_some(),
         _permit: permit,
     });
+    match tls {
+        None => run(io, ctx, activity, idle_timeout, stop).await,
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
+            let handshake = tokio::select! {
+                () = stop.cancelled() => return,
+                handshake = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(io)) => handshake,
+            };
+            match handshake {
+                Ok(Ok(stream)) => run(stream, ctx, activity, idle_timeout, stop).await,
+                Ok(Err(e)) => {
+                    ctx.gateway.stats.request(Outcome::TlsFailed);
+                    debug!(%client, "TLS handshake failed: {e}");
+                }
+                Err(_) => {
+                    ctx.gateway.stats.request(Outcome::TlsFailed);
+                    debug!(%client, "TLS handshake timed out");
+                }
+            }
+        }
+    }
+}
+
+/// HTTP on an established (plain or TLS) client connection.
+async fn run<I>(
+    io: I,
+    ctx: Arc<Ctx>,
+    activity: Activity,
+    idle_timeout: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let client = ctx.client;
     let service = service_fn(move |request| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(request).await) }
@@ -361,7 +399,7 @@ impl Ctx {
         if !body.is_empty() || parts.method == Method::POST {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        add_client_address(&mut headers, self.client, settings.forwarded);
+        add_client_address(&mut headers, self.client, settings.forwarded, self.https);
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
@@ -520,19 +558,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Tell the node who the client is, in the configured header.
-fn add_client_address(headers: &mut HeaderMap, client: SocketAddr, how: ForwardedHeader) {
+fn add_client_address(
+    headers: &mut HeaderMap,
+    client: SocketAddr,
+    how: ForwardedHeader,
+    https: bool,
+) {
     let ip = client.ip().to_canonical();
+    let proto = if https { "https" } else { "http" };
     let value = match how {
         ForwardedHeader::XForwardedFor => {
             headers.insert(
                 HeaderName::from_static("x-forwarded-proto"),
-                HeaderValue::from_static("http"),
+                HeaderValue::from_static(proto),
             );
             ip.to_string()
         }
         ForwardedHeader::Forwarded => match ip {
-            std::net::IpAddr::V4(v4) => format!("for={v4};proto=http"),
-            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto=http"),
+            std::net::IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
         },
         ForwardedHeader::None => return,
     };
@@ -568,10 +612,12 @@ pub(super) enum Outcome {
     UpstreamFailed,
     /// A WebSocket was upgraded and relayed.
     WebSocket,
+    /// Not a request: a connection whose TLS handshake failed or timed out.
+    TlsFailed,
 }
 
 impl Outcome {
-    pub(super) const ALL: [Self; 10] = [
+    pub(super) const ALL: [Self; 11] = [
         Self::Forwarded,
         Self::Answered,
         Self::Forbidden,
@@ -582,6 +628,7 @@ impl Outcome {
         Self::NoUpstream,
         Self::UpstreamFailed,
         Self::WebSocket,
+        Self::TlsFailed,
     ];
 
     pub(super) const fn as_str(self) -> &'static str {
@@ -596,6 +643,7 @@ impl Outcome {
             Self::NoUpstream => "no_upstream",
             Self::UpstreamFailed => "upstream_failed",
             Self::WebSocket => "websocket",
+            Self::TlsFailed => "tls_handshake_failed",
         }
     }
 }
@@ -917,6 +965,7 @@ mod tests {
             &mut out,
             "[::ffff:203.0.113.9]:4000".parse().unwrap(),
             ForwardedHeader::XForwardedFor,
+            false,
         );
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(
@@ -935,8 +984,9 @@ mod tests {
             &mut out,
             "[2001:db8::7]:4000".parse().unwrap(),
             ForwardedHeader::Forwarded,
+            true,
         );
-        assert_eq!(out["forwarded"], "for=\"[2001:db8::7]\";proto=http");
+        assert_eq!(out["forwarded"], "for=\"[2001:db8::7]\";proto=https");
         assert!(!out.contains_key("x-forwarded-for"));
 
         let mut out = upstream_headers(&from);
@@ -944,6 +994,7 @@ mod tests {
             &mut out,
             "203.0.113.9:1".parse().unwrap(),
             ForwardedHeader::None,
+            false,
         );
         assert!(!out.contains_key("x-forwarded-for") && !out.contains_key("forwarded"));
     }
