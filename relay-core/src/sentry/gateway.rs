@@ -13,16 +13,16 @@
 //! - A WebSocket upgrade on an allowed path is relayed message by message ([`super::websocket`]).
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -30,15 +30,13 @@ use hyper::http::request::Parts;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use quinn::{RecvStream, SendStream};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::{RouteSlot, Shared, connect_upstream};
+use super::pool::{NoUpstream, Pool, Relayed, SendError, Upstream};
+use super::{RouteSlot, Shared};
 use crate::admission::{CallRate, PerClientCap, Permit};
 use crate::config::{ForwardedHeader, JsonRpc};
 use crate::jsonrpc::{Forwarded, Kind, Refusal, Verdict, merge_batch};
@@ -52,34 +50,27 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Longest a client may take to send a request body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the node may take to start answering a request.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(120);
 /// Largest node response buffered to merge the sentry's answers into a batch response.
 const MAX_MERGED_RESPONSE: usize = 64 << 20;
-/// How long an idle pooled upstream stream is kept.
-const POOL_IDLE: Duration = Duration::from_secs(30);
-/// Idle pooled upstream streams kept per route.
-const POOL_MAX_IDLE: usize = 64;
 /// How long open requests get to finish when the connection is closed (idle, or shutdown).
 const GRACE: Duration = Duration::from_secs(10);
 /// Distinct method names used as metric labels per route; later names count as `other`.
 const MAX_METHOD_LABELS: usize = 64;
-/// The authority of upstream request URIs: it keys the pool, never leaves the sentry.
-const UPSTREAM_AUTHORITY: &str = "upstream";
 
 static NO_UPSTREAM_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
 /// What the gateway gives a response body: its own answers, or the node's streamed through.
-pub(super) type Body = Either<Full<Bytes>, Incoming>;
-type UpstreamClient = Client<Connector, Full<Bytes>>;
+pub(super) type Body = Either<Full<Bytes>, Relayed>;
 
 /// One route's gateway state; kept across reloads that keep the route.
 pub(super) struct Gateway {
     settings: ArcSwap<JsonRpc>,
     calls: ArcSwap<CallRate>,
     pub(super) websockets: Arc<PerClientCap>,
-    /// Built on first use; dropped when a reload changes the upstreams (so pooled streams to a
-    /// removed upstream are not reused).
-    client: ArcSwapOption<UpstreamClient>,
+    /// Idle upstream connections; reset when a reload changes the upstreams (so a removed
+    /// upstream is not used again).
+    pub(super) pool: Arc<Pool>,
     pub(super) stats: Stats,
 }
 
@@ -89,7 +80,7 @@ impl Gateway {
             calls: ArcSwap::from_pointee(CallRate::new(settings.rate_per_ip)),
             settings: ArcSwap::from_pointee(settings.clone()),
             websockets: Arc::default(),
-            client: ArcSwapOption::empty(),
+            pool: Arc::default(),
             stats: Stats::default(),
         })
     }
@@ -102,32 +93,24 @@ impl Gateway {
         }
         self.settings.store(Arc::new(settings.clone()));
         if upstreams_changed {
-            self.client.store(None);
+            self.pool.reset();
         }
     }
 
     pub(super) fn settings(&self) -> Arc<JsonRpc> {
         self.settings.load_full()
     }
+}
 
-    fn client(&self, slot: &Arc<RouteSlot>, shared: &Arc<Shared>) -> Arc<UpstreamClient> {
-        if let Some(client) = self.client.load_full() {
-            return client;
-        }
-        let connector = Connector {
-            shared: Arc::downgrade(shared),
-            slot: Arc::downgrade(slot),
-        };
-        let client = Arc::new(
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE)
-                .pool_max_idle_per_host(POOL_MAX_IDLE)
-                .build(connector),
-        );
-        // Two first requests at once may each build one; either is fine.
-        self.client.store(Some(client.clone()));
-        client
+/// Why an exchange with the node failed.
+enum Failure {
+    NoUpstream,
+    Node(String),
+}
+
+impl From<NoUpstream> for Failure {
+    fn from(_: NoUpstream) -> Self {
+        Self::NoUpstream
     }
 }
 
@@ -264,8 +247,14 @@ impl Ctx {
             }
             Kind::Post => {
                 let (parts, body) = request.into_parts();
-                let body = Limited::new(body, policy.max_body);
-                let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+                let collect = Limited::new(body, policy.max_body).collect();
+                let mut collect = std::pin::pin!(collect);
+                // A small body is usually here with its head: no timer for it.
+                let collected = match collect.as_mut().now_or_never() {
+                    Some(collected) => Ok(collected),
+                    None => tokio::time::timeout(BODY_TIMEOUT, collect).await,
+                };
+                let bytes = match collected {
                     Ok(Ok(collected)) => collected.to_bytes(),
                     Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
                         return self.refuse(Refusal::TooLarge);
@@ -393,8 +382,13 @@ impl Ctx {
         body: Bytes,
         settings: &JsonRpc,
     ) -> Option<Request<Full<Bytes>>> {
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let uri: Uri = format!("http://{UPSTREAM_AUTHORITY}{path}").parse().ok()?;
+        // Origin form, as HTTP/1.1 sends it to a server.
+        let uri: Uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()
+            .ok()?;
         let mut headers = upstream_headers(&parts.headers);
         if !body.is_empty() || parts.method == Method::POST {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -407,25 +401,49 @@ impl Ctx {
         Some(request)
     }
 
-    /// Send to the node through a pooled tunnel stream.
+    /// An upstream connection: a pooled one, or a new one.
+    async fn upstream(&self) -> Result<Upstream, NoUpstream> {
+        if let Some(upstream) = self.gateway.pool.take() {
+            return Ok(upstream);
+        }
+        Upstream::open(&self.shared, &self.slot, self.gateway.pool.generation()).await
+    }
+
+    /// Send to the node over an upstream connection; the response body drives it.
     pub(super) async fn send_upstream(
         &self,
         request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, Response<Body>> {
-        let client = self.gateway.client(&self.slot, &self.shared);
-        match tokio::time::timeout(UPSTREAM_TIMEOUT, client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) if e.is_connect() => {
-                if let Some(suppressed) = NO_UPSTREAM_LOG.allow() {
-                    info!(route = %self.slot.route.load().name, client = %self.client, suppressed, "no upstream available; answered 503");
+    ) -> Result<Response<Relayed>, Response<Body>> {
+        let exchange = async {
+            let mut upstream = self.upstream().await?;
+            let mut request = request;
+            loop {
+                match upstream.send(request).await {
+                    Ok(response) => return Ok((response, upstream)),
+                    // A pooled connection the node closed meanwhile: once more on a new one.
+                    Err(SendError::Unsent(unsent, e)) if !upstream.is_fresh() => {
+                        debug!(client = %self.client, "pooled upstream connection closed ({e}); opening another");
+                        request = unsent;
+                        upstream = Upstream::open(
+                            &self.shared,
+                            &self.slot,
+                            self.gateway.pool.generation(),
+                        )
+                        .await?;
+                    }
+                    Err(SendError::Unsent(_, e)) => return Err(Failure::Node(e.to_string())),
+                    Err(SendError::Failed(e)) => return Err(Failure::Node(e)),
                 }
-                Err(self.answer_status(
-                    Outcome::NoUpstream,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no upstream available; try again later\n",
-                ))
             }
-            Ok(Err(e)) => {
+        };
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, exchange).await {
+            Ok(Ok((response, upstream))) => {
+                let (head, body) = response.into_parts();
+                let body = Relayed::driven(body, upstream, self.gateway.pool.clone());
+                Ok(Response::from_parts(head, body))
+            }
+            Ok(Err(Failure::NoUpstream)) => Err(self.no_upstream()),
+            Ok(Err(Failure::Node(e))) => {
                 debug!(route = %self.slot.route.load().name, client = %self.client, "upstream request failed: {e}");
                 Err(self.answer_status(
                     Outcome::UpstreamFailed,
@@ -439,6 +457,17 @@ impl Ctx {
                 "the node did not answer in time\n",
             )),
         }
+    }
+
+    pub(super) fn no_upstream(&self) -> Response<Body> {
+        if let Some(suppressed) = NO_UPSTREAM_LOG.allow() {
+            info!(route = %self.slot.route.load().name, client = %self.client, suppressed, "no upstream available; answered 503");
+        }
+        self.answer_status(
+            Outcome::NoUpstream,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no upstream available; try again later\n",
+        )
     }
 
     async fn forward(
@@ -659,6 +688,8 @@ pub(super) enum CallOutcome {
 }
 
 impl CallOutcome {
+    const ALL: [Self; 3] = [Self::Forwarded, Self::Refused, Self::RateLimited];
+
     pub(super) const fn as_str(self) -> &'static str {
         match self {
             Self::Forwarded => "forwarded",
@@ -679,8 +710,8 @@ pub(super) struct Stats {
 
 #[derive(Default)]
 struct Calls {
-    labels: std::collections::HashSet<String>,
-    counts: std::collections::HashMap<(String, CallOutcome), u64>,
+    /// Per method label: counts by [`CallOutcome`] (forwarded, refused, rate_limited).
+    counts: std::collections::HashMap<String, [u64; 3]>,
 }
 
 impl Stats {
@@ -696,15 +727,21 @@ impl Stats {
 
     pub(super) fn call(&self, method: &str, outcome: CallOutcome) {
         let mut calls = lock(&self.calls);
-        let label = if calls.labels.contains(method) {
-            method.to_owned()
-        } else if calls.labels.len() < MAX_METHOD_LABELS && label_safe(method) {
-            calls.labels.insert(method.to_owned());
-            method.to_owned()
+        // Named labels: at most MAX_METHOD_LABELS, plus "other" and "-".
+        let reserved = ["other", "-"]
+            .iter()
+            .filter(|l| calls.counts.contains_key(**l))
+            .count();
+        let named = calls.counts.len() - reserved;
+        let label = if calls.counts.contains_key(method) {
+            method
+        } else if named < MAX_METHOD_LABELS && label_safe(method) {
+            calls.counts.insert(method.to_owned(), [0; 3]);
+            method
         } else {
-            "other".to_owned()
+            "other"
         };
-        *calls.counts.entry((label, outcome)).or_insert(0) += 1;
+        bump(&mut calls, label, outcome, 1);
     }
 
     pub(super) fn refused_calls(&self, n: usize) {
@@ -717,21 +754,37 @@ impl Stats {
 
     fn unnamed(&self, n: usize, outcome: CallOutcome) {
         if n > 0 {
-            let mut calls = lock(&self.calls);
-            *calls.counts.entry(("-".to_owned(), outcome)).or_insert(0) +=
-                u64::try_from(n).unwrap_or(u64::MAX);
+            let n = u64::try_from(n).unwrap_or(u64::MAX);
+            bump(&mut lock(&self.calls), "-", outcome, n);
         }
     }
 
-    /// (method label, outcome, count), sorted.
+    /// (method label, outcome, count) of every non-zero count, sorted.
     pub(super) fn calls(&self) -> Vec<(String, &'static str, u64)> {
         let mut rows: Vec<_> = lock(&self.calls)
             .counts
             .iter()
-            .map(|((method, outcome), n)| (method.clone(), outcome.as_str(), *n))
+            .flat_map(|(method, counts)| {
+                CallOutcome::ALL
+                    .iter()
+                    .zip(counts)
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(outcome, n)| (method.clone(), outcome.as_str(), *n))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         rows.sort();
         rows
+    }
+}
+
+fn bump(calls: &mut Calls, label: &str, outcome: CallOutcome, n: u64) {
+    if let Some(counts) = calls.counts.get_mut(label) {
+        counts[outcome as usize] += n;
+    } else {
+        let mut counts = [0; 3];
+        counts[outcome as usize] = n;
+        calls.counts.insert(label.to_owned(), counts);
     }
 }
 
@@ -744,115 +797,29 @@ fn label_safe(method: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
 }
 
-/// Opens relay streams for the upstream pool: the first upstream of the route (as configured
-/// now) that answers `Ok`.
-#[derive(Clone)]
-struct Connector {
-    // Weak: the pool lives inside the route, which lives inside `Shared`.
-    shared: Weak<Shared>,
-    slot: Weak<RouteSlot>,
-}
-
-/// No connected upstream answered.
-#[derive(Debug, thiserror::Error)]
-#[error("no upstream available")]
-struct NoUpstream;
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TunnelIo>;
-    type Error = NoUpstream;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, NoUpstream>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), NoUpstream>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: Uri) -> Self::Future {
-        let (shared, slot) = (self.shared.clone(), self.slot.clone());
-        Box::pin(async move {
-            let (Some(shared), Some(slot)) = (shared.upgrade(), slot.upgrade()) else {
-                return Err(NoUpstream);
-            };
-            let route = slot.route.load_full();
-            // A pooled stream serves many clients: the header names the route's own address.
-            match connect_upstream(&shared, &route, slot.local, None).await {
-                Some((_, send, recv)) => Ok(TokioIo::new(TunnelIo { send, recv })),
-                None => {
-                    slot.no_upstream.fetch_add(1, Ordering::Relaxed);
-                    Err(NoUpstream)
-                }
-            }
-        })
-    }
-}
-
-/// A relay stream as one byte stream, for hyper.
-pub(super) struct TunnelIo {
-    send: SendStream,
-    recv: RecvStream,
-}
-
-impl Connection for TunnelIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl AsyncRead for TunnelIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.recv).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TunnelIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
-    }
-}
-
-/// When a client connection last moved a byte.
-#[derive(Clone)]
+/// Whether a client connection moves bytes: a counter bumped on every read and write (no
+/// clock read per I/O); the idle check looks at it once per timeout.
+#[derive(Clone, Default)]
 struct Activity {
-    epoch: Instant,
-    last_ms: Arc<AtomicU64>,
+    moved: Arc<AtomicU64>,
 }
 
 impl Activity {
     fn new() -> Self {
-        Self {
-            epoch: clock::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
-        }
+        Self::default()
     }
 
     fn touch(&self) {
-        let ms = u64::try_from((clock::now() - self.epoch).as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.moved.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Completes once no byte moved for `timeout`.
+    /// Completes once no byte moved for a whole `timeout` (so after between one and two
+    /// timeouts of silence).
     async fn idle(&self, timeout: Duration) {
         loop {
-            let last = self.last_ms.load(Ordering::Relaxed);
-            let deadline = self.epoch + Duration::from_millis(last) + timeout;
-            tokio::time::sleep_until(deadline.into()).await;
-            if self.last_ms.load(Ordering::Relaxed) == last {
+            let before = self.moved.load(Ordering::Relaxed);
+            tokio::time::sleep(timeout).await;
+            if self.moved.load(Ordering::Relaxed) == before {
                 return;
             }
         }

@@ -21,6 +21,7 @@
 //!   reload that cannot bind changes nothing.
 
 mod gateway;
+mod pool;
 mod websocket;
 
 use std::collections::HashMap;
@@ -627,6 +628,17 @@ impl Observe for SentryHandle {
                         )
                     })
                     .collect::<Vec<_>>()
+            }),
+        )?;
+        out.gauges(
+            "jsonrpc_upstream_idle",
+            "Idle upstream connections (relay streams with HTTP on them) pooled for a \
+             JSON-RPC route.",
+            gateways.iter().map(|(route, g)| {
+                (
+                    [("route", route.clone())],
+                    i64::try_from(g.pool.len()).unwrap_or(i64::MAX),
+                )
             }),
         )?;
         out.gauges(

@@ -33,7 +33,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tracing::debug;
 
-use super::gateway::{Body, CallOutcome, Ctx, Outcome};
+use super::gateway::{Body, CallOutcome, Ctx, Outcome, UPSTREAM_TIMEOUT};
+use super::pool::{Relayed, Upstream};
 use crate::config::JsonRpc;
 use crate::jsonrpc::filter::error as rpc_error;
 use crate::jsonrpc::{Forwarded, Verdict};
@@ -95,15 +96,34 @@ pub(super) async fn upgrade(
     up_headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
     up_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     up_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    let response = match ctx.send_upstream(upstream).await {
-        Ok(response) => response,
-        Err(answer) => return answer,
+    // A WebSocket holds its stream for its whole life: a stream of its own, never pooled.
+    let Ok(mut sender) = Upstream::open_for_upgrade(&ctx.shared, &ctx.slot).await else {
+        return ctx.no_upstream();
+    };
+    let response = match tokio::time::timeout(UPSTREAM_TIMEOUT, sender.send_request(upstream)).await
+    {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => {
+            debug!(client = %ctx.client, "WebSocket upgrade to the node failed: {e}");
+            return ctx.answer_status(
+                Outcome::UpstreamFailed,
+                StatusCode::BAD_GATEWAY,
+                "the node did not answer\n",
+            );
+        }
+        Err(_) => {
+            return ctx.answer_status(
+                Outcome::UpstreamFailed,
+                StatusCode::GATEWAY_TIMEOUT,
+                "the node did not answer in time\n",
+            );
+        }
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The node refused the upgrade: its answer is the client's.
         ctx.gateway.stats.request(Outcome::Forwarded);
         let (head, body) = response.into_parts();
-        return Response::from_parts(head, Either::Right(body));
+        return Response::from_parts(head, Either::Right(Relayed::plain(body)));
     }
     let protocol = response
         .headers()
