@@ -423,7 +423,7 @@ impl Ctx {
                     // A pooled connection the node closed meanwhile: once more on a new one.
                     Err(SendError::Unsent(unsent, e)) if !upstream.is_fresh() => {
                         debug!(client = %self.client, "pooled upstream connection closed ({e}); opening another");
-                        request = unsent;
+                        request = *unsent;
                         upstream = Upstream::open(
                             &self.shared,
                             &self.slot,

@@ -64,7 +64,7 @@ pub(super) struct Upstream {
 /// Why a request did not get a response head.
 pub(super) enum SendError {
     /// The connection was closed before the request was written: it can be sent again.
-    Unsent(Request<Full<Bytes>>, hyper::Error),
+    Unsent(Box<Request<Full<Bytes>>>, hyper::Error),
     Failed(String),
 }
 
@@ -159,7 +159,7 @@ impl Upstream {
         })
         .await;
         result.map_err(|mut e| match e.take_message() {
-            Some(request) => SendError::Unsent(request, e.into_error()),
+            Some(request) => SendError::Unsent(Box::new(request), e.into_error()),
             None => SendError::Failed(e.into_error().to_string()),
         })
     }
