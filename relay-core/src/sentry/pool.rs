@@ -75,18 +75,7 @@ impl Upstream {
         slot: &RouteSlot,
         generation: u64,
     ) -> Result<Self, NoUpstream> {
-        let route = slot.route.load_full();
-        // A pooled stream serves many clients: the header names the route's own address.
-        let Some((_, send, recv)) = connect_upstream(shared, &route, slot.local, None).await
-        else {
-            slot.no_upstream.fetch_add(1, Ordering::Relaxed);
-            return Err(NoUpstream);
-        };
-        let io = TokioIo::new(TunnelIo { send, recv });
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|_| NoUpstream)?;
+        let (sender, conn) = handshake(shared, slot).await?;
         Ok(Self {
             sender,
             conn: Box::pin(conn),
@@ -103,17 +92,7 @@ impl Upstream {
         shared: &Shared,
         slot: &RouteSlot,
     ) -> Result<SendRequest<Full<Bytes>>, NoUpstream> {
-        let route = slot.route.load_full();
-        let Some((_, send, recv)) = connect_upstream(shared, &route, slot.local, None).await
-        else {
-            slot.no_upstream.fetch_add(1, Ordering::Relaxed);
-            return Err(NoUpstream);
-        };
-        let io = TokioIo::new(TunnelIo { send, recv });
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|_| NoUpstream)?;
+        let (sender, conn) = handshake(shared, slot).await?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
@@ -167,6 +146,23 @@ impl Upstream {
     pub(super) fn is_fresh(&self) -> bool {
         self.fresh
     }
+}
+
+/// A relay stream to the route's first answering upstream, with an HTTP/1.1 client on it.
+async fn handshake(
+    shared: &Shared,
+    slot: &RouteSlot,
+) -> Result<(SendRequest<Full<Bytes>>, Conn), NoUpstream> {
+    let route = slot.route.load_full();
+    // A pooled stream serves many clients: the header names the route's own address.
+    let Some((_, send, recv)) = connect_upstream(shared, &route, slot.local, None).await else {
+        slot.no_upstream.fetch_add(1, Ordering::Relaxed);
+        return Err(NoUpstream);
+    };
+    http1::Builder::new()
+        .handshake(TokioIo::new(TunnelIo { send, recv }))
+        .await
+        .map_err(|_| NoUpstream)
 }
 
 /// A route's idle upstream connections.
