@@ -157,9 +157,14 @@ fn held_transfer(addr: SocketAddr, len: usize) -> (mpsc::Sender<()>, JoinHandle<
         blocks.iter().for_each(|b| sha.update(b));
         sha.finish().as_ref().to_vec()
     };
+    // The first block goes through before this returns, so the connection is relayed end
+    // to end (the agent has looked up its service) before the caller changes anything.
+    tcp.write_all(&blocks[0]).unwrap();
+    let mut first = vec![0u8; blocks[0].len()];
+    reader.read_exact(&mut first).unwrap();
     let writer = std::thread::spawn(move || {
         let half = blocks.len() / 2;
-        for (i, block) in blocks.iter().enumerate() {
+        for (i, block) in blocks.iter().enumerate().skip(1) {
             if i == half {
                 released.recv_timeout(Duration::from_secs(60)).unwrap();
             }
@@ -169,8 +174,9 @@ fn held_transfer(addr: SocketAddr, len: usize) -> (mpsc::Sender<()>, JoinHandle<
     });
     let check = std::thread::spawn(move || {
         let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+        sha.update(&first);
         let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0;
+        let mut total = first.len();
         loop {
             match reader.read(&mut buf) {
                 Ok(0) => break,
