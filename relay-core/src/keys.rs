@@ -116,6 +116,23 @@ impl PrivateKey {
     }
 }
 
+impl PrivateKey {
+    /// The host's WireGuard (X25519) private key, derived as libsodium's
+    /// `crypto_sign_ed25519_sk_to_curve25519` does: the first half of SHA-512 of the seed,
+    /// clamped. Its public key is [`PublicKey::wireguard`] of [`Self::public_key`], so one
+    /// pinned Ed25519 key serves QUIC, TLS and WireGuard.
+    #[must_use]
+    pub fn wireguard_secret(&self) -> [u8; KEY_LEN] {
+        let digest = ring::digest::digest(&ring::digest::SHA512, &self.seed);
+        let mut secret = [0u8; KEY_LEN];
+        secret.copy_from_slice(&digest.as_ref()[..KEY_LEN]);
+        secret[0] &= 248;
+        secret[31] &= 127;
+        secret[31] |= 64;
+        secret
+    }
+}
+
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PrivateKey(public {})", self.public_key())
@@ -123,6 +140,15 @@ impl fmt::Debug for PrivateKey {
 }
 
 impl PublicKey {
+    /// The WireGuard (X25519) public key of the same host: the Montgomery form of this
+    /// Edwards point (libsodium's `crypto_sign_ed25519_pk_to_curve25519`). `None` when the
+    /// 32 bytes are not a point on the curve (no host key is such).
+    #[must_use]
+    pub fn wireguard(&self) -> Option<[u8; KEY_LEN]> {
+        let point = curve25519_dalek::edwards::CompressedEdwardsY(self.0).decompress()?;
+        Some(point.to_montgomery().to_bytes())
+    }
+
     /// Parse the base64 form printed by `sentry keygen` / `sentry pubkey`.
     #[must_use]
     pub fn from_base64(text: &str) -> Option<Self> {
@@ -217,6 +243,46 @@ pub fn write_private_key(path: &Path, key: &PrivateKey) -> Result<(), KeyError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hex32(text: &str) -> [u8; KEY_LEN] {
+        let mut out = [0u8; KEY_LEN];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn wireguard_keys_match_libsodium_conversion_vectors() {
+        // libsodium test/default/ed25519_convert.c and its .exp file.
+        let key = PrivateKey {
+            seed: hex32("421151a459faeade3d247115f94aedae42318124095afabe4d1451a559faedee"),
+        };
+        assert_eq!(
+            key.wireguard_secret(),
+            hex32("8052030376d47112be7f73ed7a019293dd12ad910b654455798b4667d73de166")
+        );
+        assert_eq!(
+            key.public_key().wireguard(),
+            Some(hex32(
+                "f1814f0e8ff1043d8a44d25babff3cedcae6c22c3edaa48f857ae70de2baae50"
+            ))
+        );
+    }
+
+    #[test]
+    fn wireguard_public_key_is_the_secrets_public_key() {
+        for _ in 0..32 {
+            let key = PrivateKey::generate().unwrap();
+            let secret = boringtun::x25519::StaticSecret::from(key.wireguard_secret());
+            let public = boringtun::x25519::PublicKey::from(&secret);
+            assert_eq!(key.public_key().wireguard(), Some(public.to_bytes()));
+        }
+        // Not every 32 bytes are a point: y = 2 has no x on the curve.
+        let mut not_a_point = [0u8; KEY_LEN];
+        not_a_point[0] = 2;
+        assert_eq!(PublicKey(not_a_point).wireguard(), None);
+    }
 
     #[test]
     fn rfc8032_test_vector_1() {

@@ -1,0 +1,135 @@
+//! One relayed connection over either transport.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::quic::code;
+use super::wireguard::OverlayStream;
+
+/// A relayed connection: a QUIC stream pair, or a TCP connection inside the WireGuard
+/// overlay.
+#[derive(Debug)]
+pub enum TunnelStream {
+    Quic(SendStream, RecvStream),
+    Overlay(OverlayStream),
+}
+
+/// The receiving half of a [`TunnelStream`].
+pub enum TunnelRead<'a> {
+    Quic(&'a mut RecvStream),
+    Overlay(&'a OverlayStream),
+}
+
+/// The sending half of a [`TunnelStream`].
+pub enum TunnelWrite<'a> {
+    Quic(&'a mut SendStream),
+    Overlay(&'a OverlayStream),
+}
+
+impl TunnelStream {
+    /// Both halves, to pump each direction on its own.
+    pub fn halves(&mut self) -> (TunnelRead<'_>, TunnelWrite<'_>) {
+        match self {
+            Self::Quic(send, recv) => (TunnelRead::Quic(recv), TunnelWrite::Quic(send)),
+            Self::Overlay(stream) => (TunnelRead::Overlay(stream), TunnelWrite::Overlay(stream)),
+        }
+    }
+
+    /// End it as failed: the far end sees a reset, not a clean end of stream (dropping a
+    /// QUIC send stream would finish it, telling the peer all is well).
+    pub fn abort(&mut self) {
+        match self {
+            Self::Quic(send, recv) => {
+                let _ = send.reset(code::RELAY_ERROR);
+                let _ = recv.stop(code::RELAY_ERROR);
+            }
+            Self::Overlay(stream) => stream.abort(),
+        }
+    }
+}
+
+impl AsyncRead for TunnelRead<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelRead::Quic(recv) => Pin::new(&mut **recv).poll_read(cx, buf),
+            TunnelRead::Overlay(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TunnelWrite<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            TunnelWrite::Quic(send) => Pin::new(&mut **send)
+                .poll_write(cx, data)
+                .map_err(io::Error::from),
+            TunnelWrite::Overlay(stream) => Pin::new(stream).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelWrite::Quic(send) => Pin::new(&mut **send).poll_flush(cx),
+            TunnelWrite::Overlay(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            TunnelWrite::Quic(send) => Pin::new(&mut **send).poll_shutdown(cx),
+            TunnelWrite::Overlay(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(_, recv) => Pin::new(recv).poll_read(cx, buf),
+            Self::Overlay(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Quic(send, _) => Pin::new(send).poll_write(cx, data).map_err(io::Error::from),
+            Self::Overlay(stream) => Pin::new(stream).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(send, _) => Pin::new(send).poll_flush(cx),
+            Self::Overlay(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic(send, _) => Pin::new(send).poll_shutdown(cx),
+            Self::Overlay(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}

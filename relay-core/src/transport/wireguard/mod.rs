@@ -1,0 +1,883 @@
+//! The WireGuard transport: standard WireGuard on the wire (boringtun's `noise` module), a
+//! userspace TCP/IP stack (smoltcp) inside the overlay, no TUN device and no privilege.
+//!
+//! One [`Device`] owns one UDP socket and serves many peers. Each [`Peer`] has its own noise
+//! session (`Tunn`) and its own small IP stack whose only neighbour is that peer, so peers
+//! never share a lock and a busy peer does not slow the others' stacks.
+//!
+//! Datagrams are routed to peers the way WireGuard does it: a handshake initiation by the
+//! static key inside it (after its MAC is checked, and a cookie demanded under load), every
+//! other message by the receiver index we handed out. A datagram that does not authenticate
+//! gets no answer. A decrypted packet is accepted only with the peer's own overlay address as
+//! its source (cryptokey routing).
+//!
+//! Work happens where the event is: the UDP reader decrypts and runs the stack for the peers a
+//! batch touched; a stream's read or write runs the stack inline so data leaves at once; one
+//! timer task per peer runs the noise timers and the stack's own deadlines (retransmits,
+//! delayed ACKs), sleeping until the nearest one. Nothing polls on a fixed short period.
+//!
+//! Memory is bounded: a peer's receive queue holds at most one batch of datagrams, each
+//! stream's buffers are fixed, and a peer carries at most [`MAX_STREAMS`] streams.
+
+mod stream;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey as WgPublic, StaticSecret};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpCidr};
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+pub use stream::OverlayStream;
+
+use crate::{clock, lock};
+
+/// MTU of the overlay, as `wg-quick` sets it: 1420 leaves room for the WireGuard, UDP and
+/// IPv6 headers inside a 1500-byte path.
+pub const MTU: usize = 1420;
+/// The TCP port, inside the overlay, on which an agent accepts relayed streams (each starts
+/// with the relay header, as a QUIC stream does).
+pub const RELAY_PORT: u16 = 51820;
+/// Persistent keepalive an agent sends, well inside the 30 s UDP timeout of common NATs.
+pub const AGENT_KEEPALIVE: u16 = 5;
+/// An agent (or sentry, seen from an agent) silent this long is down.
+pub const AGENT_LIVENESS: Duration = Duration::from_secs(15);
+/// A plain WireGuard peer is reachable while its last packet is younger than this (its
+/// session's lifetime: it may keep no keepalive of its own).
+pub const PLAIN_LIVENESS: Duration = Duration::from_secs(180);
+/// Each stream's receive and send buffer. The receive buffer is the TCP window: 512 KiB
+/// carries 2 Gbit/s at 2 ms of round trip.
+pub const STREAM_BUFFER: usize = 512 * 1024;
+/// Streams one peer carries at once.
+pub const MAX_STREAMS: usize = 4096;
+/// Requested UDP socket buffers (as for QUIC).
+pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// Handshake messages per second before cookies are demanded (counted twice per message:
+/// once by the device's check, once by the session's).
+const HANDSHAKE_RATE: u64 = 200;
+/// Datagrams read before the touched stacks run.
+const BATCH: usize = 64;
+/// How often the noise timers run (keepalives, rekeys, handshake retries).
+const NOISE_TICK: Duration = Duration::from_millis(250);
+/// How long a closed stream may linger (finishing its FIN exchange) before it is reset.
+const LINGER: Duration = Duration::from_secs(30);
+/// Data unacknowledged this long resets a stream (the peer is gone).
+const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Streams accepted but not yet taken by the agent's relay loop.
+const ACCEPT_QUEUE: usize = 1024;
+/// Ephemeral ports for streams a sentry opens.
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// Size of a datagram buffer: the largest UDP payload.
+const DATAGRAM: usize = 65536;
+
+/// Why the device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WgError {
+    #[error("binding WireGuard UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A peer as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// The agent, plain peer or sentry name (log lines and metrics).
+    pub name: String,
+    /// Its WireGuard (X25519) public key.
+    pub public: [u8; 32],
+    /// Its overlay address: the only source address accepted from it.
+    pub address: Ipv4Addr,
+    /// Where to send before it has sent anything (an agent's sentry); learned otherwise.
+    pub endpoint: Option<SocketAddr>,
+    /// Persistent keepalive in seconds (an agent behind NAT).
+    pub keepalive: Option<u16>,
+    /// How long after its last packet it still counts as up.
+    pub liveness: Duration,
+    /// Accept relayed streams from it on [`RELAY_PORT`] (an agent, from its sentry).
+    pub accept: bool,
+}
+
+/// A peer went up or down (called outside any lock).
+pub type PeerEvents = Arc<dyn Fn(&Arc<Peer>, bool) + Send + Sync>;
+
+/// One UDP socket and the peers behind it.
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    udp: Arc<UdpSocket>,
+    secret: StaticSecret,
+    public: WgPublic,
+    limiter: Arc<RateLimiter>,
+    local: Ipv4Addr,
+    peers: ArcSwap<PeerTable>,
+    next_index: AtomicU32,
+    events: PeerEvents,
+    epoch: Instant,
+    stop: CancellationToken,
+    /// Datagrams dropped unanswered: unknown key, bad MAC, unknown index, failed decryption.
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct PeerTable {
+    by_key: HashMap<[u8; 32], Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    by_name: HashMap<String, Arc<Peer>>,
+}
+
+/// One WireGuard peer: its noise session and its side of the overlay.
+pub struct Peer {
+    spec: PeerSpec,
+    index: u32,
+    state: Mutex<PeerState>,
+    /// Wakes the timer task when a deadline moved earlier.
+    timer: Notify,
+    /// Streams the peer opened to us (when `spec.accept`).
+    accepted: Mutex<Option<mpsc::Receiver<OverlayStream>>>,
+    accept_tx: Option<mpsc::Sender<OverlayStream>>,
+    epoch: Instant,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("name", &self.spec.name)
+            .finish()
+    }
+}
+
+struct PeerState {
+    link: Link,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    /// Streams dropped by their owner, finishing their close: (handle, reset after).
+    orphans: Vec<(SocketHandle, Instant)>,
+    /// Sockets listening on [`RELAY_PORT`] for the peer's next connections.
+    listeners: Vec<SocketHandle>,
+    /// Local ports of streams we opened, both ways.
+    ports: HashMap<u16, SocketHandle>,
+    port_of: HashMap<SocketHandle, u16>,
+    next_port: u16,
+    streams: usize,
+    last_rx: Option<Instant>,
+    up: bool,
+    /// When the timer task will next run.
+    deadline: Instant,
+    /// Counters for metrics.
+    handshakes: u64,
+}
+
+/// The smoltcp device: decrypted packets in, packets out through the noise session.
+struct Link {
+    wire: Wire,
+    rx: VecDeque<Vec<u8>>,
+    rx_current: Vec<u8>,
+    free: Vec<Vec<u8>>,
+}
+
+/// What sending needs, apart from the receive queue (so smoltcp can hold a receive and a
+/// transmit token at once).
+struct Wire {
+    tunn: Tunn,
+    udp: Arc<UdpSocket>,
+    endpoint: Option<SocketAddr>,
+    plain: Vec<u8>,
+    sealed: Vec<u8>,
+    tx_dropped: u64,
+}
+
+impl Wire {
+    /// Encrypt one IP packet and send it to the peer's endpoint (dropped when none is known or
+    /// the socket is full: TCP retransmits).
+    fn send_packet(&mut self, len: usize) {
+        match self.tunn.encapsulate(&self.plain[..len], &mut self.sealed) {
+            TunnResult::WriteToNetwork(datagram) => {
+                if let Some(endpoint) = self.endpoint {
+                    if self.udp.try_send_to(datagram, endpoint).is_err() {
+                        self.tx_dropped += 1;
+                    }
+                } else {
+                    self.tx_dropped += 1;
+                }
+            }
+            TunnResult::Err(e) => debug!("encapsulate: {e:?}"),
+            _ => {}
+        }
+    }
+}
+
+struct RxToken<'a>(&'a [u8]);
+struct TxToken<'a>(&'a mut Wire);
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let len = len.min(self.0.plain.len());
+        let result = f(&mut self.0.plain[..len]);
+        self.0.send_packet(len);
+        result
+    }
+}
+
+impl phy::Device for Link {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(
+        &mut self,
+        _: smoltcp::time::Instant,
+    ) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let next = self.rx.pop_front()?;
+        let done = std::mem::replace(&mut self.rx_current, next);
+        if done.capacity() > 0 && self.free.len() < BATCH {
+            self.free.push(done);
+        }
+        Some((RxToken(&self.rx_current), TxToken(&mut self.wire)))
+    }
+
+    fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
+        Some(TxToken(&mut self.wire))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ip;
+        caps.max_transmission_unit = MTU;
+        // WireGuard authenticates every packet: received checksums cannot be wrong, so only
+        // outgoing ones are computed (a kernel peer checks them).
+        let mut checksum = ChecksumCapabilities::default();
+        checksum.ipv4 = Checksum::Tx;
+        checksum.tcp = Checksum::Tx;
+        checksum.udp = Checksum::Tx;
+        checksum.icmpv4 = Checksum::Tx;
+        caps.checksum = checksum;
+        caps
+    }
+}
+
+impl Device {
+    /// Bind `listen` and start serving `peers` with overlay address `local`.
+    pub async fn bind(
+        listen: SocketAddr,
+        secret: [u8; 32],
+        local: Ipv4Addr,
+        peers: &[PeerSpec],
+        events: PeerEvents,
+        stop: CancellationToken,
+    ) -> Result<Self, WgError> {
+        let udp = bind_udp(listen).map_err(|source| WgError::Bind {
+            addr: listen,
+            source,
+        })?;
+        let secret = StaticSecret::from(secret);
+        let public = WgPublic::from(&secret);
+        let inner = Arc::new(Inner {
+            udp: Arc::new(udp),
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE)),
+            secret,
+            public,
+            local,
+            peers: ArcSwap::from_pointee(PeerTable::default()),
+            next_index: AtomicU32::new(1),
+            events,
+            epoch: clock::now(),
+            stop,
+            dropped: AtomicU64::new(0),
+        });
+        let device = Self { inner };
+        device.set_peers(peers);
+        tokio::spawn(read_loop(device.inner.clone()));
+        tokio::spawn(limiter_loop(device.inner.clone()));
+        Ok(device)
+    }
+
+    /// The bound UDP address.
+    #[must_use]
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.udp.local_addr().ok()
+    }
+
+    /// This device's WireGuard public key.
+    #[must_use]
+    pub fn public_key(&self) -> [u8; 32] {
+        self.inner.public.to_bytes()
+    }
+
+    /// Replace the peer set. A peer whose key, address and role are unchanged keeps its
+    /// session and streams; a removed peer gets no more packets.
+    pub fn set_peers(&self, specs: &[PeerSpec]) {
+        let inner = &self.inner;
+        let old = inner.peers.load();
+        let mut table = PeerTable::default();
+        for spec in specs {
+            let peer = match old.by_key.get(&spec.public) {
+                Some(peer) if peer.spec == *spec => peer.clone(),
+                _ => {
+                    let index = inner.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+                    let peer = Peer::new(inner, spec.clone(), index);
+                    tokio::spawn(timer_loop(inner.clone(), peer.clone()));
+                    peer
+                }
+            };
+            table.by_index.insert(peer.index, peer.clone());
+            table.by_name.insert(spec.name.clone(), peer.clone());
+            table.by_key.insert(spec.public, peer);
+        }
+        for (key, peer) in &old.by_key {
+            if !table.by_key.contains_key(key) || !Arc::ptr_eq(peer, &table.by_key[key]) {
+                peer.stop.cancel();
+            }
+        }
+        inner.peers.store(Arc::new(table));
+    }
+
+    /// The peer named `name`.
+    #[must_use]
+    pub fn peer(&self, name: &str) -> Option<Arc<Peer>> {
+        self.inner.peers.load().by_name.get(name).cloned()
+    }
+
+    /// Every peer, by name.
+    #[must_use]
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        let mut peers: Vec<_> = self.inner.peers.load().by_name.values().cloned().collect();
+        peers.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        peers
+    }
+
+    /// Datagrams dropped without an answer since start.
+    #[must_use]
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Peer {
+    fn new(inner: &Inner, spec: PeerSpec, index: u32) -> Arc<Self> {
+        let tunn = Tunn::new(
+            inner.secret.clone(),
+            WgPublic::from(spec.public),
+            None,
+            spec.keepalive,
+            index,
+            Some(inner.limiter.clone()),
+        );
+        let mut link = Link {
+            wire: Wire {
+                tunn,
+                udp: inner.udp.clone(),
+                endpoint: spec.endpoint,
+                plain: vec![0; MTU],
+                sealed: vec![0; MTU + 64],
+                tx_dropped: 0,
+            },
+            rx: VecDeque::with_capacity(BATCH),
+            rx_current: Vec::new(),
+            free: Vec::new(),
+        };
+        let now = clock::now();
+        let mut config = IfaceConfig::new(HardwareAddress::Ip);
+        config.random_seed = rand::random();
+        let mut iface = Interface::new(config, &mut link, stamp(inner.epoch, now));
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(inner.local.into(), 32));
+        });
+        // The peer is the only neighbour: everything goes to it.
+        let _ = iface.routes_mut().add_default_ipv4_route(spec.address);
+        let (accept_tx, accepted) = if spec.accept {
+            let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let next_port = EPHEMERAL.start() + rand::random_range(0..1024);
+        Arc::new(Self {
+            index,
+            state: Mutex::new(PeerState {
+                link,
+                iface,
+                sockets: SocketSet::new(Vec::new()),
+                orphans: Vec::new(),
+                listeners: Vec::new(),
+                ports: HashMap::new(),
+                port_of: HashMap::new(),
+                next_port,
+                streams: 0,
+                last_rx: None,
+                up: false,
+                deadline: now,
+                handshakes: 0,
+            }),
+            timer: Notify::new(),
+            accepted: Mutex::new(accepted),
+            accept_tx,
+            epoch: inner.epoch,
+            stop: inner.stop.child_token(),
+            spec,
+        })
+    }
+
+    /// The configured name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Its overlay address.
+    #[must_use]
+    pub fn address(&self) -> Ipv4Addr {
+        self.spec.address
+    }
+
+    /// Whether an authenticated packet arrived within the liveness window.
+    #[must_use]
+    pub fn is_up(&self) -> bool {
+        lock(&self.state).up
+    }
+
+    /// Its current UDP endpoint, if known.
+    #[must_use]
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        lock(&self.state).link.wire.endpoint
+    }
+
+    /// Time since the last completed handshake, and the smoothed round trip the session
+    /// measured, if any.
+    #[must_use]
+    pub fn session(&self) -> (Option<Duration>, Option<Duration>) {
+        let state = lock(&self.state);
+        let (age, _, _, _, rtt) = state.link.wire.tunn.stats();
+        (age, rtt.map(|ms| Duration::from_millis(u64::from(ms))))
+    }
+
+    /// Relayed streams open now.
+    #[must_use]
+    pub fn streams(&self) -> usize {
+        lock(&self.state).streams
+    }
+
+    /// The next stream the peer opened to us; `None` once the peer is removed. Only one
+    /// caller may take streams (the first gets the queue).
+    pub fn take_accepted(&self) -> Option<mpsc::Receiver<OverlayStream>> {
+        lock(&self.accepted).take()
+    }
+
+    /// Open a TCP connection to `to` inside the overlay.
+    pub async fn connect(self: &Arc<Self>, to: SocketAddrV4) -> std::io::Result<OverlayStream> {
+        OverlayStream::connect(self.clone(), to).await
+    }
+}
+
+impl PeerState {
+    /// Run the stack: deliver queued packets, send what is due. Returns whether the timer
+    /// must be woken (its deadline moved earlier).
+    fn poll(&mut self, epoch: Instant, now: Instant) -> bool {
+        let at = stamp(epoch, now);
+        self.iface.poll(at, &mut self.link, &mut self.sockets);
+        match self.iface.poll_delay(at, &self.sockets) {
+            Some(delay) => {
+                let due = now + Duration::from(delay);
+                if due < self.deadline {
+                    self.deadline = due;
+                    return true;
+                }
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn new_socket() -> tcp::Socket<'static> {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; STREAM_BUFFER]),
+            tcp::SocketBuffer::new(vec![0; STREAM_BUFFER]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_congestion_control(tcp::CongestionControl::Cubic);
+        socket.set_timeout(Some(STREAM_TIMEOUT.into()));
+        socket
+    }
+
+    /// Ensure a listener waits for each connection request in the receive queue.
+    fn listen_for_syns(&mut self, local: Ipv4Addr) {
+        let syns = self
+            .link
+            .rx
+            .iter()
+            .filter(|p| is_syn_to(p, RELAY_PORT))
+            .count();
+        let idle = self
+            .listeners
+            .iter()
+            .filter(|h| self.sockets.get::<tcp::Socket<'_>>(**h).state() == tcp::State::Listen)
+            .count();
+        for _ in idle..syns {
+            if self.streams + self.listeners.len() >= MAX_STREAMS {
+                break;
+            }
+            let mut socket = Self::new_socket();
+            if socket
+                .listen((smoltcp::wire::IpAddress::Ipv4(local), RELAY_PORT))
+                .is_ok()
+            {
+                self.listeners.push(self.sockets.add(socket));
+            }
+        }
+    }
+
+    /// Listeners that took a connection: handed to the accept queue.
+    fn take_accepted(&mut self) -> Vec<SocketHandle> {
+        let mut taken = Vec::new();
+        let sockets = &self.sockets;
+        self.listeners.retain(|h| {
+            let state = sockets.get::<tcp::Socket<'_>>(*h).state();
+            if state == tcp::State::Listen {
+                true
+            } else {
+                taken.push(*h);
+                false
+            }
+        });
+        self.streams += taken.len();
+        taken
+    }
+
+    /// Remove orphans that finished closing; reset those that lingered too long (the reset
+    /// goes out at the next poll, and the socket is removed on the next pass).
+    fn reap(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.orphans.len() {
+            let (handle, until) = self.orphans[i];
+            let socket = self.sockets.get_mut::<tcp::Socket<'_>>(handle);
+            if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                self.release(handle);
+                self.orphans.swap_remove(i);
+                continue;
+            }
+            if now >= until {
+                socket.abort();
+            }
+            i += 1;
+        }
+    }
+
+    /// Forget a stream's socket.
+    fn release(&mut self, handle: SocketHandle) {
+        self.sockets.remove(handle);
+        if let Some(port) = self.port_of.remove(&handle) {
+            self.ports.remove(&port);
+        }
+        self.streams = self.streams.saturating_sub(1);
+    }
+
+    fn alloc_port(&mut self) -> Option<u16> {
+        let span = u32::from(EPHEMERAL.end() - EPHEMERAL.start()) + 1;
+        for _ in 0..span {
+            let port = self.next_port;
+            self.next_port = if port >= *EPHEMERAL.end() {
+                *EPHEMERAL.start()
+            } else {
+                port + 1
+            };
+            if !self.ports.contains_key(&port) {
+                return Some(port);
+            }
+        }
+        None
+    }
+}
+
+/// smoltcp's clock: microseconds since the device started.
+fn stamp(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
+    let micros = now.saturating_duration_since(epoch).as_micros();
+    smoltcp::time::Instant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+/// A TCP SYN (without ACK) to `port` in an IPv4 packet.
+fn is_syn_to(packet: &[u8], port: u16) -> bool {
+    if packet.len() < 20 || packet[0] >> 4 != 4 || packet[9] != 6 {
+        return false;
+    }
+    let ihl = usize::from(packet[0] & 0x0f) * 4;
+    let Some(tcp) = packet.get(ihl..ihl + 14) else {
+        return false;
+    };
+    let dst = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let flags = tcp[13];
+    dst == port && flags & 0x02 != 0 && flags & 0x10 == 0
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Which peer a datagram is for, after the checks that cost no Diffie-Hellman (and, for a
+/// handshake initiation, the one that does). `None`: drop it silently.
+fn route(inner: &Inner, datagram: &[u8], src: SocketAddr, cookie: &mut [u8]) -> Option<Arc<Peer>> {
+    let table = inner.peers.load();
+    match Tunn::parse_incoming_packet(datagram).ok()? {
+        Packet::HandshakeInit(init) => {
+            match inner
+                .limiter
+                .verify_packet(Some(src.ip()), datagram, cookie)
+            {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    // Under load: prove your address first (the MAC was valid).
+                    let _ = inner.udp.try_send_to(reply, src);
+                    return None;
+                }
+                Err(_) => return None,
+            }
+            let half = parse_handshake_anon(&inner.secret, &inner.public, &init).ok()?;
+            table.by_key.get(&half.peer_static_public).cloned()
+        }
+        Packet::HandshakeResponse(p) => table.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+        Packet::PacketCookieReply(p) => table.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+        Packet::PacketData(p) => table.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+    }
+}
+
+/// Decrypt one datagram into the peer's receive queue. Returns whether it authenticated.
+fn ingest(
+    state: &mut PeerState,
+    peer: &Peer,
+    src: SocketAddr,
+    datagram: &[u8],
+    out: &mut [u8],
+    now: Instant,
+) -> bool {
+    let link = &mut state.link;
+    let wire = &mut link.wire;
+    let authenticated = match wire.tunn.decapsulate(Some(src.ip()), datagram, out) {
+        TunnResult::WriteToNetwork(reply) => {
+            // A cookie reply (type 3) is sent before anything is authenticated.
+            let cookie = reply.first() == Some(&3);
+            let _ = wire.udp.try_send_to(reply, src);
+            if !cookie {
+                state.handshakes += 1;
+                // Packets queued while the handshake ran.
+                while let TunnResult::WriteToNetwork(queued) = wire.tunn.decapsulate(None, &[], out)
+                {
+                    let _ = wire.udp.try_send_to(queued, src);
+                }
+            }
+            !cookie
+        }
+        TunnResult::WriteToTunnelV4(packet, source) => {
+            if source == peer.spec.address && link.rx.len() < BATCH * 2 {
+                let mut buf = link.free.pop().unwrap_or_default();
+                buf.clear();
+                buf.extend_from_slice(packet);
+                link.rx.push_back(buf);
+            }
+            true
+        }
+        TunnResult::WriteToTunnelV6(..) | TunnResult::Done => true,
+        TunnResult::Err(e) => {
+            debug!(peer = %peer.spec.name, %src, "dropped a datagram: {e:?}");
+            false
+        }
+    };
+    if authenticated {
+        let link = &mut state.link;
+        if link.wire.endpoint != Some(src) {
+            debug!(peer = %peer.spec.name, %src, "peer endpoint");
+            link.wire.endpoint = Some(src);
+        }
+        state.last_rx = Some(now);
+    }
+    authenticated
+}
+
+/// After a batch: run the peer's stack, hand over accepted streams, report it up.
+fn after_batch(inner: &Inner, peer: &Arc<Peer>, now: Instant) {
+    let (wake, accepted, came_up) = {
+        let mut state = lock(&peer.state);
+        if peer.spec.accept {
+            state.listen_for_syns(inner.local);
+        }
+        let wake = state.poll(peer.epoch, now);
+        let accepted = if peer.spec.accept {
+            state.take_accepted()
+        } else {
+            Vec::new()
+        };
+        let came_up = !state.up
+            && state
+                .last_rx
+                .is_some_and(|t| now.duration_since(t) < peer.spec.liveness);
+        if came_up {
+            state.up = true;
+        }
+        (wake, accepted, came_up)
+    };
+    if wake {
+        peer.timer.notify_one();
+    }
+    for handle in accepted {
+        let stream = OverlayStream::accepted(peer.clone(), handle);
+        let queued = peer
+            .accept_tx
+            .as_ref()
+            .is_some_and(|tx| match tx.try_send(stream) {
+                Ok(()) => true,
+                Err(e) => {
+                    // Nobody takes streams fast enough: refuse this one (dropping resets it).
+                    drop(e);
+                    false
+                }
+            });
+        if !queued {
+            debug!(peer = %peer.spec.name, "accept queue full; stream reset");
+        }
+    }
+    if came_up {
+        (inner.events)(peer, true);
+    }
+}
+
+async fn read_loop(inner: Arc<Inner>) {
+    let mut datagram = vec![0u8; DATAGRAM];
+    let mut out = vec![0u8; DATAGRAM];
+    let mut cookie = [0u8; 64];
+    let mut touched: Vec<Arc<Peer>> = Vec::new();
+    loop {
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            ready = inner.udp.readable() => if let Err(e) = ready {
+                warn!("WireGuard socket failed: {e}");
+                return;
+            },
+        }
+        let now = clock::now();
+        for _ in 0..BATCH {
+            let (len, src) = match inner.udp.try_recv_from(&mut datagram) {
+                Ok(got) => got,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!("WireGuard receive: {e}");
+                    break;
+                }
+            };
+            let data = &datagram[..len];
+            let Some(peer) = route(&inner, data, src, &mut cookie) else {
+                inner.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let ok = ingest(&mut lock(&peer.state), &peer, src, data, &mut out, now);
+            if !ok {
+                inner.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            if !touched.iter().any(|p| Arc::ptr_eq(p, &peer)) {
+                touched.push(peer);
+            }
+        }
+        for peer in touched.drain(..) {
+            after_batch(&inner, &peer, now);
+        }
+    }
+}
+
+async fn limiter_loop(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = inner.stop.cancelled() => return,
+            _ = tick.tick() => inner.limiter.reset_count(),
+        }
+    }
+}
+
+/// Noise timers and the stack's deadlines for one peer, until the peer is removed.
+async fn timer_loop(inner: Arc<Inner>, peer: Arc<Peer>) {
+    let mut next_noise = clock::now();
+    let mut out = vec![0u8; MTU + 64];
+    loop {
+        let now = clock::now();
+        let (sleep, went_down) = {
+            let mut state = lock(&peer.state);
+            if now >= next_noise {
+                next_noise = now + NOISE_TICK;
+                let wire = &mut state.link.wire;
+                match wire.tunn.update_timers(&mut out) {
+                    TunnResult::WriteToNetwork(datagram) => {
+                        if let Some(endpoint) = wire.endpoint {
+                            let _ = wire.udp.try_send_to(datagram, endpoint);
+                        }
+                    }
+                    TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                    TunnResult::Err(e) => debug!(peer = %peer.spec.name, "noise timers: {e:?}"),
+                    _ => {}
+                }
+            }
+            state.reap(now);
+            state.deadline = next_noise;
+            state.poll(peer.epoch, now);
+            let went_down = state.up
+                && state
+                    .last_rx
+                    .is_none_or(|t| now.duration_since(t) >= peer.spec.liveness);
+            if went_down {
+                state.up = false;
+            }
+            (state.deadline.saturating_duration_since(now), went_down)
+        };
+        if went_down {
+            (inner.events)(&peer, false);
+        }
+        tokio::select! {
+            () = peer.stop.cancelled() => break,
+            () = tokio::time::sleep(sleep) => {}
+            () = peer.timer.notified() => {}
+        }
+    }
+    // Removed: reset what is open so owners see an error instead of a silent stream.
+    let mut state = lock(&peer.state);
+    let handles: Vec<_> = state.sockets.iter().map(|(h, _)| h).collect();
+    for handle in handles {
+        state.sockets.get_mut::<tcp::Socket<'_>>(handle).abort();
+    }
+    state.poll(peer.epoch, clock::now());
+    drop(state);
+    if lock(&peer.state).up {
+        lock(&peer.state).up = false;
+        (inner.events)(&peer, false);
+    }
+}
