@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use quinn::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+use quinn::{ClientConfig, Connection, Endpoint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -29,13 +29,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::config::{AgentConfig, SentryPeer};
+use crate::config::{AgentConfig, SentryPeer, TransportKind};
 use crate::keys::PrivateKey;
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Families, Observe};
 use crate::relay::{ByteCounters, Header, PumpEnd, Status, encode_proxy_header, pump};
 use crate::transport::pin::SERVER_NAME;
 use crate::transport::quic::{self, QuicError, Tuning, code};
+use crate::transport::{TunnelStream, wireguard};
 use crate::{clock, lock};
 
 /// Longest a connection attempt to a service may take before the agent answers
@@ -50,6 +51,9 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(15);
 /// A tunnel that lived this long was healthy: the next failure starts the backoff over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// How long the sentry may stay silent over WireGuard before the agent rebuilds the tunnel
+/// with a fresh UDP socket (a fresh NAT mapping) and resolves the sentry's name again.
+const WG_REBUILD_AFTER: Duration = Duration::from_secs(30);
 /// Idle timeout of relayed connections on the agent side. The sentry enforces the route's
 /// idle timeout; this only reaps streams whose sentry vanished without a word.
 const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -149,7 +153,7 @@ struct TunnelState {
     peer: SentryPeer,
     /// Cancelled when a reload removes this sentry (and at shutdown).
     retire: CancellationToken,
-    live: Mutex<Option<(Connection, Instant)>>,
+    live: Mutex<Option<(LiveTunnel, Instant)>>,
     connects: AtomicU64,
 }
 
@@ -273,7 +277,14 @@ impl Shared {
     }
 
     fn add_tunnel(self: &Arc<Self>, peer: &SentryPeer) -> Result<(), QuicError> {
-        let client = quic::client_config(&self.key, peer.public_key, &Tuning::default())?;
+        let client = match peer.transport {
+            TransportKind::Quic => Some(quic::client_config(
+                &self.key,
+                peer.public_key,
+                &Tuning::default(),
+            )?),
+            TransportKind::WireGuard => None,
+        };
         let state = Arc::new(TunnelState {
             peer: peer.clone(),
             retire: self.stop.child_token(),
@@ -367,15 +378,16 @@ impl Observe for AgentHandle {
         let shared = &self.shared;
         let tunnels: Vec<Arc<TunnelState>> = lock(&shared.tunnels).clone();
         // (sentry, (rtt, age) while up, tunnels established)
-        type Row = (String, Option<(Duration, Duration)>, u64);
+        type Row = (String, &'static str, Option<(Duration, Duration)>, u64);
         let live: Vec<Row> = tunnels
             .iter()
             .map(|t| {
                 let up = lock(&t.live)
                     .as_ref()
-                    .map(|(conn, since)| (conn.rtt(), clock::now().duration_since(*since)));
+                    .map(|(tunnel, since)| (tunnel.rtt(), clock::now().duration_since(*since)));
                 (
                     t.peer.address.clone(),
+                    t.peer.transport.as_str(),
                     up,
                     t.connects.load(Ordering::Relaxed),
                 )
@@ -387,30 +399,33 @@ impl Observe for AgentHandle {
             .collect();
         services.sort_by(|a, b| a.0.cmp(&b.0));
         services.push((NO_SERVICE.to_owned(), shared.unknown.clone()));
-        let sentry_label = |a: &str| [("sentry", a.to_owned()), ("transport", "quic".to_owned())];
+        let sentry_label =
+            |a: &str, t: &str| [("sentry", a.to_owned()), ("transport", t.to_owned())];
         out.gauges(
             "agent_tunnel_up",
             "1 while the tunnel to this sentry is established, else 0.",
             live.iter()
-                .map(|(a, up, _)| (sentry_label(a), i64::from(up.is_some()))),
+                .map(|(a, t, up, _)| (sentry_label(a, t), i64::from(up.is_some()))),
         )?;
         out.gauges(
             "agent_tunnel_rtt_seconds",
             "Smoothed round-trip time of the tunnel to this sentry.",
-            live.iter()
-                .filter_map(|(a, up, _)| up.map(|(rtt, _)| (sentry_label(a), rtt.as_secs_f64()))),
+            live.iter().filter_map(|(a, t, up, _)| {
+                up.map(|(rtt, _)| (sentry_label(a, t), rtt.as_secs_f64()))
+            }),
         )?;
         out.gauges(
             "agent_tunnel_handshake_age_seconds",
             "Time since the current tunnel to this sentry was established.",
-            live.iter()
-                .filter_map(|(a, up, _)| up.map(|(_, age)| (sentry_label(a), age.as_secs_f64()))),
+            live.iter().filter_map(|(a, t, up, _)| {
+                up.map(|(_, age)| (sentry_label(a, t), age.as_secs_f64()))
+            }),
         )?;
         out.counters(
             "agent_tunnel_reconnects",
             "Tunnels established to this sentry after the first one since start.",
             live.iter()
-                .map(|(a, _, n)| (sentry_label(a), n.saturating_sub(1))),
+                .map(|(a, t, _, n)| (sentry_label(a, t), n.saturating_sub(1))),
         )?;
         out.counters(
             "agent_streams",
@@ -484,15 +499,34 @@ impl Observe for AgentHandle {
     }
 }
 
+/// The tunnel to a sentry while it is up.
+enum LiveTunnel {
+    Quic(Connection),
+    WireGuard(Arc<wireguard::Peer>),
+}
+
+impl LiveTunnel {
+    fn rtt(&self) -> Duration {
+        match self {
+            Self::Quic(conn) => conn.rtt(),
+            Self::WireGuard(peer) => peer.session().1.unwrap_or_default(),
+        }
+    }
+}
+
 /// One sentry's tunnel and its reconnect loop.
 struct Tunnel {
     state: Arc<TunnelState>,
-    client: ClientConfig,
+    /// `None` for WireGuard.
+    client: Option<ClientConfig>,
     shared: Arc<Shared>,
 }
 
 impl Tunnel {
     async fn run(self) {
+        let Some(client) = &self.client else {
+            return self.run_wireguard().await;
+        };
         let peer = &self.state.peer;
         let sentry = peer.address.clone();
         let retire = &self.state.retire;
@@ -501,13 +535,13 @@ impl Tunnel {
             let started = clock::now();
             let dialed = tokio::select! {
                 () = retire.cancelled() => return,
-                dialed = dial(peer, &self.client, &self.shared.key) => dialed,
+                dialed = dial(peer, client, &self.shared.key) => dialed,
             };
             match dialed {
                 Ok((endpoint, conn)) => {
                     info!(%sentry, remote = %conn.remote_address(), transport = "quic", "tunnel up");
                     self.state.connects.fetch_add(1, Ordering::Relaxed);
-                    *lock(&self.state.live) = Some((conn.clone(), clock::now()));
+                    *lock(&self.state.live) = Some((LiveTunnel::Quic(conn.clone()), clock::now()));
                     let reason = self.serve(&conn).await;
                     *lock(&self.state.live) = None;
                     endpoint.close(code::SHUTDOWN, b"agent shutting down");
@@ -543,7 +577,8 @@ impl Tunnel {
             };
             match accepted {
                 Ok((send, recv)) => {
-                    relays.spawn(relay_stream(send, recv, self.shared.clone(), false));
+                    let stream = TunnelStream::Quic(send, recv);
+                    relays.spawn(relay_stream(stream, self.shared.clone(), false));
                 }
                 Err(reason) => return reason,
             }
@@ -553,7 +588,8 @@ impl Tunnel {
         relays.close();
         let refuse_new = async {
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(relay_stream(send, recv, self.shared.clone(), true));
+                let stream = TunnelStream::Quic(send, recv);
+                tokio::spawn(relay_stream(stream, self.shared.clone(), true));
             }
         };
         let deadline = async {
@@ -569,6 +605,159 @@ impl Tunnel {
         conn.close(code::SHUTDOWN, b"agent shutting down");
         quinn::ConnectionError::LocallyClosed
     }
+}
+
+impl Tunnel {
+    /// The WireGuard tunnel: a device with the sentry as its one peer, rebuilt (fresh socket,
+    /// address resolved again) when the sentry stays silent for [`WG_REBUILD_AFTER`].
+    async fn run_wireguard(self) {
+        let peer = &self.state.peer;
+        let sentry = peer.address.clone();
+        let retire = &self.state.retire;
+        let (Some(overlay), Some(public)) = (peer.wireguard, peer.public_key.wireguard()) else {
+            // The config parser refuses a WireGuard sentry without both.
+            warn!(%sentry, "no WireGuard addresses or key for this sentry; not dialing");
+            return;
+        };
+        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+        while !retire.is_cancelled() {
+            let started = clock::now();
+            match resolve(&sentry).await {
+                Ok(remote) => {
+                    let (events_tx, mut events) = mpsc::unbounded_channel();
+                    let on_event: wireguard::PeerEvents = Arc::new(move |_, up| {
+                        let _ = events_tx.send(up);
+                    });
+                    let stop = CancellationToken::new();
+                    let bind = if remote.is_ipv4() {
+                        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+                    } else {
+                        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+                    };
+                    let spec = wireguard::PeerSpec {
+                        name: sentry.clone(),
+                        public,
+                        address: overlay.sentry_address,
+                        endpoint: Some(remote),
+                        keepalive: Some(wireguard::AGENT_KEEPALIVE),
+                        liveness: wireguard::AGENT_LIVENESS,
+                        accept: true,
+                    };
+                    let secret = self.shared.key.wireguard_secret();
+                    match wireguard::Device::bind(
+                        bind,
+                        secret,
+                        overlay.address,
+                        &[spec],
+                        on_event,
+                        stop.clone(),
+                    )
+                    .await
+                    {
+                        Ok(device) => {
+                            if let Some(to_sentry) = device.peer(&sentry)
+                                && let Some(mut accepted) = to_sentry.take_accepted()
+                            {
+                                debug!(%sentry, %remote, "WireGuard handshaking");
+                                let reason = self
+                                    .serve_wireguard(&to_sentry, &mut accepted, &mut events)
+                                    .await;
+                                *lock(&self.state.live) = None;
+                                stop.cancel();
+                                if retire.is_cancelled() {
+                                    return;
+                                }
+                                warn!(%sentry, transport = "wireguard", "tunnel down: {reason}");
+                            }
+                            stop.cancel();
+                        }
+                        Err(e) => {
+                            warn!(%sentry, transport = "wireguard", "cannot open a UDP socket: {e}")
+                        }
+                    }
+                }
+                Err(e) => warn!(%sentry, transport = "wireguard", "cannot reach sentry: {e}"),
+            }
+            if clock::now().duration_since(started) >= HEALTHY_AFTER + WG_REBUILD_AFTER {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay(rand::random::<f64>());
+            debug!(%sentry, "rebuilding the WireGuard tunnel in {delay:?}");
+            tokio::select! {
+                () = retire.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Serve streams the sentry opens in the overlay until it has been silent too long
+    /// (returns why) or the tunnel is retired (drains first, as over QUIC).
+    async fn serve_wireguard(
+        &self,
+        peer: &Arc<wireguard::Peer>,
+        accepted: &mut mpsc::Receiver<wireguard::OverlayStream>,
+        events: &mut mpsc::UnboundedReceiver<bool>,
+    ) -> String {
+        let sentry = &self.state.peer.address;
+        let relays = TaskTracker::new();
+        let mut silent_since = Some(clock::now());
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = self.state.retire.cancelled() => break,
+                Some(stream) = accepted.recv() => {
+                    relays.spawn(relay_stream(TunnelStream::Overlay(stream), self.shared.clone(), false));
+                }
+                Some(up) = events.recv() => {
+                    if up {
+                        info!(%sentry, remote = ?peer.endpoint(), transport = "wireguard", "tunnel up");
+                        self.state.connects.fetch_add(1, Ordering::Relaxed);
+                        *lock(&self.state.live) = Some((LiveTunnel::WireGuard(peer.clone()), clock::now()));
+                        silent_since = None;
+                    } else {
+                        warn!(%sentry, transport = "wireguard", "no packet from the sentry within {:?}", wireguard::AGENT_LIVENESS);
+                        *lock(&self.state.live) = None;
+                        silent_since = Some(clock::now());
+                    }
+                }
+                _ = check.tick() => {
+                    if silent_since.is_some_and(|t| clock::now().duration_since(t) >= WG_REBUILD_AFTER) {
+                        return format!("no answer from the sentry for {WG_REBUILD_AFTER:?}");
+                    }
+                }
+            }
+        }
+        relays.close();
+        let refuse_new = async {
+            while let Some(stream) = accepted.recv().await {
+                tokio::spawn(relay_stream(
+                    TunnelStream::Overlay(stream),
+                    self.shared.clone(),
+                    true,
+                ));
+            }
+        };
+        let deadline = async {
+            self.shared.stop.cancelled().await;
+            let drain = lock(&self.shared.config).drain_timeout;
+            tokio::time::sleep(drain).await;
+        };
+        tokio::select! {
+            () = refuse_new => {}
+            () = relays.wait() => {}
+            () = deadline => {}
+        }
+        "retired".to_owned()
+    }
+}
+
+/// The first address `address` resolves to.
+async fn resolve(address: &str) -> Result<SocketAddr, DialError> {
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| DialError::Resolve(address.to_owned(), e))?
+        .next()
+        .ok_or_else(|| DialError::NoAddress(address.to_owned()))
 }
 
 /// Make one tunnel to `peer`: resolve its address, bind a fresh UDP socket, handshake.
@@ -601,18 +790,14 @@ pub async fn dial(
 }
 
 /// Answer one relay header, then pump bytes between the stream and the service.
-async fn relay_stream(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    shared: Arc<Shared>,
-    shutting_down: bool,
-) {
+async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_down: bool) {
+    let send = &mut stream;
     let unknown = &shared.unknown;
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, Header::read_from(&mut recv)).await {
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, Header::read_from(send)).await {
         Ok(Ok(header)) => header,
         Ok(Err(e)) => {
             refuse(
-                &mut send,
+                send,
                 unknown,
                 Status::BadHeader,
                 format!("bad relay header: {e}"),
@@ -621,7 +806,7 @@ async fn relay_stream(
             return;
         }
         Err(_) => {
-            let _ = send.reset(code::RELAY_ERROR);
+            send.abort();
             return;
         }
     };
@@ -631,12 +816,12 @@ async fn relay_stream(
             "route {} asked for unknown service {:?}",
             header.route, header.service
         );
-        refuse(&mut send, unknown, Status::UnknownService, why).await;
+        refuse(send, unknown, Status::UnknownService, why).await;
         return;
     };
     if shutting_down {
         refuse(
-            &mut send,
+            send,
             &stats,
             Status::ShuttingDown,
             "shutting down".to_owned(),
@@ -648,7 +833,7 @@ async fn relay_stream(
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             refuse(
-                &mut send,
+                send,
                 &stats,
                 Status::ConnectRefused,
                 format!(
@@ -661,7 +846,7 @@ async fn relay_stream(
         }
         Ok(Err(e)) => {
             refuse(
-                &mut send,
+                send,
                 &stats,
                 Status::ConnectFailed,
                 format!("service {} at {target}: {e}", header.service),
@@ -671,7 +856,7 @@ async fn relay_stream(
         }
         Err(_) => {
             refuse(
-                &mut send,
+                send,
                 &stats,
                 Status::ConnectFailed,
                 format!("service {} at {target}: connect timed out", header.service),
@@ -687,7 +872,7 @@ async fn relay_stream(
         let bytes = encode_proxy_header(proxy.version, header.client, proxy.destination);
         if let Err(e) = tcp.write_all(&bytes).await {
             refuse(
-                &mut send,
+                send,
                 &stats,
                 Status::ConnectFailed,
                 format!(
@@ -705,31 +890,31 @@ async fn relay_stream(
     stats.count(Status::Ok);
     stats.active.fetch_add(1, Ordering::Relaxed);
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
+    let (mut tunnel_read, mut tunnel_write) = stream.halves();
     let (end, moved) = pump(
         &mut tcp_read,
         &mut tcp_write,
-        &mut recv,
-        &mut send,
+        &mut tunnel_read,
+        &mut tunnel_write,
         AGENT_IDLE_TIMEOUT,
         &stats.bytes,
     )
     .await;
     stats.active.fetch_sub(1, Ordering::Relaxed);
     if !matches!(end, PumpEnd::Done) {
-        let _ = send.reset(code::RELAY_ERROR);
-        let _ = recv.stop(code::RELAY_ERROR);
+        stream.abort();
     }
     debug!(route = %header.route, client = %header.client, service = %header.service, to_service = moved.down, from_service = moved.up, ?end, "relayed connection closed");
 }
 
 /// Answer a header with a refusal and end the stream.
-async fn refuse(send: &mut SendStream, stats: &ServiceStats, status: Status, why: String) {
+async fn refuse(send: &mut TunnelStream, stats: &ServiceStats, status: Status, why: String) {
     stats.count(status);
     if let Some(suppressed) = REFUSED_LOG.allow() {
         warn!(?status, suppressed, "refused a relayed connection: {why}");
     }
     // A failure means the stream is already gone; there is no one left to tell.
     if send.write_all(&[status as u8]).await.is_ok() {
-        let _ = send.finish();
+        send.finish();
     }
 }

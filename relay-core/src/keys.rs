@@ -133,6 +133,16 @@ impl PrivateKey {
     }
 }
 
+impl PrivateKey {
+    /// The host's WireGuard public key in `wg pubkey` form (base64), for a plain peer's
+    /// `wg` config.
+    #[must_use]
+    pub fn wireguard_public_base64(&self) -> String {
+        let secret = boringtun::x25519::StaticSecret::from(self.wireguard_secret());
+        B64.encode(boringtun::x25519::PublicKey::from(&secret).to_bytes())
+    }
+}
+
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PrivateKey(public {})", self.public_key())

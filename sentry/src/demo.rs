@@ -340,6 +340,7 @@ async fn rogue_agent(sentry: SocketAddr, sentry_key: &PrivateKey) -> Result<Stri
         address: sentry.to_string(),
         public_key: sentry_key.public_key(),
         transport: TransportKind::Quic,
+        wireguard: None,
     };
     let client = quic::client_config(&rogue, peer.public_key, &quic::Tuning::default())
         .map_err(|e| e.to_string())?;

@@ -77,6 +77,10 @@ enum Command {
         /// The private key file.
         #[arg(long)]
         key: PathBuf,
+        /// Print the host's WireGuard public key instead (`wg pubkey` form), for a plain
+        /// WireGuard peer's config.
+        #[arg(long)]
+        wireguard: bool,
     },
     /// Validate a config file of either role (and its key file) without starting anything.
     Check {
@@ -138,7 +142,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(&config),
         Command::Agent { config } => agent(&config),
         Command::Keygen { out } => keygen(&out),
-        Command::Pubkey { key } => pubkey(&key),
+        Command::Pubkey { key, wireguard } => pubkey(&key, wireguard),
         Command::Check { config } => check(&config),
         Command::Pair {
             sentry,
@@ -364,8 +368,13 @@ fn keygen(out: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-fn pubkey(path: &Path) -> Result<(), Failure> {
-    println!("{}", load_key(path)?.public_key());
+fn pubkey(path: &Path, wireguard: bool) -> Result<(), Failure> {
+    let key = load_key(path)?;
+    if wireguard {
+        println!("{}", key.wireguard_public_base64());
+    } else {
+        println!("{}", key.public_key());
+    }
     Ok(())
 }
 

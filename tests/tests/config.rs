@@ -77,7 +77,31 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "agent-unsupported-transport",
         "8:13",
         "sentry[0].transport",
-        "only \"quic\"",
+        "\"tls\" is not supported",
+    ),
+    (
+        "agent-wireguard-without-addresses",
+        "6:11",
+        "sentry[0].wireguard_address",
+        "transport = \"wireguard\" needs wireguard_address",
+    ),
+    (
+        "wireguard-listen-without-address",
+        "4:20",
+        "sentry.wireguard_listen",
+        "needs sentry.wireguard_address",
+    ),
+    (
+        "wireguard-peer-wrong-address",
+        "16:13",
+        "route[0].upstream[0]",
+        "may reach only that address",
+    ),
+    (
+        "wireguard-duplicate-overlay-address",
+        "10:21",
+        "agent[0].wireguard_address",
+        "is already sentry.wireguard_address",
     ),
     (
         "bad-duration",
@@ -101,7 +125,7 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "dangling-upstream",
         "12:23",
         "route[0].upstream[1]",
-        "names agent \"v9\", which no [[agent]] defines",
+        "names agent \"v9\", which no [[agent]] or [[wireguard_peer]] defines",
     ),
     (
         "duplicate-agent-key",

@@ -172,6 +172,7 @@ async fn an_unlisted_agent_key_is_refused_in_the_handshake() {
         address: sentry.handle.quic_addr().to_string(),
         public_key: sentry_key.public_key(),
         transport: TransportKind::Quic,
+        wireguard: None,
     };
     let client = quic::client_config(&rogue, peer.public_key, &quic::Tuning::default()).unwrap();
     match relay_core::agent::dial(&peer, &client, &rogue).await {
@@ -207,6 +208,7 @@ async fn a_sentry_with_the_wrong_key_is_refused_by_the_agent() {
         address: sentry.handle.quic_addr().to_string(),
         public_key: impostor_pin.public_key(),
         transport: TransportKind::Quic,
+        wireguard: None,
     };
     let client =
         quic::client_config(&agent_key, peer.public_key, &quic::Tuning::default()).unwrap();

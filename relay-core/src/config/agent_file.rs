@@ -5,8 +5,8 @@ use toml::Spanned;
 
 use super::units::{Addr, HostPort, HumanDuration, Key, Name};
 use super::{
-    AgentConfig, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, Locator, Reserved, SentryPeer,
-    Service, TransportKind, deserialize,
+    AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, Locator, SentryPeer,
+    Service, TransportKind, deserialize, overlay_address,
 };
 
 #[derive(Deserialize)]
@@ -42,8 +42,8 @@ struct SentryTable {
     address: Spanned<HostPort>,
     public_key: Spanned<Key>,
     transport: Option<Spanned<Transport>>,
-    wireguard_address: Reserved,
-    sentry_wireguard_address: Reserved,
+    wireguard_address: Option<Spanned<String>>,
+    sentry_wireguard_address: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +51,72 @@ struct SentryTable {
 struct ServiceTable {
     name: Spanned<Name>,
     target: Spanned<Addr>,
+}
+
+/// The overlay addresses: both with `transport = "wireguard"`, neither otherwise.
+fn wireguard(
+    check: &mut Checker<'_>,
+    i: usize,
+    table: &SentryTable,
+    transport: TransportKind,
+) -> Option<AgentWireGuard> {
+    let fields = [
+        ("wireguard_address", &table.wireguard_address),
+        ("sentry_wireguard_address", &table.sentry_wireguard_address),
+    ];
+    if transport != TransportKind::WireGuard {
+        for (field, value) in fields {
+            if let Some(value) = value {
+                check.fail(
+                    value,
+                    format!("sentry[{i}].{field}"),
+                    "applies only with transport = \"wireguard\"",
+                );
+            }
+        }
+        return None;
+    }
+    let mut ips = Vec::new();
+    for (field, value) in fields {
+        let key = format!("sentry[{i}].{field}");
+        match value {
+            None => check.errors.push(check.loc.error(
+                Some(table.address.span()),
+                &key,
+                format!(
+                    "transport = \"wireguard\" needs {field} (the same overlay addresses as in the sentry's config)"
+                ),
+            )),
+            Some(value) => match overlay_address(value.get_ref()) {
+                Ok(ip) => ips.push(ip),
+                Err(why) => check.fail(value, key, why),
+            },
+        }
+    }
+    if table.public_key.get_ref().0.wireguard().is_none() {
+        check.fail(
+            &table.public_key,
+            format!("sentry[{i}].public_key"),
+            "not an Ed25519 public key, so it has no WireGuard form",
+        );
+    }
+    match ips[..] {
+        [address, sentry_address] if address != sentry_address => Some(AgentWireGuard {
+            address,
+            sentry_address,
+        }),
+        [_, _] => {
+            if let Some(value) = &table.wireguard_address {
+                check.fail(
+                    value,
+                    format!("sentry[{i}].wireguard_address"),
+                    "the agent and the sentry need different overlay addresses",
+                );
+            }
+            None
+        }
+        _ => None,
+    }
 }
 
 pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
@@ -72,33 +138,26 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
     }
     let mut sentries = Vec::new();
     for (i, table) in doc.sentry.iter().enumerate() {
-        check.reserved(
-            &table.wireguard_address,
-            format!("sentry[{i}].wireguard_address"),
-            "the WireGuard transport",
-        );
-        check.reserved(
-            &table.sentry_wireguard_address,
-            format!("sentry[{i}].sentry_wireguard_address"),
-            "the WireGuard transport",
-        );
         let transport = match table.transport.as_ref().map(Spanned::get_ref) {
             None | Some(Transport::Quic) => TransportKind::Quic,
-            Some(Transport::Wireguard | Transport::Tls) => {
+            Some(Transport::Wireguard) => TransportKind::WireGuard,
+            Some(Transport::Tls) => {
                 if let Some(t) = &table.transport {
                     check.fail(
                         t,
                         format!("sentry[{i}].transport"),
-                        "only \"quic\" is supported by this version of sentry yet",
+                        "\"tls\" is not supported by this version of sentry yet; use \"quic\" or \"wireguard\"",
                     );
                 }
                 TransportKind::Quic
             }
         };
+        let wireguard = wireguard(&mut check, i, table, transport);
         sentries.push(SentryPeer {
             address: table.address.get_ref().0.clone(),
             public_key: table.public_key.get_ref().0,
             transport,
+            wireguard,
         });
     }
     check.unique(

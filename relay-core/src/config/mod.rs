@@ -12,7 +12,7 @@ mod error;
 mod sentry_file;
 pub mod units;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -59,6 +59,31 @@ pub struct SentryConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long open relayed connections may take to finish after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
+    /// `wireguard_listen` and `wireguard_address`: the WireGuard transport, when set.
+    pub wireguard: Option<WireGuard>,
+    /// `[[wireguard_peer]]`: plain WireGuard peers (no agent software). Names are unique
+    /// among agents and peers, keys and overlay addresses among everyone.
+    pub wireguard_peers: Vec<WireGuardPeer>,
+}
+
+/// The sentry's WireGuard listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireGuard {
+    /// The UDP address agents and plain peers send to.
+    pub listen: SocketAddr,
+    /// The sentry's own address inside the overlay.
+    pub address: Ipv4Addr,
+}
+
+/// A plain WireGuard peer (kernel `wg`, wireguard-go): routes reach addresses inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireGuardPeer {
+    pub name: String,
+    /// Its WireGuard public key, as `wg pubkey` prints it.
+    pub public_key: [u8; 32],
+    /// Its overlay address: the only source address accepted from it, and the only one
+    /// routes may name through it.
+    pub address: Ipv4Addr,
 }
 
 /// An agent the sentry lets in.
@@ -66,6 +91,8 @@ pub struct SentryConfig {
 pub struct AgentPeer {
     pub name: String,
     pub public_key: PublicKey,
+    /// Its overlay address, when it may connect over WireGuard.
+    pub wireguard_address: Option<Ipv4Addr>,
 }
 
 /// A public TCP listener relayed to agents.
@@ -208,8 +235,13 @@ impl Default for Limits {
 /// `agent/service` in a route's upstream list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
+    /// An agent's name, or a plain WireGuard peer's.
     pub agent: String,
+    /// The agent's service name; for a plain peer, the `IP:PORT` text.
     pub service: String,
+    /// `Some` for a plain WireGuard peer: the address connected to inside the overlay (no
+    /// relay header: the peer runs no agent).
+    pub overlay: Option<SocketAddrV4>,
 }
 
 /// `sentry agent`'s config.
@@ -235,12 +267,35 @@ pub struct SentryPeer {
     pub address: String,
     pub public_key: PublicKey,
     pub transport: TransportKind,
+    /// With `transport = "wireguard"`: the two overlay addresses.
+    pub wireguard: Option<AgentWireGuard>,
+}
+
+/// An agent's overlay addresses toward one sentry (the same as in that sentry's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentWireGuard {
+    /// This agent's address inside the overlay.
+    pub address: Ipv4Addr,
+    /// The sentry's address inside the overlay.
+    pub sentry_address: Ipv4Addr,
 }
 
 /// How the agent reaches a sentry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportKind {
     Quic,
+    WireGuard,
+}
+
+impl TransportKind {
+    /// The name used in configs, logs and metrics.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::WireGuard => "wireguard",
+        }
+    }
 }
 
 /// A service the agent exports.
@@ -356,6 +411,20 @@ fn deserialize<T: DeserializeOwned>(loc: &Locator<'_>) -> Result<T, ConfigErrors
 
 /// A key SPEC.md defines that this version does not implement yet.
 type Reserved = Option<Spanned<IgnoredAny>>;
+
+/// An overlay address: IPv4, unicast, not loopback (the overlay is its own network; the
+/// CGNAT range 100.64.0.0/10 is the usual choice).
+fn overlay_address(text: &str) -> Result<Ipv4Addr, String> {
+    let ip: Ipv4Addr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an IPv4 address (the overlay is IPv4)"))?;
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+        return Err(format!(
+            "{ip} cannot be an overlay address (pick a unicast address such as 100.64.0.1)"
+        ));
+    }
+    Ok(ip)
+}
 
 /// Collects validation errors so the operator sees all of them at once.
 struct Checker<'a> {

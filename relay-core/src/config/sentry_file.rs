@@ -1,7 +1,7 @@
 //! The schema of `sentry.toml` and its conversion into [`SentryConfig`].
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -19,7 +19,7 @@ use super::{
     AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_CALL_RATE_PER_IP, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_WEBSOCKETS_PER_IP,
     DEFAULT_SENTRY_MAX_CONNECTIONS, ForwardedHeader, JsonRpc, Limits, Locator, Reserved, Route,
-    RouteTls, SentryConfig, Upstream, deserialize,
+    RouteTls, SentryConfig, Upstream, WireGuard, WireGuardPeer, deserialize, overlay_address,
 };
 
 #[derive(Deserialize)]
@@ -28,9 +28,18 @@ struct Doc {
     sentry: SentryTable,
     #[serde(default)]
     agent: Vec<AgentTable>,
-    wireguard_peer: Reserved,
+    #[serde(default)]
+    wireguard_peer: Vec<WireGuardPeerTable>,
     #[serde(default)]
     route: Vec<RouteTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireGuardPeerTable {
+    name: Spanned<Name>,
+    public_key: Spanned<Key>,
+    address: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -38,8 +47,8 @@ struct Doc {
 struct SentryTable {
     private_key: Spanned<String>,
     quic_listen: Spanned<Addr>,
-    wireguard_listen: Reserved,
-    wireguard_address: Reserved,
+    wireguard_listen: Option<Spanned<Addr>>,
+    wireguard_address: Option<Spanned<String>>,
     tls_listen: Reserved,
     metrics_listen: Option<Spanned<Addr>>,
     max_connections: Option<Spanned<u64>>,
@@ -51,7 +60,7 @@ struct SentryTable {
 struct AgentTable {
     name: Spanned<Name>,
     public_key: Spanned<Key>,
-    wireguard_address: Reserved,
+    wireguard_address: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -130,33 +139,46 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
     let doc: Doc = deserialize(loc)?;
     let mut check = Checker::new(loc);
     let s = &doc.sentry;
-    check.reserved(
-        &s.wireguard_listen,
-        "sentry.wireguard_listen",
-        "the WireGuard transport",
-    );
-    check.reserved(
-        &s.wireguard_address,
-        "sentry.wireguard_address",
-        "the WireGuard transport",
-    );
     check.reserved(&s.tls_listen, "sentry.tls_listen", "the TLS transport");
-    check.reserved(
-        &doc.wireguard_peer,
-        "wireguard_peer",
-        "the WireGuard transport",
-    );
+    let wireguard = wireguard(&mut check, &doc);
 
     check.unique(doc.agent.iter().map(|a| &a.name), "agent name", |i| {
         format!("agent[{i}].name")
     });
     let mut keys = HashSet::new();
+    // Overlay addresses taken, and by whom.
+    let mut overlay: Vec<(Ipv4Addr, String)> = wireguard
+        .iter()
+        .map(|w| (w.address, "sentry.wireguard_address".to_owned()))
+        .collect();
+    let mut wg_keys = HashSet::new();
+    let mut agent_overlay = Vec::new();
     for (i, agent) in doc.agent.iter().enumerate() {
-        check.reserved(
-            &agent.wireguard_address,
-            format!("agent[{i}].wireguard_address"),
-            "the WireGuard transport",
-        );
+        let address = agent.wireguard_address.as_ref().and_then(|spanned| {
+            let key = format!("agent[{i}].wireguard_address");
+            if wireguard.is_none() {
+                check.fail(
+                    spanned,
+                    &key,
+                    "an agent's overlay address needs sentry.wireguard_listen and \
+                     sentry.wireguard_address",
+                );
+                return None;
+            }
+            let ip = overlay_ip(&mut check, spanned, &key, &mut overlay)?;
+            match agent.public_key.get_ref().0.wireguard() {
+                Some(wg) => {
+                    wg_keys.insert(wg);
+                }
+                None => check.fail(
+                    &agent.public_key,
+                    format!("agent[{i}].public_key"),
+                    "not an Ed25519 public key, so it has no WireGuard form",
+                ),
+            }
+            Some(ip)
+        });
+        agent_overlay.push(address);
         if !keys.insert(agent.public_key.get_ref().0) {
             check.fail(
                 &agent.public_key,
@@ -168,11 +190,34 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
     let agents: Vec<AgentPeer> = doc
         .agent
         .iter()
-        .map(|a| AgentPeer {
+        .zip(agent_overlay)
+        .map(|(a, wireguard_address)| AgentPeer {
             name: a.name.get_ref().0.clone(),
             public_key: a.public_key.get_ref().0,
+            wireguard_address,
         })
         .collect();
+    let wireguard_peers = wireguard_peers(
+        &mut check,
+        &doc,
+        wireguard.is_some(),
+        &mut overlay,
+        &mut wg_keys,
+    );
+    check.unique(
+        doc.agent
+            .iter()
+            .map(|a| &a.name)
+            .chain(doc.wireguard_peer.iter().map(|p| &p.name)),
+        "agent or wireguard_peer name",
+        |i| {
+            if i < doc.agent.len() {
+                format!("agent[{i}].name")
+            } else {
+                format!("wireguard_peer[{}].name", i - doc.agent.len())
+            }
+        },
+    );
 
     check.unique(doc.route.iter().map(|r| &r.name), "route name", |i| {
         format!("route[{i}].name")
@@ -192,7 +237,7 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
             );
         }
         listens.push(listen);
-        routes.push(route(&mut check, i, table, &agents));
+        routes.push(route(&mut check, i, table, &agents, &wireguard_peers));
     }
     let metrics_listen = s.metrics_listen.as_ref().map(|m| m.get_ref().0);
     if let (Some(spanned), Some(addr)) = (&s.metrics_listen, metrics_listen)
@@ -225,11 +270,130 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
             .drain_timeout
             .as_ref()
             .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+        wireguard,
+        wireguard_peers,
     };
     check.finish(config)
 }
 
-fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentPeer]) -> Route {
+/// `wireguard_listen` with `wireguard_address`: both or neither.
+fn wireguard(check: &mut Checker<'_>, doc: &Doc) -> Option<WireGuard> {
+    let s = &doc.sentry;
+    match (&s.wireguard_listen, &s.wireguard_address) {
+        (Some(listen), Some(address)) => {
+            let listen_addr = listen.get_ref().0;
+            let quic = s.quic_listen.get_ref().0;
+            if overlaps(listen_addr, quic) {
+                check.fail(
+                    listen,
+                    "sentry.wireguard_listen",
+                    format!("{listen_addr} is also quic_listen ({quic}); both are UDP, pick another port (51820 is WireGuard's usual one)"),
+                );
+            }
+            let mut taken = Vec::new();
+            let address = overlay_ip(check, address, "sentry.wireguard_address", &mut taken)?;
+            Some(WireGuard {
+                listen: listen_addr,
+                address,
+            })
+        }
+        (Some(listen), None) => {
+            check.fail(
+                listen,
+                "sentry.wireguard_listen",
+                "needs sentry.wireguard_address too: the sentry's own address inside the overlay, such as \"100.64.0.1\"",
+            );
+            None
+        }
+        (None, Some(address)) => {
+            check.fail(
+                address,
+                "sentry.wireguard_address",
+                "applies only with sentry.wireguard_listen",
+            );
+            None
+        }
+        (None, None) => None,
+    }
+}
+
+/// An overlay address that nobody else in this config has taken.
+fn overlay_ip(
+    check: &mut Checker<'_>,
+    spanned: &Spanned<String>,
+    key: &str,
+    taken: &mut Vec<(Ipv4Addr, String)>,
+) -> Option<Ipv4Addr> {
+    match overlay_address(spanned.get_ref()) {
+        Ok(ip) => {
+            if let Some((_, owner)) = taken.iter().find(|(t, _)| *t == ip) {
+                check.fail(
+                    spanned,
+                    key,
+                    format!("{ip} is already {owner}; overlay addresses are unique"),
+                );
+            } else {
+                taken.push((ip, key.to_owned()));
+            }
+            Some(ip)
+        }
+        Err(why) => {
+            check.fail(spanned, key, why);
+            None
+        }
+    }
+}
+
+/// `[[wireguard_peer]]` entries: only with a WireGuard listener; keys and addresses unique.
+fn wireguard_peers(
+    check: &mut Checker<'_>,
+    doc: &Doc,
+    enabled: bool,
+    overlay: &mut Vec<(Ipv4Addr, String)>,
+    wg_keys: &mut HashSet<[u8; 32]>,
+) -> Vec<WireGuardPeer> {
+    let mut peers = Vec::new();
+    for (i, table) in doc.wireguard_peer.iter().enumerate() {
+        if !enabled {
+            check.fail(
+                &table.name,
+                format!("wireguard_peer[{i}]"),
+                "a plain WireGuard peer needs sentry.wireguard_listen and sentry.wireguard_address",
+            );
+            continue;
+        }
+        let public_key = *table.public_key.get_ref().0.as_bytes();
+        if !wg_keys.insert(public_key) {
+            check.fail(
+                &table.public_key,
+                format!("wireguard_peer[{i}].public_key"),
+                "this WireGuard key is already another peer's (or an agent's); each needs its own",
+            );
+        }
+        let Some(address) = overlay_ip(
+            check,
+            &table.address,
+            &format!("wireguard_peer[{i}].address"),
+            overlay,
+        ) else {
+            continue;
+        };
+        peers.push(WireGuardPeer {
+            name: table.name.get_ref().0.clone(),
+            public_key,
+            address,
+        });
+    }
+    peers
+}
+
+fn route(
+    check: &mut Checker<'_>,
+    i: usize,
+    table: &RouteTable,
+    agents: &[AgentPeer],
+    plain: &[WireGuardPeer],
+) -> Route {
     let key = |field: &str| format!("route[{i}].{field}");
     let mut is_jsonrpc = false;
     if let Some(protocol) = &table.protocol {
@@ -293,7 +457,7 @@ fn route(check: &mut Checker<'_>, i: usize, table: &RouteTable, agents: &[AgentP
     });
     let mut upstreams = Vec::new();
     for (j, entry) in table.upstream.get_ref().iter().enumerate() {
-        match upstream(entry.get_ref(), agents) {
+        match upstream(entry.get_ref(), agents, plain) {
             Ok(up) => upstreams.push(up),
             Err(message) => check.fail(entry, format!("route[{i}].upstream[{j}]"), message),
         }
@@ -682,24 +846,48 @@ fn count(
     }
 }
 
-fn upstream(text: &str, agents: &[AgentPeer]) -> Result<Upstream, String> {
+fn upstream(text: &str, agents: &[AgentPeer], plain: &[WireGuardPeer]) -> Result<Upstream, String> {
     let Some((agent, service)) = text.split_once('/') else {
         return Err(format!(
             "invalid upstream {text:?}: expected \"agent/service\", such as \"validator-1/p2p\""
         ));
     };
+    if let Some(peer) = plain.iter().find(|p| p.name == agent) {
+        let target: SocketAddrV4 = service.parse().map_err(|_| {
+            format!(
+                "upstream {text:?} names the plain WireGuard peer {agent:?}: expected \"{agent}/IP:PORT\" inside the overlay, such as \"{agent}/{}:7100\"",
+                peer.address
+            )
+        })?;
+        if *target.ip() != peer.address {
+            return Err(format!(
+                "upstream {text:?}: {agent:?} has the overlay address {}; a route may reach only that address through it",
+                peer.address
+            ));
+        }
+        return Ok(Upstream {
+            agent: agent.to_owned(),
+            service: service.to_owned(),
+            overlay: Some(target),
+        });
+    }
     check_name(agent)
         .and_then(|()| check_name(service))
         .map_err(|e| format!("invalid upstream {text:?}: {e}"))?;
     if !agents.iter().any(|a| a.name == agent) {
-        let known: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+        let known: Vec<&str> = agents
+            .iter()
+            .map(|a| a.name.as_str())
+            .chain(plain.iter().map(|p| p.name.as_str()))
+            .collect();
         return Err(format!(
-            "upstream {text:?} names agent {agent:?}, which no [[agent]] defines (known: {known:?})"
+            "upstream {text:?} names agent {agent:?}, which no [[agent]] or [[wireguard_peer]] defines (known: {known:?})"
         ));
     }
     Ok(Upstream {
         agent: agent.to_owned(),
         service: service.to_owned(),
+        overlay: None,
     })
 }
 

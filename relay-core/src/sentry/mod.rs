@@ -26,15 +26,16 @@ mod websocket;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, Endpoint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -43,12 +44,14 @@ use crate::admission::{
     DEFAULT_HANDSHAKE_LIMITS, Gate, Handshake, HandshakeGate, HandshakePermit, HandshakeRefusal,
     Permit, Refusal, SentryCount,
 };
-use crate::config::{Route, SentryConfig};
+use crate::config::{Route, SentryConfig, TransportKind};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Families, Observe};
-use crate::relay::{ByteCounters, Header, Proxy, PumpEnd, Status, pump};
+use crate::relay::{ByteCounters, Header, Proxy, PumpEnd, Status, encode_proxy_header, pump};
+use crate::transport::TunnelStream;
 use crate::transport::quic::{self, QuicError, Tuning, code};
+use crate::transport::wireguard;
 use crate::{clock, lock};
 
 /// Longest an agent's QUIC handshake may take.
@@ -70,6 +73,8 @@ static NO_UPSTREAM_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 pub enum StartError {
     #[error(transparent)]
     Quic(#[from] QuicError),
+    #[error(transparent)]
+    WireGuard(#[from] wireguard::WgError),
     #[error("route {route:?}: cannot listen on {addr}: {source}")]
     Listen {
         route: String,
@@ -101,6 +106,8 @@ pub struct Sentry {
     shared: Arc<Shared>,
     initial: Vec<(Arc<RouteSlot>, TcpListener)>,
     metrics: Option<TcpListener>,
+    /// WireGuard peers going up and down.
+    wg_events: mpsc::UnboundedReceiver<(Arc<wireguard::Peer>, bool)>,
 }
 
 /// A cheap handle to observe and reload a running sentry.
@@ -111,6 +118,10 @@ pub struct SentryHandle {
 
 struct Shared {
     endpoint: Endpoint,
+    /// The WireGuard listener, when configured.
+    wireguard: Option<wireguard::Device>,
+    /// Stops the WireGuard device after the drain (`stop` ends accepting before it).
+    transport_stop: CancellationToken,
     quic_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     key: PrivateKey,
@@ -160,8 +171,39 @@ struct Tunnels {
 }
 
 struct Live {
-    conn: Connection,
+    tunnel: Tunnel,
     since: Instant,
+}
+
+/// An agent's tunnel.
+#[derive(Clone)]
+enum Tunnel {
+    Quic(Connection),
+    WireGuard(Arc<wireguard::Peer>),
+}
+
+impl Tunnel {
+    fn transport(&self) -> &'static str {
+        match self {
+            Self::Quic(_) => TransportKind::Quic.as_str(),
+            Self::WireGuard(_) => TransportKind::WireGuard.as_str(),
+        }
+    }
+
+    fn rtt(&self) -> Duration {
+        match self {
+            Self::Quic(conn) => conn.rtt(),
+            Self::WireGuard(peer) => peer.session().1.unwrap_or_default(),
+        }
+    }
+
+    fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Quic(a), Self::Quic(b)) => a.stable_id() == b.stable_id(),
+            (Self::WireGuard(a), Self::WireGuard(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 enum OpenError {
@@ -220,7 +262,29 @@ impl Sentry {
             let slot = RouteSlot::new(route, local, &open, &stop);
             initial.push((slot, listener));
         }
+        let transport_stop = CancellationToken::new();
+        let (events, wg_events) = mpsc::unbounded_channel();
+        let wireguard = match config.wireguard {
+            Some(wg) => {
+                let on_event: wireguard::PeerEvents = Arc::new(move |peer, up| {
+                    let _ = events.send((peer.clone(), up));
+                });
+                let device = wireguard::Device::bind(
+                    wg.listen,
+                    key.wireguard_secret(),
+                    wg.address,
+                    &wireguard_peers(config),
+                    on_event,
+                    transport_stop.clone(),
+                )
+                .await?;
+                Some(device)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            wireguard,
+            transport_stop,
             endpoint,
             quic_addr,
             metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
@@ -244,6 +308,7 @@ impl Sentry {
             shared,
             initial,
             metrics,
+            wg_events,
         })
     }
 
@@ -261,6 +326,12 @@ impl Sentry {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let shared = self.shared;
         tokio::spawn(accept_agents(shared.clone()));
+        if let Some(device) = &shared.wireguard
+            && let Some(listen) = device.local_addr()
+        {
+            info!(%listen, "WireGuard listening");
+        }
+        tokio::spawn(wireguard_events(shared.clone(), self.wg_events));
         if let Some(listener) = self.metrics {
             if let Ok(listen) = listener.local_addr() {
                 info!(%listen, "metrics listening (GET /metrics, GET /healthz)");
@@ -291,6 +362,7 @@ impl Sentry {
                 "drain deadline reached; closing the rest"
             );
         }
+        shared.transport_stop.cancel();
         shared
             .endpoint
             .close(code::SHUTDOWN, b"sentry shutting down");
@@ -344,6 +416,25 @@ impl SentryHandle {
     #[must_use]
     pub fn quic_addr(&self) -> SocketAddr {
         self.shared.quic_addr
+    }
+
+    /// The bound WireGuard UDP address, when `wireguard_listen` is set.
+    #[must_use]
+    pub fn wireguard_addr(&self) -> Option<SocketAddr> {
+        self.shared
+            .wireguard
+            .as_ref()
+            .and_then(wireguard::Device::local_addr)
+    }
+
+    /// WireGuard datagrams dropped without an answer (unknown key, bad MAC, failed
+    /// decryption).
+    #[must_use]
+    pub fn wireguard_dropped(&self) -> u64 {
+        self.shared
+            .wireguard
+            .as_ref()
+            .map_or(0, wireguard::Device::dropped)
     }
 
     /// The bound metrics address, when `metrics_listen` is set.
@@ -432,6 +523,9 @@ impl SentryHandle {
         let server = quic::server_config(&shared.key, names.clone(), &Tuning::default())?;
         // 2. Apply.
         shared.endpoint.set_server_config(Some(server));
+        if let Some(device) = &shared.wireguard {
+            device.set_peers(&wireguard_peers(config));
+        }
         shared.tunnels.names.store(Arc::new(names));
         shared.open.set_max(config.max_connections);
         let mut kept = Vec::new();
@@ -461,6 +555,9 @@ impl SentryHandle {
         if config.quic_listen != running.quic_listen {
             report.need_restart.push("sentry.quic_listen");
         }
+        if config.wireguard != running.wireguard {
+            report.need_restart.push("sentry.wireguard_listen");
+        }
         if config.metrics_listen != running.metrics_listen {
             report.need_restart.push("sentry.metrics_listen");
         }
@@ -470,6 +567,7 @@ impl SentryHandle {
         let mut applied = config.clone();
         applied.quic_listen = running.quic_listen;
         applied.metrics_listen = running.metrics_listen;
+        applied.wireguard = running.wireguard;
         *running = applied;
         Ok(report)
     }
@@ -498,14 +596,47 @@ impl Observe for SentryHandle {
         let (live, connects) = {
             let tunnels = lock(&shared.tunnels.state);
             let now = clock::now();
-            let live: Vec<(String, Duration, Duration)> = tunnels
+            let live: Vec<(String, &'static str, Duration, Duration)> = tunnels
                 .live
                 .iter()
-                .map(|(name, l)| (name.clone(), l.conn.rtt(), now.duration_since(l.since)))
+                .map(|(name, l)| {
+                    (
+                        name.clone(),
+                        l.tunnel.transport(),
+                        l.tunnel.rtt(),
+                        now.duration_since(l.since),
+                    )
+                })
                 .collect();
             (live, tunnels.connects.clone())
         };
-        let mut agents: Vec<String> = shared.tunnels.names.load().values().cloned().collect();
+        // Every peer that may connect, with the transport it uses now (or may use).
+        let mut agents: Vec<(String, &'static str)> = {
+            let config = lock(&shared.config);
+            config
+                .agents
+                .iter()
+                .map(|a| {
+                    let idle = if a.wireguard_address.is_some() {
+                        TransportKind::WireGuard
+                    } else {
+                        TransportKind::Quic
+                    };
+                    (a.name.clone(), idle.as_str())
+                })
+                .chain(
+                    config
+                        .wireguard_peers
+                        .iter()
+                        .map(|p| (p.name.clone(), TransportKind::WireGuard.as_str())),
+                )
+                .collect()
+        };
+        for (name, transport) in &mut agents {
+            if let Some((_, live_transport, _, _)) = live.iter().find(|(n, ..)| n == name) {
+                *transport = live_transport;
+            }
+        }
         agents.sort();
         let route_label = |r: &Route| [("route", r.name.clone())];
         out.counters(
@@ -659,35 +790,38 @@ impl Observe for SentryHandle {
                 i64::try_from(shared.open.active()).unwrap_or(i64::MAX),
             )],
         )?;
-        let agent_label = |a: &str| [("agent", a.to_owned()), ("transport", "quic".to_owned())];
+        let agent_label = |a: &str, transport: &str| {
+            [("agent", a.to_owned()), ("transport", transport.to_owned())]
+        };
         out.gauges(
             "tunnel_up",
-            "1 while the agent's tunnel is established, else 0.",
-            agents.iter().map(|a| {
+            "1 while the agent's (or plain WireGuard peer's) tunnel is established, else 0.",
+            agents.iter().map(|(a, transport)| {
                 (
-                    agent_label(a),
+                    agent_label(a, transport),
                     i64::from(live.iter().any(|(name, ..)| name == a)),
                 )
             }),
         )?;
         out.gauges(
             "tunnel_rtt_seconds",
-            "Smoothed round-trip time of the agent's tunnel.",
+            "Smoothed round-trip time of the agent's tunnel (WireGuard: measured by its \
+             handshakes).",
             live.iter()
-                .map(|(a, rtt, _)| (agent_label(a), rtt.as_secs_f64())),
+                .map(|(a, transport, rtt, _)| (agent_label(a, transport), rtt.as_secs_f64())),
         )?;
         out.gauges(
             "tunnel_handshake_age_seconds",
             "Time since the agent's current tunnel was established.",
             live.iter()
-                .map(|(a, _, age)| (agent_label(a), age.as_secs_f64())),
+                .map(|(a, transport, _, age)| (agent_label(a, transport), age.as_secs_f64())),
         )?;
         out.counters(
             "tunnel_reconnects",
             "Tunnels an agent established after its first one since start.",
-            agents.iter().map(|a| {
+            agents.iter().map(|(a, transport)| {
                 (
-                    agent_label(a),
+                    agent_label(a, transport),
                     connects.get(a).copied().unwrap_or(0).saturating_sub(1),
                 )
             }),
@@ -748,34 +882,31 @@ impl Observe for SentryHandle {
 }
 
 impl Registry {
-    fn get(&self, agent: &str) -> Option<Connection> {
-        lock(&self.state).live.get(agent).map(|l| l.conn.clone())
+    fn get(&self, agent: &str) -> Option<Tunnel> {
+        lock(&self.state).live.get(agent).map(|l| l.tunnel.clone())
     }
 
-    fn insert(&self, agent: &str, conn: Connection) -> Option<Connection> {
+    /// Register `tunnel` as `agent`'s; returns the one it replaced.
+    fn insert(&self, agent: &str, tunnel: Tunnel) -> Option<Tunnel> {
         let old = {
             let mut state = lock(&self.state);
             *state.connects.entry(agent.to_owned()).or_insert(0) += 1;
             state.live.insert(
                 agent.to_owned(),
                 Live {
-                    conn,
+                    tunnel,
                     since: clock::now(),
                 },
             )
         };
         self.changed.send_modify(|n| *n += 1);
-        old.map(|l| l.conn)
+        old.map(|l| l.tunnel)
     }
 
-    /// Remove `agent`'s tunnel if it is still `conn` (a newer one may have replaced it).
-    fn remove(&self, agent: &str, conn: &Connection) {
+    /// Remove `agent`'s tunnel if it is still `tunnel` (a newer one may have replaced it).
+    fn remove(&self, agent: &str, tunnel: &Tunnel) {
         let mut state = lock(&self.state);
-        if state
-            .live
-            .get(agent)
-            .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
-        {
+        if state.live.get(agent).is_some_and(|l| l.tunnel.same(tunnel)) {
             state.live.remove(agent);
             drop(state);
             self.changed.send_modify(|n| *n += 1);
@@ -846,11 +977,11 @@ async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: Handshak
         return;
     };
     info!(%agent, %remote, transport = "quic", "tunnel up");
-    if let Some(old) = registry.insert(&agent, conn.clone()) {
+    if let Some(Tunnel::Quic(old)) = registry.insert(&agent, Tunnel::Quic(conn.clone())) {
         old.close(code::REPLACED, b"replaced by a newer tunnel");
     }
     let reason = conn.closed().await;
-    registry.remove(&agent, &conn);
+    registry.remove(&agent, &Tunnel::Quic(conn.clone()));
     info!(%agent, %remote, transport = "quic", "tunnel down: {reason}");
 }
 
@@ -933,22 +1064,20 @@ async fn relay_client(
             return;
         }
     };
-    if let Some((agent, mut send, mut recv)) =
-        connect_upstream(&shared, &route, client, proxy).await
-    {
+    if let Some((agent, mut stream)) = connect_upstream(&shared, &route, client, proxy).await {
         let (mut client_read, mut client_write) = tcp.split();
+        let (mut tunnel_read, mut tunnel_write) = stream.halves();
         let (end, stats) = pump(
             &mut client_read,
             &mut client_write,
-            &mut recv,
-            &mut send,
+            &mut tunnel_read,
+            &mut tunnel_write,
             route.idle_timeout,
             &slot.bytes,
         )
         .await;
         if !matches!(end, PumpEnd::Done) {
-            let _ = send.reset(code::RELAY_ERROR);
-            let _ = recv.stop(code::RELAY_ERROR);
+            stream.abort();
         }
         debug!(route = %route.name, %client, %agent, up = stats.up, down = stats.down, ?end, "relayed connection closed");
         return;
@@ -966,27 +1095,40 @@ async fn connect_upstream(
     route: &Route,
     client: SocketAddr,
     proxy: Option<Proxy>,
-) -> Option<(String, SendStream, RecvStream)> {
+) -> Option<(String, TunnelStream)> {
     let registry = &shared.tunnels;
     for upstream in &route.upstreams {
-        let Some(conn) = registry.get(&upstream.agent) else {
+        let Some(tunnel) = registry.get(&upstream.agent) else {
             continue;
         };
+        if let (Some(target), Tunnel::WireGuard(peer)) = (upstream.overlay, &tunnel) {
+            // A plain WireGuard peer: connect inside the overlay; the sentry writes the PROXY
+            // header itself, as an agent would.
+            match plain_peer(peer, target, client, proxy).await {
+                Ok(stream) => return Some((upstream.agent.clone(), stream)),
+                Err(e) => {
+                    debug!(route = %route.name, %client, peer = %upstream.agent, %target, "plain WireGuard peer did not accept: {e}; trying the next");
+                }
+            }
+            continue;
+        }
         let header = Header {
             route: route.name.clone(),
             service: upstream.service.clone(),
             client,
             proxy,
         };
-        match open(&conn, &header).await {
-            Ok((send, recv)) => return Some((upstream.agent.clone(), send, recv)),
+        match open(&tunnel, &header).await {
+            Ok(stream) => return Some((upstream.agent.clone(), stream)),
             Err(OpenError::Refused(status)) => {
                 debug!(route = %route.name, %client, agent = %upstream.agent, ?status, "upstream refused; trying the next");
             }
             Err(OpenError::Unresponsive) => {
-                warn!(agent = %upstream.agent, "agent did not answer a relay header within {STATUS_TIMEOUT:?}; closing its tunnel");
-                conn.close(code::UNRESPONSIVE, b"no answer to a relay header");
-                registry.remove(&upstream.agent, &conn);
+                warn!(agent = %upstream.agent, transport = tunnel.transport(), "agent did not answer a relay header within {STATUS_TIMEOUT:?}");
+                if let Tunnel::Quic(conn) = &tunnel {
+                    conn.close(code::UNRESPONSIVE, b"no answer to a relay header");
+                    registry.remove(&upstream.agent, &tunnel);
+                }
             }
             Err(OpenError::Tunnel(e)) => {
                 debug!(agent = %upstream.agent, "opening a stream failed: {e}");
@@ -996,30 +1138,110 @@ async fn connect_upstream(
     None
 }
 
+/// A connection to a plain WireGuard peer's overlay address.
+async fn plain_peer(
+    peer: &Arc<wireguard::Peer>,
+    target: SocketAddrV4,
+    client: SocketAddr,
+    proxy: Option<Proxy>,
+) -> std::io::Result<TunnelStream> {
+    let mut stream = tokio::time::timeout(OPEN_TIMEOUT, peer.connect(target))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    if let Some(proxy) = proxy {
+        let bytes = encode_proxy_header(proxy.version, client, proxy.destination);
+        stream.write_all(&bytes).await?;
+    }
+    Ok(TunnelStream::Overlay(stream))
+}
+
 /// Open a stream to an agent and wait for its status.
-async fn open(conn: &Connection, header: &Header) -> Result<(SendStream, RecvStream), OpenError> {
+async fn open(tunnel: &Tunnel, header: &Header) -> Result<TunnelStream, OpenError> {
     let bytes = header
         .encode()
         .map_err(|e| OpenError::Tunnel(e.to_string()))?;
-    let (mut send, mut recv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => return Err(OpenError::Tunnel(e.to_string())),
-        Err(_) => return Err(OpenError::Tunnel("no free stream on the tunnel".into())),
+    let mut stream = match tunnel {
+        Tunnel::Quic(conn) => match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
+            Ok(Ok((send, recv))) => TunnelStream::Quic(send, recv),
+            Ok(Err(e)) => return Err(OpenError::Tunnel(e.to_string())),
+            Err(_) => return Err(OpenError::Tunnel("no free stream on the tunnel".into())),
+        },
+        Tunnel::WireGuard(peer) => {
+            let to = SocketAddrV4::new(peer.address(), wireguard::RELAY_PORT);
+            match tokio::time::timeout(OPEN_TIMEOUT, peer.connect(to)).await {
+                Ok(Ok(stream)) => TunnelStream::Overlay(stream),
+                Ok(Err(e)) => return Err(OpenError::Tunnel(e.to_string())),
+                Err(_) => {
+                    return Err(OpenError::Tunnel(
+                        "the agent did not accept a stream in the overlay".into(),
+                    ));
+                }
+            }
+        }
     };
     let exchange = async {
-        send.write_all(&bytes)
+        stream
+            .write_all(&bytes)
             .await
             .map_err(|e| OpenError::Tunnel(e.to_string()))?;
         let mut status = [0u8; 1];
-        recv.read_exact(&mut status)
+        stream
+            .read_exact(&mut status)
             .await
             .map_err(|e| OpenError::Tunnel(e.to_string()))?;
         Ok(Status::from_byte(status[0]))
     };
     match tokio::time::timeout(STATUS_TIMEOUT, exchange).await {
-        Ok(Ok(Some(Status::Ok))) => Ok((send, recv)),
+        Ok(Ok(Some(Status::Ok))) => Ok(stream),
         Ok(Ok(status)) => Err(OpenError::Refused(status)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(OpenError::Unresponsive),
+    }
+}
+
+/// The WireGuard peers of a config: agents with an overlay address, and plain peers.
+fn wireguard_peers(config: &SentryConfig) -> Vec<wireguard::PeerSpec> {
+    let agents = config.agents.iter().filter_map(|agent| {
+        Some(wireguard::PeerSpec {
+            name: agent.name.clone(),
+            public: agent.public_key.wireguard()?,
+            address: agent.wireguard_address?,
+            endpoint: None,
+            keepalive: None,
+            liveness: wireguard::AGENT_LIVENESS,
+            accept: false,
+        })
+    });
+    let plain = config
+        .wireguard_peers
+        .iter()
+        .map(|peer| wireguard::PeerSpec {
+            name: peer.name.clone(),
+            public: peer.public_key,
+            address: peer.address,
+            endpoint: None,
+            keepalive: None,
+            liveness: wireguard::PLAIN_LIVENESS,
+            accept: false,
+        });
+    agents.chain(plain).collect()
+}
+
+/// WireGuard peers going up and down, into the registry.
+async fn wireguard_events(
+    shared: Arc<Shared>,
+    mut events: mpsc::UnboundedReceiver<(Arc<wireguard::Peer>, bool)>,
+) {
+    while let Some((peer, up)) = events.recv().await {
+        let name = peer.name().to_owned();
+        let tunnel = Tunnel::WireGuard(peer.clone());
+        let endpoint = peer.endpoint();
+        if up {
+            info!(agent = %name, remote = ?endpoint, transport = "wireguard", "tunnel up");
+            shared.tunnels.insert(&name, tunnel);
+        } else {
+            info!(agent = %name, remote = ?endpoint, transport = "wireguard", "tunnel down: no packet within {:?}", wireguard::AGENT_LIVENESS);
+            shared.tunnels.remove(&name, &tunnel);
+        }
     }
 }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::transport::TunnelStream;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http_body_util::Full;
@@ -29,7 +30,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{RouteSlot, Shared, connect_upstream};
@@ -155,12 +155,12 @@ async fn handshake(
 ) -> Result<(SendRequest<Full<Bytes>>, Conn), NoUpstream> {
     let route = slot.route.load_full();
     // A pooled stream serves many clients: the header names the route's own address.
-    let Some((_, send, recv)) = connect_upstream(shared, &route, slot.local, None).await else {
+    let Some((_, stream)) = connect_upstream(shared, &route, slot.local, None).await else {
         slot.no_upstream.fetch_add(1, Ordering::Relaxed);
         return Err(NoUpstream);
     };
     http1::Builder::new()
-        .handshake(TokioIo::new(TunnelIo { send, recv }))
+        .handshake(TokioIo::new(TunnelIo(stream)))
         .await
         .map_err(|_| NoUpstream)
 }
@@ -293,10 +293,7 @@ impl Drop for Relayed {
 }
 
 /// A relay stream as one byte stream, for hyper.
-pub(super) struct TunnelIo {
-    send: SendStream,
-    recv: RecvStream,
-}
+pub(super) struct TunnelIo(TunnelStream);
 
 impl AsyncRead for TunnelIo {
     fn poll_read(
@@ -304,7 +301,7 @@ impl AsyncRead for TunnelIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.recv).poll_read(cx, buf)
+        Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
@@ -314,14 +311,14 @@ impl AsyncWrite for TunnelIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+        Pin::new(&mut self.0).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+        Pin::new(&mut self.0).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

@@ -39,6 +39,16 @@ impl TunnelStream {
         }
     }
 
+    /// End the sending direction cleanly (nothing more will be written).
+    pub fn finish(&mut self) {
+        match self {
+            Self::Quic(send, _) => {
+                let _ = send.finish();
+            }
+            Self::Overlay(stream) => stream.close(),
+        }
+    }
+
     /// End it as failed: the far end sees a reset, not a clean end of stream (dropping a
     /// QUIC send stream would finish it, telling the peer all is well).
     pub fn abort(&mut self) {

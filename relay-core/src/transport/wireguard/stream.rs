@@ -100,6 +100,14 @@ impl OverlayStream {
         })
     }
 
+    /// Close the sending direction (FIN after what is buffered).
+    pub fn close(&self) {
+        self.with_socket(|socket| {
+            socket.close();
+            ((), true)
+        });
+    }
+
     /// Reset the connection now.
     pub fn abort(&self) {
         self.with_socket(|socket| {

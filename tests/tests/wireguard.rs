@@ -1,0 +1,202 @@
+//! In-process tier for the WireGuard transport: a real sentry and a real agent on 127.0.0.1,
+//! relaying real TCP connections through standard WireGuard (boringtun) with the userspace
+//! TCP/IP stack inside the overlay.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use boringtun::noise::{Tunn, TunnResult};
+use boringtun::x25519::{PublicKey as WgPublic, StaticSecret};
+use relay_core::config;
+use relay_core::keys::PrivateKey;
+use tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+const MIB: usize = 1024 * 1024;
+/// Tests run unoptimized; the benchmark moves gigabytes.
+const BULK: usize = 48 * MIB;
+
+fn wg_sentry_config(agent_key: &PrivateKey, extra: &str) -> config::SentryConfig {
+    let text = format!(
+        "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"127.0.0.1:0\"\n\
+         wireguard_listen = \"127.0.0.1:0\"\nwireguard_address = \"100.64.0.1\"\n\n\
+         [[agent]]\nname = \"v1\"\npublic_key = \"{}\"\nwireguard_address = \"100.64.0.2\"\n\n\
+         [[route]]\nname = \"p2p\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"v1/svc\"]\n{extra}\n",
+        agent_key.public_key()
+    );
+    config::parse_sentry(Path::new("test-sentry.toml"), &text).unwrap()
+}
+
+fn wg_agent_config(
+    sentry: SocketAddr,
+    sentry_key: &PrivateKey,
+    target: SocketAddr,
+) -> config::AgentConfig {
+    let text = format!(
+        "[agent]\nname = \"v1\"\nprivate_key = \"agent.key\"\n\n\
+         [[sentry]]\naddress = \"{sentry}\"\npublic_key = \"{}\"\ntransport = \"wireguard\"\n\
+         wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n\n\
+         [[service]]\nname = \"svc\"\ntarget = \"{target}\"\n",
+        sentry_key.public_key()
+    );
+    config::parse_agent(Path::new("test-agent.toml"), &text).unwrap()
+}
+
+/// A sentry with route "p2p" to agent "v1" over WireGuard; returns once the tunnel is up.
+async fn deployment(target: SocketAddr, extra: &str) -> (RunningSentry, RunningAgent, PrivateKey) {
+    let (sentry_key, agent_key) = (key(), key());
+    let sentry = start_sentry(&wg_sentry_config(&agent_key, extra), &sentry_key).await;
+    let wg = sentry.handle.wireguard_addr().unwrap();
+    let agent = start_agent(wg_agent_config(wg, &sentry_key, target), agent_key);
+    sentry.wait_agent("v1", true).await;
+    (sentry, agent, sentry_key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_upload_hash_checked_over_wireguard() {
+    let sink = service(|mut tcp| async move {
+        let (_, digest) = read_hash(&mut tcp).await.unwrap();
+        tcp.write_all(&digest).await.unwrap();
+        tcp.shutdown().await.unwrap();
+    })
+    .await;
+    let (sentry, _agent, _) = deployment(sink, "").await;
+    let mut tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
+    let sent = write_payload(&mut tcp, 7, BULK).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut digest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), tcp.read_to_end(&mut digest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(digest, sent, "the validator received different bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_download_hash_checked_over_wireguard() {
+    let source = service(|mut tcp| async move {
+        write_payload(&mut tcp, 11, BULK).await.unwrap();
+        tcp.shutdown().await.unwrap();
+    })
+    .await;
+    let (sentry, _agent, _) = deployment(source, "").await;
+    let mut tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
+    let (len, digest) = tokio::time::timeout(Duration::from_secs(120), read_hash(&mut tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    let want = write_payload(&mut tokio::io::sink(), 11, BULK)
+        .await
+        .unwrap();
+    assert_eq!(len, BULK);
+    assert_eq!(digest, want, "the client received different bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections_over_wireguard() {
+    let (sentry, _agent, _) = deployment(
+        echo_service().await,
+        "max_connections_per_ip = 200\nconnect_rate_per_ip = \"200/s\"",
+    )
+    .await;
+    let addr = sentry.route("p2p");
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        tasks.push(tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let (mut r, mut w) = tcp.into_split();
+            let len = 16 * 1024 + usize::try_from(i).unwrap() * 97;
+            let writer = tokio::spawn(async move {
+                let digest = write_payload(&mut w, 1000 + i, len).await.unwrap();
+                w.shutdown().await.unwrap();
+                digest
+            });
+            let (got_len, got) = read_hash(&mut r).await.unwrap();
+            assert_eq!(got_len, len, "connection {i}");
+            assert_eq!(
+                got,
+                writer.await.unwrap(),
+                "connection {i} got another's bytes"
+            );
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(PATIENCE * 3, task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_services_it_does_not_export_over_wireguard() {
+    let (sentry_key, agent_key) = (key(), key());
+    let config = wg_sentry_config(&agent_key, "");
+    let sentry = start_sentry(&config, &sentry_key).await;
+    let wg = sentry.handle.wireguard_addr().unwrap();
+    // The agent exports "other", the route asks for "svc".
+    let mut agent_config = wg_agent_config(wg, &sentry_key, echo_service().await);
+    agent_config.services[0].name = "other".into();
+    let _agent = start_agent(agent_config, agent_key);
+    sentry.wait_agent("v1", true).await;
+    assert!(closed_without_data(sentry.route("p2p"), PATIENCE).await);
+}
+
+/// A WireGuard handshake initiation from `secret` to the sentry's `public` key.
+fn initiation(secret: [u8; 32], sentry_public: [u8; 32]) -> Vec<u8> {
+    let mut tunn = Tunn::new(
+        StaticSecret::from(secret),
+        WgPublic::from(sentry_public),
+        None,
+        None,
+        7,
+        None,
+    );
+    let mut out = vec![0u8; 2048];
+    match tunn.format_handshake_initiation(&mut out, false) {
+        TunnResult::WriteToNetwork(packet) => packet.to_vec(),
+        _ => panic!("boringtun made no initiation"),
+    }
+}
+
+async fn answered(to: SocketAddr, datagram: &[u8]) -> bool {
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.send_to(datagram, to).await.unwrap();
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(2), udp.recv_from(&mut buf))
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wireguard_port_answers_nothing_without_a_pinned_key() {
+    let (sentry, _agent, sentry_key) = deployment(echo_service().await, "").await;
+    let wg = sentry.handle.wireguard_addr().unwrap();
+    let sentry_public = sentry_key.public_key().wireguard().unwrap();
+    let before = sentry.handle.wireguard_dropped();
+    // Garbage, a truncated message, and a well-formed initiation (valid MAC: the stranger
+    // knows the sentry's public key) from a key nobody pinned: no answer to any.
+    assert!(!answered(wg, b"hello, is anyone there?").await);
+    assert!(!answered(wg, &[1, 0, 0, 0, 9, 9]).await);
+    let stranger = key();
+    assert!(!answered(wg, &initiation(stranger.wireguard_secret(), sentry_public)).await);
+    assert!(
+        sentry.handle.wireguard_dropped() >= before + 3,
+        "the datagrams did not arrive"
+    );
+    // The same initiation from the pinned agent's key is answered: the silence above is the
+    // key check, not a deaf socket.
+    let agent_key = key();
+    let other = start_sentry(&wg_sentry_config(&agent_key, ""), &sentry_key).await;
+    let other_wg = other.handle.wireguard_addr().unwrap();
+    assert!(
+        answered(
+            other_wg,
+            &initiation(agent_key.wireguard_secret(), sentry_public)
+        )
+        .await
+    );
+}
