@@ -162,8 +162,10 @@ struct Flood {
     refused: u64,
     /// No answer in time: dropped by the handshake gate.
     dropped: u64,
-    /// Got in: must stay 0.
-    admitted: u64,
+    /// The client finished its side of the handshake and heard nothing more for 2 s: the
+    /// sentry dropped the attempt unanswered under load (TLS 1.3 lets a client finish first;
+    /// whether a key got in is decided on the sentry, which the test checks there).
+    unanswered: u64,
 }
 
 /// Handshakes with fresh unknown keys from `sources`, `per_source` concurrent loops each,
@@ -203,7 +205,7 @@ async fn flood_handshakes(
                             if closed.is_ok() {
                                 flood.refused += 1;
                             } else {
-                                flood.admitted += 1;
+                                flood.unanswered += 1;
                             }
                         }
                         Ok(Err(_)) => flood.refused += 1,
@@ -220,7 +222,7 @@ async fn flood_handshakes(
         total.attempts += f.attempts;
         total.refused += f.refused;
         total.dropped += f.dropped;
-        total.admitted += f.admitted;
+        total.unanswered += f.unanswered;
     }
     total
 }
@@ -296,7 +298,11 @@ async fn a_handshake_flood_from_unknown_keys_does_not_starve_agents() {
         median(&during),
         during[during.len() - 1],
     );
-    assert_eq!(flood.admitted, 0, "an unknown key got a tunnel");
+    assert_eq!(
+        sentry.handle.connected(),
+        ["v1", "v2"],
+        "an unknown key got a tunnel"
+    );
     assert!(flood.attempts >= 128, "the flood did not run: {flood:?}");
     assert!(
         flood.dropped > 0,
