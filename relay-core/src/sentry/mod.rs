@@ -976,10 +976,11 @@ async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: Handshak
         conn.close(code::SHUTDOWN, b"");
         return;
     };
-    info!(%agent, %remote, transport = "quic", "tunnel up");
+    // Registered before it is logged: whoever reads "tunnel up" can use it at once.
     if let Some(Tunnel::Quic(old)) = registry.insert(&agent, Tunnel::Quic(conn.clone())) {
         old.close(code::REPLACED, b"replaced by a newer tunnel");
     }
+    info!(%agent, %remote, transport = "quic", "tunnel up");
     let reason = conn.closed().await;
     registry.remove(&agent, &Tunnel::Quic(conn.clone()));
     info!(%agent, %remote, transport = "quic", "tunnel down: {reason}");
@@ -1235,12 +1236,14 @@ async fn wireguard_events(
     while let Some((peer, up)) = events.recv().await {
         let name = peer.name().to_owned();
         let tunnel = Tunnel::WireGuard(peer.clone());
-        let endpoint = peer.endpoint();
+        let remote = peer
+            .endpoint()
+            .map_or_else(|| "-".to_owned(), |e| e.to_string());
         if up {
-            info!(agent = %name, remote = ?endpoint, transport = "wireguard", "tunnel up");
             shared.tunnels.insert(&name, tunnel);
+            info!(agent = %name, %remote, transport = "wireguard", "tunnel up");
         } else {
-            info!(agent = %name, remote = ?endpoint, transport = "wireguard", "tunnel down: no packet within {:?}", wireguard::AGENT_LIVENESS);
+            info!(agent = %name, %remote, transport = "wireguard", "tunnel down: no packet within {:?}", peer.liveness());
             shared.tunnels.remove(&name, &tunnel);
         }
     }

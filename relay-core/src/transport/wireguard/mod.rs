@@ -456,6 +456,12 @@ impl Peer {
         self.spec.address
     }
 
+    /// How long after its last packet it still counts as up.
+    #[must_use]
+    pub fn liveness(&self) -> Duration {
+        self.spec.liveness
+    }
+
     /// Whether an authenticated packet arrived within the liveness window.
     #[must_use]
     pub fn is_up(&self) -> bool {
