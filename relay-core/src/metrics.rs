@@ -190,6 +190,7 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn Observe>, stop: Cancel
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
+            biased;
             () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };

@@ -990,6 +990,8 @@ async fn accept_clients(slot: Arc<RouteSlot>, listener: TcpListener, shared: Arc
     let refusals_log = LogLimit::new(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
+            // Stopping wins over a waiting client: after shutdown nothing more is accepted.
+            biased;
             () = slot.stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
