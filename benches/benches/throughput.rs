@@ -1,6 +1,7 @@
-//! Single-stream throughput on loopback, each way, through three paths in the same run:
+//! Single-stream throughput on loopback, each way, through four paths in the same run:
 //! direct (no relay), a plain userspace TCP relay (the baseline), and sentry + agent over the
-//! QUIC tunnel. Repetitions are interleaved; medians with min–max and ratios are printed.
+//! QUIC tunnel and over the WireGuard tunnel. Repetitions are interleaved; medians with
+//! min–max and ratios are printed.
 //!
 //! Reproduce: `cargo bench -p benches --bench throughput`
 //! (`BENCH_BYTES` per transfer, default 1 GiB; `BENCH_REPS`, default 5).
@@ -18,8 +19,9 @@ fn main() {
     let (bytes, reps) = settings();
     runtime().block_on(async move {
         let (sink, source) = (sink().await, source(bytes).await);
-        let tunnel = tunnel(sink, source).await;
-        let paths: [(&str, SocketAddr, SocketAddr); 3] = [
+        let tunnel = tunnel(sink, source, false).await;
+        let wireguard = tunnel_wg(sink, source).await;
+        let paths: [(&str, SocketAddr, SocketAddr); 4] = [
             ("direct", sink, source),
             (
                 "plain TCP relay",
@@ -27,6 +29,7 @@ fn main() {
                 plain_relay(source).await,
             ),
             ("sentry+agent (QUIC)", tunnel.0, tunnel.1),
+            ("sentry+agent (WireGuard)", wireguard.0, wireguard.1),
         ];
         let mut up = vec![Vec::new(); paths.len()];
         let mut down = vec![Vec::new(); paths.len()];
@@ -50,7 +53,7 @@ fn main() {
             bytes >> 20
         );
         println!(
-            "{:<22} {:>9} {:>15} {:>9} {:>15} {:>12}",
+            "{:<26} {:>9} {:>15} {:>9} {:>15} {:>12}",
             "path", "up Gbit/s", "(min-max)", "down", "(min-max)", "vs relay"
         );
         let relay = (summary(&up[1]).0, summary(&down[1]).0);
@@ -58,7 +61,7 @@ fn main() {
             let (u, umin, umax) = summary(&up[i]);
             let (d, dmin, dmax) = summary(&down[i]);
             println!(
-                "{name:<22} {u:>9.2} {:>15} {d:>9.2} {:>15} {:>5.2}x/{:.2}x",
+                "{name:<26} {u:>9.2} {:>15} {d:>9.2} {:>15} {:>5.2}x/{:.2}x",
                 format!("({umin:.2}-{umax:.2})"),
                 format!("({dmin:.2}-{dmax:.2})"),
                 u / relay.0,
@@ -68,15 +71,28 @@ fn main() {
     });
 }
 
-/// A sentry with routes "up" and "down" to an agent exporting the sink and the source.
-async fn tunnel(sink: SocketAddr, source: SocketAddr) -> (SocketAddr, SocketAddr) {
+async fn tunnel_wg(sink: SocketAddr, source: SocketAddr) -> (SocketAddr, SocketAddr) {
+    tunnel(sink, source, true).await
+}
+
+/// A sentry with routes "up" and "down" to an agent exporting the sink and the source, over
+/// QUIC or over WireGuard.
+async fn tunnel(sink: SocketAddr, source: SocketAddr, wireguard: bool) -> (SocketAddr, SocketAddr) {
     let (sentry_key, agent_key) = (
         PrivateKey::generate().expect("key"),
         PrivateKey::generate().expect("key"),
     );
+    let (wg_sentry, wg_agent) = if wireguard {
+        (
+            "wireguard_listen = \"127.0.0.1:0\"\nwireguard_address = \"100.64.0.1\"\n",
+            "wireguard_address = \"100.64.0.2\"\n",
+        )
+    } else {
+        ("", "")
+    };
     let sentry_toml = format!(
-        "[sentry]\nprivate_key = \"unused\"\nquic_listen = \"127.0.0.1:0\"\n\
-         [[agent]]\nname = \"v\"\npublic_key = \"{}\"\n\
+        "[sentry]\nprivate_key = \"unused\"\nquic_listen = \"127.0.0.1:0\"\n{wg_sentry}\
+         [[agent]]\nname = \"v\"\npublic_key = \"{}\"\n{wg_agent}\
          [[route]]\nname = \"up\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"v/sink\"]\n\
          [[route]]\nname = \"down\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"v/source\"]\n",
         agent_key.public_key()
@@ -86,12 +102,19 @@ async fn tunnel(sink: SocketAddr, source: SocketAddr) -> (SocketAddr, SocketAddr
     let sentry = Sentry::bind(&config, &sentry_key).await.expect("sentry");
     let handle = sentry.handle();
     tokio::spawn(sentry.run(std::future::pending()));
+    let (dial, transport) = match handle.wireguard_addr() {
+        Some(wg) => (
+            wg,
+            "transport = \"wireguard\"\nwireguard_address = \"100.64.0.2\"\n\
+             sentry_wireguard_address = \"100.64.0.1\"\n",
+        ),
+        None => (handle.quic_addr(), ""),
+    };
     let agent_toml = format!(
         "[agent]\nname = \"v\"\nprivate_key = \"unused\"\n\
-         [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\n\
+         [[sentry]]\naddress = \"{dial}\"\npublic_key = \"{}\"\n{transport}\
          [[service]]\nname = \"sink\"\ntarget = \"{sink}\"\n\
          [[service]]\nname = \"source\"\ntarget = \"{source}\"\n",
-        handle.quic_addr(),
         sentry_key.public_key()
     );
     let agent =
