@@ -24,6 +24,7 @@ mod stream;
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
+use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,10 +36,12 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as WgPublic, StaticSecret};
+use quinn::udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpCidr};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -83,8 +86,13 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 const ACCEPT_QUEUE: usize = 1024;
 /// Ephemeral ports for streams a sentry opens.
 const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
-/// Size of a datagram buffer: the largest UDP payload.
+/// Size of a datagram buffer: the largest UDP payload (and the largest GRO aggregate).
 const DATAGRAM: usize = 65536;
+/// Receive buffers filled by one `recvmmsg`.
+const RECV_SLOTS: usize = 8;
+/// Datagrams in one GSO send, and their total size (one UDP payload's limit).
+const MAX_SEGMENTS: usize = 64;
+const MAX_GSO_BYTES: usize = 65000;
 
 /// Why the device could not start.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +134,8 @@ pub struct Device {
 
 struct Inner {
     udp: Arc<UdpSocket>,
+    /// Batched UDP I/O (GSO on send, GRO on receive where the kernel has them).
+    udp_state: Arc<UdpSocketState>,
     secret: StaticSecret,
     public: WgPublic,
     limiter: Arc<RateLimiter>,
@@ -202,29 +212,79 @@ struct Link {
 struct Wire {
     tunn: Tunn,
     udp: Arc<UdpSocket>,
+    udp_state: Arc<UdpSocketState>,
     endpoint: Option<SocketAddr>,
     plain: Vec<u8>,
     sealed: Vec<u8>,
+    /// Sealed datagrams waiting to leave in one send: equal sizes except the last (GSO).
+    batch: Vec<u8>,
+    batch_segment: usize,
+    batch_count: usize,
+    batch_to: Option<SocketAddr>,
+    /// The last datagram was shorter than the segment size: nothing may follow it.
+    batch_closed: bool,
     tx_dropped: u64,
 }
 
 impl Wire {
-    /// Encrypt one IP packet and send it to the peer's endpoint (dropped when none is known or
-    /// the socket is full: TCP retransmits).
+    /// Encrypt one IP packet into the send batch for the peer's endpoint (dropped when none
+    /// is known: TCP retransmits). The batch leaves at [`Wire::flush`], at the latest when the
+    /// stack's poll ends.
     fn send_packet(&mut self, len: usize) {
-        match self.tunn.encapsulate(&self.plain[..len], &mut self.sealed) {
-            TunnResult::WriteToNetwork(datagram) => {
-                if let Some(endpoint) = self.endpoint {
-                    if self.udp.try_send_to(datagram, endpoint).is_err() {
-                        self.tx_dropped += 1;
-                    }
-                } else {
-                    self.tx_dropped += 1;
-                }
+        let sealed = match self.tunn.encapsulate(&self.plain[..len], &mut self.sealed) {
+            TunnResult::WriteToNetwork(datagram) => datagram.len(),
+            TunnResult::Err(e) => {
+                debug!("encapsulate: {e:?}");
+                return;
             }
-            TunnResult::Err(e) => debug!("encapsulate: {e:?}"),
-            _ => {}
+            _ => return,
+        };
+        let Some(to) = self.endpoint else {
+            self.tx_dropped += 1;
+            return;
+        };
+        let max = self.udp_state.max_gso_segments().clamp(1, MAX_SEGMENTS);
+        if self.batch_count > 0
+            && (self.batch_to != Some(to)
+                || self.batch_closed
+                || sealed > self.batch_segment
+                || self.batch_count >= max
+                || self.batch.len() + sealed > MAX_GSO_BYTES)
+        {
+            self.flush();
         }
+        if self.batch_count == 0 {
+            self.batch_segment = sealed;
+            self.batch_to = Some(to);
+        }
+        self.batch.extend_from_slice(&self.sealed[..sealed]);
+        self.batch_count += 1;
+        self.batch_closed = sealed < self.batch_segment;
+    }
+
+    /// Send the batch: one `sendmsg` carrying every datagram (GSO), or one per datagram
+    /// where the kernel has no GSO. A full socket buffer drops the batch (TCP retransmits).
+    fn flush(&mut self) {
+        let Some(destination) = self.batch_to.filter(|_| self.batch_count > 0) else {
+            return;
+        };
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents: &self.batch,
+            segment_size: (self.batch_count > 1).then_some(self.batch_segment),
+            src_ip: None,
+        };
+        let (udp, state) = (&self.udp, &self.udp_state);
+        let sent = udp.try_io(Interest::WRITABLE, || {
+            state.send(UdpSockRef::from(&**udp), &transmit)
+        });
+        if sent.is_err() {
+            self.tx_dropped += self.batch_count as u64;
+        }
+        self.batch.clear();
+        self.batch_count = 0;
+        self.batch_closed = false;
     }
 }
 
@@ -296,10 +356,16 @@ impl Device {
             addr: listen,
             source,
         })?;
+        let udp_state =
+            UdpSocketState::new(UdpSockRef::from(&udp)).map_err(|source| WgError::Bind {
+                addr: listen,
+                source,
+            })?;
         let secret = StaticSecret::from(secret);
         let public = WgPublic::from(&secret);
         let inner = Arc::new(Inner {
             udp: Arc::new(udp),
+            udp_state: Arc::new(udp_state),
             limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE)),
             secret,
             public,
@@ -393,9 +459,15 @@ impl Peer {
             wire: Wire {
                 tunn,
                 udp: inner.udp.clone(),
+                udp_state: inner.udp_state.clone(),
                 endpoint: spec.endpoint,
                 plain: vec![0; MTU],
                 sealed: vec![0; MTU + 64],
+                batch: Vec::with_capacity(MAX_GSO_BYTES),
+                batch_segment: 0,
+                batch_count: 0,
+                batch_to: None,
+                batch_closed: false,
                 tx_dropped: 0,
             },
             rx: VecDeque::with_capacity(BATCH),
@@ -507,6 +579,7 @@ impl PeerState {
     fn poll(&mut self, epoch: Instant, now: Instant) -> bool {
         let at = stamp(epoch, now);
         self.iface.poll(at, &mut self.link, &mut self.sockets);
+        self.link.wire.flush();
         match self.iface.poll_delay(at, &self.sockets) {
             Some(delay) => {
                 let due = now + Duration::from(delay);
@@ -780,7 +853,8 @@ fn after_batch(inner: &Inner, peer: &Arc<Peer>, now: Instant) {
 }
 
 async fn read_loop(inner: Arc<Inner>) {
-    let mut datagram = vec![0u8; DATAGRAM];
+    let mut buffers = vec![0u8; RECV_SLOTS * DATAGRAM];
+    let mut metas = [RecvMeta::default(); RECV_SLOTS];
     let mut out = vec![0u8; DATAGRAM];
     let mut cookie = [0u8; 64];
     let mut touched: Vec<Arc<Peer>> = Vec::new();
@@ -793,26 +867,50 @@ async fn read_loop(inner: Arc<Inner>) {
             },
         }
         let now = clock::now();
-        for _ in 0..BATCH {
-            let (len, src) = match inner.udp.try_recv_from(&mut datagram) {
-                Ok(got) => got,
+        // A bounded amount of work per wake-up, so one busy socket cannot starve the rest.
+        for _ in 0..BATCH / RECV_SLOTS {
+            let received = {
+                let mut slices: Vec<IoSliceMut<'_>> =
+                    buffers.chunks_mut(DATAGRAM).map(IoSliceMut::new).collect();
+                inner.udp.try_io(Interest::READABLE, || {
+                    inner
+                        .udp_state
+                        .recv(UdpSockRef::from(&*inner.udp), &mut slices, &mut metas)
+                })
+            };
+            let count = match received {
+                Ok(count) => count,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     debug!("WireGuard receive: {e}");
                     break;
                 }
             };
-            let data = &datagram[..len];
-            let Some(peer) = route(&inner, data, src, &mut cookie) else {
-                inner.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let ok = ingest(&mut lock(&peer.state), &peer, src, data, &mut out, now);
-            if !ok {
-                inner.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            if !touched.iter().any(|p| Arc::ptr_eq(p, &peer)) {
-                touched.push(peer);
+            for (slot, meta) in metas.iter().take(count).enumerate() {
+                let start = slot * DATAGRAM;
+                let filled = &buffers[start..start + meta.len.min(DATAGRAM)];
+                // A GRO aggregate carries datagrams of `stride` bytes (the last may be shorter).
+                for data in filled.chunks(meta.stride.max(1)) {
+                    let src = meta.addr;
+                    let Some(peer) = route(&inner, data, src, &mut cookie) else {
+                        inner.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    let queued = {
+                        let mut state = lock(&peer.state);
+                        if !ingest(&mut state, &peer, src, data, &mut out, now) {
+                            inner.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        state.link.rx.len()
+                    };
+                    if queued >= BATCH {
+                        // Run the stack before its queue overflows.
+                        after_batch(&inner, &peer, now);
+                    }
+                    if !touched.iter().any(|p| Arc::ptr_eq(p, &peer)) {
+                        touched.push(peer);
+                    }
+                }
             }
         }
         for peer in touched.drain(..) {
