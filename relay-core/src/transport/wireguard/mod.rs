@@ -160,6 +160,8 @@ struct PeerTable {
 pub struct Peer {
     spec: PeerSpec,
     index: u32,
+    /// The device's own overlay address.
+    local: Ipv4Addr,
     state: Mutex<PeerState>,
     /// Wakes the timer task when a deadline moved earlier.
     timer: Notify,
@@ -492,6 +494,7 @@ impl Peer {
         let next_port = EPHEMERAL.start() + rand::random_range(0..1024);
         Arc::new(Self {
             index,
+            local: inner.local,
             state: Mutex::new(PeerState {
                 link,
                 iface,
@@ -781,10 +784,17 @@ fn ingest(
         }
         TunnResult::WriteToTunnelV4(packet, source) => {
             if source == peer.spec.address && link.rx.len() < BATCH * 2 {
+                let syn = peer.spec.accept && is_syn_to(packet, RELAY_PORT);
                 let mut buf = link.free.pop().unwrap_or_default();
                 buf.clear();
                 buf.extend_from_slice(packet);
                 link.rx.push_back(buf);
+                if syn {
+                    // A listener must wait before any poll sees the SYN (a stream's read or
+                    // write may run the stack before this batch ends); without one the stack
+                    // would answer with a reset.
+                    state.listen_for_syns(peer.local);
+                }
             }
             true
         }
@@ -809,9 +819,6 @@ fn ingest(
 fn after_batch(inner: &Inner, peer: &Arc<Peer>, now: Instant) {
     let (wake, accepted, came_up) = {
         let mut state = lock(&peer.state);
-        if peer.spec.accept {
-            state.listen_for_syns(inner.local);
-        }
         let wake = state.poll(peer.epoch, now);
         let accepted = if peer.spec.accept {
             state.take_accepted()
