@@ -200,3 +200,36 @@ async fn the_wireguard_port_answers_nothing_without_a_pinned_key() {
         .await
     );
 }
+
+/// boringtun starts a new handshake every 120 s while data flows (REKEY_AFTER_TIME); a
+/// connection open across it keeps working, with no pause it would notice. Takes about 135 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_survives_a_rekey() {
+    let (sentry, _agent, _) = deployment(echo_service().await, "").await;
+    let mut tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
+    let first = sentry.handle.wireguard_handshake_age("v1");
+    assert!(first.is_some(), "no handshake before the test");
+    let started = relay_core::clock::now();
+    let mut slowest = Duration::ZERO;
+    let mut i = 0u32;
+    while started.elapsed() < Duration::from_secs(135) {
+        let message = format!("ping {i}");
+        let sent = relay_core::clock::now();
+        tcp.write_all(message.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(PATIENCE, tcp.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, message.as_bytes());
+        slowest = slowest.max(sent.elapsed());
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let age = sentry.handle.wireguard_handshake_age("v1").unwrap();
+    assert!(
+        age < Duration::from_secs(60),
+        "no rekey within 135 s: the last handshake was {age:?} ago"
+    );
+    eprintln!("{i} echoes across a rekey; slowest {slowest:?}");
+}

@@ -427,6 +427,13 @@ impl SentryHandle {
             .and_then(wireguard::Device::local_addr)
     }
 
+    /// Time since the last completed WireGuard handshake with `peer` (an agent or a plain
+    /// peer), if any.
+    #[must_use]
+    pub fn wireguard_handshake_age(&self, peer: &str) -> Option<Duration> {
+        self.shared.wireguard.as_ref()?.peer(peer)?.session().0
+    }
+
     /// WireGuard datagrams dropped without an answer (unknown key, bad MAC, failed
     /// decryption).
     #[must_use]
