@@ -207,8 +207,6 @@ async fn the_wireguard_port_answers_nothing_without_a_pinned_key() {
 async fn an_open_connection_survives_a_rekey() {
     let (sentry, _agent, _) = deployment(echo_service().await, "").await;
     let mut tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
-    let first = sentry.handle.wireguard_handshake_age("v1");
-    assert!(first.is_some(), "no handshake before the test");
     let started = relay_core::clock::now();
     let mut slowest = Duration::ZERO;
     let mut i = 0u32;
@@ -226,9 +224,10 @@ async fn an_open_connection_survives_a_rekey() {
         i += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let age = sentry.handle.wireguard_handshake_age("v1").unwrap();
+    // The first handshake is over 135 s old now: a younger one is the rekey.
+    let age = sentry.handle.wireguard_handshake_age("v1");
     assert!(
-        age < Duration::from_secs(60),
+        age.is_some_and(|age| age < Duration::from_secs(60)),
         "no rekey within 135 s: the last handshake was {age:?} ago"
     );
     eprintln!("{i} echoes across a rekey; slowest {slowest:?}");
