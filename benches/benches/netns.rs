@@ -433,6 +433,15 @@ fn main() {
     if wg_go.is_some() {
         paths.push(("wireguard-go + relay", at(SENTRY, 11201), 11201));
     }
+    // `BENCH_PATHS`: only the paths whose name contains one of these comma-separated words
+    // (the plain relay always runs: the ratios are against it).
+    if let Ok(only) = std::env::var("BENCH_PATHS") {
+        let words: Vec<String> = only.split(',').map(str::to_lowercase).collect();
+        paths.retain(|(name, ..)| {
+            let name = name.to_lowercase();
+            name.starts_with("plain") || words.iter().any(|w| name.contains(w.as_str()))
+        });
+    }
     let addr = |base: SocketAddr, offset: u16| SocketAddr::new(base.ip(), base.port() + offset);
     let mut up = vec![Vec::new(); paths.len()];
     let mut down = vec![Vec::new(); paths.len()];
@@ -462,7 +471,11 @@ fn main() {
         "{:<30} {:>9} {:>15} {:>9} {:>15} {:>13} {:>9} {:>9}",
         "path", "up Gbit/s", "(min-max)", "down", "(min-max)", "vs relay", "p50 ms", "p99 ms"
     );
-    let relay = (summary(&up[1]).0, summary(&down[1]).0);
+    let plain = paths
+        .iter()
+        .position(|(name, ..)| name.starts_with("plain"))
+        .unwrap_or(0);
+    let relay = (summary(&up[plain]).0, summary(&down[plain]).0);
     for (i, (name, ..)) in paths.iter().enumerate() {
         let (u, umin, umax) = summary(&up[i]);
         let (d, dmin, dmax) = summary(&down[i]);

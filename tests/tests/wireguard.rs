@@ -232,3 +232,45 @@ async fn an_open_connection_survives_a_rekey() {
     );
     eprintln!("{i} echoes across a rekey; slowest {slowest:?}");
 }
+
+/// Under a handshake flood (more initiations a second than the limit) the sentry stops doing
+/// Diffie-Hellman for strangers and answers a well-formed initiation only with a cookie reply
+/// (WireGuard's DoS defence); the pinned agent keeps being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_gets_cookie_replies_and_the_agent_stays_served() {
+    let (sentry, _agent, sentry_key) = deployment(echo_service().await, "").await;
+    let wg = sentry.handle.wireguard_addr().unwrap();
+    let sentry_public = sentry_key.public_key().wireguard().unwrap();
+    let flood = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let stranger = initiation(key().wireguard_secret(), sentry_public);
+    // Bounded: 2000 datagrams, well above the 200/s limit within a second.
+    for _ in 0..2000 {
+        flood.send_to(&stranger, wg).await.unwrap();
+    }
+    let (mut cookies, mut other) = (0, 0);
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_millis(500), flood.recv_from(&mut buf)).await
+    {
+        if n == 64 && buf[0] == 3 {
+            cookies += 1;
+        } else {
+            other += 1;
+        }
+    }
+    assert!(cookies > 0, "no cookie reply under a flood");
+    assert_eq!(
+        other, 0,
+        "a stranger got something other than a cookie reply"
+    );
+    // The agent's tunnel and relayed connections are untouched.
+    let mut tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
+    tcp.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(PATIENCE, tcp.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"still here");
+    eprintln!("flood: {cookies} cookie replies");
+}

@@ -2,8 +2,8 @@
 //! binary on the public segment, the validator behind a real NAT.
 //!
 //! - Interop: the validator runs wireguard-go (Debian's package, kernel TCP on a TUN device) as
-//!   a plain WireGuard peer with a persistent keepalive, its service on its overlay address;
-//!   the sentry relays a client's connection to it.
+//!   a plain WireGuard peer with a persistent keepalive, its service on its overlay address,
+//!   beside our agent behind the same NAT; one sentry relays clients to both at once.
 //! - Our agent behind the NAT over `transport = "wireguard"`, including a NAT rebinding under
 //!   an open connection.
 //!
@@ -175,8 +175,12 @@ fn route(upstream: &str) -> String {
 }
 
 fn connect(t: &Topology) -> TcpStream {
+    connect_to(t, P2P_PORT)
+}
+
+fn connect_to(t: &Topology, port: u16) -> TcpStream {
     let tcp = t
-        .client_connect(public(P2P_PORT), Duration::from_secs(5))
+        .client_connect(public(port), Duration::from_secs(5))
         .unwrap();
     tcp.set_read_timeout(Some(PATIENCE)).unwrap();
     tcp.set_write_timeout(Some(PATIENCE)).unwrap();
@@ -191,29 +195,45 @@ fn echo_once(tcp: &mut TcpStream, message: &[u8]) -> bool {
     tcp.read_exact(&mut buf).is_ok() && buf == message
 }
 
+/// A plain wireguard-go peer and our agent behind the same NAT, served by one sentry at once.
 #[test]
-fn a_plain_wireguard_go_peer_behind_the_nat_is_served() {
+fn a_plain_wireguard_go_peer_and_our_agent_behind_one_sentry() {
     let _turn = turn();
     let Some(t) = Topology::new() else { return };
     if !wireguard_tools() {
         return;
     }
-    let (_, sentry_pub) = sentry_key(&t);
+    let (sentry_key, sentry_pub) = sentry_key(&t);
+    let agent_key = PrivateKey::generate().unwrap();
+    write_private_key(&t.dir().join("agent.key"), &agent_key).unwrap();
     let iface = format!("wgs{}", std::process::id() % 100_000);
     let (_wg, peer_pub) = start_wireguard_go(&t, &iface, &sentry_pub);
-    // The validator's service listens on its overlay address only.
+    // The plain peer's service listens on its overlay address only; the agent's on the LAN.
     let service = stand_in::echo(t.enter(Host::Validator, || {
         TcpListener::bind(SocketAddrV4::new(PEER_OVERLAY, P2P_PORT)).unwrap()
+    }));
+    let agent_service = stand_in::echo(t.enter(Host::Validator, || {
+        TcpListener::bind(SocketAddrV4::new(VALIDATOR, P2P_PORT + 1)).unwrap()
     }));
     let config = sentry_head()
         + &format!(
             "\n[[wireguard_peer]]\nname = \"legacy-node\"\npublic_key = \"{peer_pub}\"\n\
-             address = \"{PEER_OVERLAY}\"\n"
+             address = \"{PEER_OVERLAY}\"\n\n\
+             [[agent]]\nname = \"validator-1\"\npublic_key = \"{}\"\n\
+             wireguard_address = \"{AGENT_OVERLAY}\"\n",
+            agent_key.public_key()
         )
-        + &route(&format!("legacy-node/{PEER_OVERLAY}:{P2P_PORT}"));
+        + &route(&format!("legacy-node/{PEER_OVERLAY}:{P2P_PORT}"))
+        + &format!(
+            "\n[[route]]\nname = \"p2p-2\"\nlisten = \"{}\"\nupstream = [\"validator-1/p2p\"]\n",
+            public(P2P_PORT + 1)
+        );
     let path = t.dir().join("sentry.toml");
     std::fs::write(&path, config).unwrap();
+    let agent_path = t.dir().join("agent.toml");
+    std::fs::write(&agent_path, agent_config(&sentry_key, P2P_PORT + 1)).unwrap();
     let sentry = t.daemon(Host::Sentry, "serve", &path);
+    let _agent = t.daemon(Host::Validator, "agent", &agent_path);
     let up = sentry.wait_event("tunnel up", &[("agent", "legacy-node")], 0, PATIENCE);
     assert!(
         up["remote"]
@@ -222,11 +242,33 @@ fn a_plain_wireguard_go_peer_behind_the_nat_is_served() {
             .contains(&ROUTER_WAN.to_string()),
         "the peer should come from the router's public address: {up:?}"
     );
+    sentry.wait_event("tunnel up", &[("agent", "validator-1")], 0, PATIENCE);
+    // Both at once, each hash-checked.
+    let plain = connect_to(&t, P2P_PORT);
+    let ours = connect_to(&t, P2P_PORT + 1);
+    let to_agent = std::thread::spawn(move || echo_roundtrip(ours, 4, 16 << 20).unwrap());
     assert!(
-        echo_roundtrip(connect(&t), 3, 32 << 20).unwrap(),
-        "32 MiB through wireguard-go came back altered or short"
+        echo_roundtrip(plain, 3, 16 << 20).unwrap(),
+        "16 MiB through wireguard-go came back altered or short"
     );
-    drop(service);
+    assert!(
+        to_agent.join().unwrap(),
+        "16 MiB through our agent, beside the plain peer, came back altered or short"
+    );
+    drop((service, agent_service));
+}
+
+/// An agent config dialing the sentry's WireGuard port, exporting the echo at `port`.
+fn agent_config(sentry_key: &PrivateKey, port: u16) -> String {
+    format!(
+        "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\n\n\
+         [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\ntransport = \"wireguard\"\n\
+         wireguard_address = \"{AGENT_OVERLAY}\"\nsentry_wireguard_address = \"{SENTRY_OVERLAY}\"\n\n\
+         [[service]]\nname = \"p2p\"\ntarget = \"{}\"\n",
+        public(WG_PORT),
+        sentry_key.public_key(),
+        SocketAddrV4::new(VALIDATOR, port)
+    )
 }
 
 #[test]
@@ -246,15 +288,7 @@ fn our_agent_behind_the_nat_over_wireguard_survives_a_nat_rebinding() {
             agent_key.public_key()
         )
         + &route("validator-1/p2p");
-    let agent_config = format!(
-        "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\n\n\
-         [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\ntransport = \"wireguard\"\n\
-         wireguard_address = \"{AGENT_OVERLAY}\"\nsentry_wireguard_address = \"{SENTRY_OVERLAY}\"\n\n\
-         [[service]]\nname = \"p2p\"\ntarget = \"{}\"\n",
-        public(WG_PORT),
-        sentry_key.public_key(),
-        SocketAddrV4::new(VALIDATOR, P2P_PORT)
-    );
+    let agent_config = agent_config(&sentry_key, P2P_PORT);
     let (sentry_path, agent_path) = (t.dir().join("sentry.toml"), t.dir().join("agent.toml"));
     std::fs::write(&sentry_path, sentry_config).unwrap();
     std::fs::write(&agent_path, agent_config).unwrap();
