@@ -187,6 +187,13 @@ async fn the_wireguard_port_answers_nothing_without_a_pinned_key() {
         sentry.handle.wireguard_dropped() >= before + 3,
         "the datagrams did not arrive"
     );
+    let text = sentry.handle.render_metrics();
+    let dropped = metric(
+        &text,
+        "sentry_wireguard_datagrams_dropped_total",
+        &[("listen", &wg.to_string())],
+    );
+    assert!(dropped.is_some_and(|n| n >= 3.0), "{text}");
     // The same initiation from the pinned agent's key is answered: the silence above is the
     // key check, not a deaf socket.
     let agent_key = key();

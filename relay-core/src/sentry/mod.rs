@@ -851,6 +851,22 @@ impl Observe for SentryHandle {
                 shared.handshake_failed.load(Ordering::Relaxed),
             )],
         )?;
+        if let Some(device) = &shared.wireguard {
+            out.counters(
+                "wireguard_datagrams_dropped",
+                "WireGuard datagrams dropped without an answer: unknown key, bad MAC, unknown \
+                 receiver index, failed decryption or replay.",
+                [(
+                    [(
+                        "listen",
+                        device
+                            .local_addr()
+                            .map_or_else(String::new, |a| a.to_string()),
+                    )],
+                    device.dropped(),
+                )],
+            )?;
+        }
         out.common(&shared.reloads, "sentry")
     }
 
