@@ -390,6 +390,14 @@ fn check(path: &Path) -> Result<(), Failure> {
                 c.agents.len(),
                 c.routes.len()
             );
+            if c.wireguard.is_some() {
+                // What a plain peer's `wg` config needs as this sentry's key.
+                println!(
+                    "WireGuard: public key {}, {} plain peer(s)",
+                    key.wireguard_public_base64(),
+                    c.wireguard_peers.len()
+                );
+            }
         }
         Config::Agent(c) => {
             let key = load_key(&c.private_key)?;
