@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use benches::{BLOCK, gbits, summary};
+use benches::{gbits, summary};
 use relay_core::keys::{PrivateKey, write_private_key};
 use tests::daemon::Daemon;
 use tests::netns::{Host, ROUTER_WAN, SENTRY, Topology, VALIDATOR};
@@ -92,22 +92,9 @@ fn services(t: &Topology, bytes: usize) {
                 let echo = TcpListener::bind(at(Ipv4Addr::UNSPECIFIED, ECHO))
                     .await
                     .expect("echo");
-                tokio::task::spawn_local(accept_each(sink, |mut tcp| async move {
-                    let mut buf = vec![0u8; BLOCK];
-                    while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
-                    let _ = tcp.write_all(&[1]).await;
-                }));
-                tokio::task::spawn_local(accept_each(source, move |mut tcp| async move {
-                    let block = vec![0x5au8; BLOCK];
-                    let mut left = bytes;
-                    while left > 0 {
-                        let n = left.min(BLOCK);
-                        if tcp.write_all(&block[..n]).await.is_err() {
-                            return;
-                        }
-                        left -= n;
-                    }
-                    let _ = tcp.shutdown().await;
+                tokio::task::spawn_local(accept_each(sink, benches::sink_connection));
+                tokio::task::spawn_local(accept_each(source, move |tcp| {
+                    benches::source_connection(tcp, bytes)
                 }));
                 accept_each(echo, |mut tcp| async move {
                     let mut buf = vec![0u8; 64 * 1024];

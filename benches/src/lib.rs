@@ -27,29 +27,33 @@ pub fn settings() -> (usize, usize) {
 
 /// A service that reads everything and answers one byte at end of stream.
 pub async fn sink() -> SocketAddr {
-    serve(|mut tcp| async move {
-        let mut buf = vec![0u8; BLOCK];
-        while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
-        let _ = tcp.write_all(&[1]).await;
-    })
-    .await
+    serve(sink_connection).await
 }
 
 /// A service that writes `bytes` and closes.
 pub async fn source(bytes: usize) -> SocketAddr {
-    serve(move |mut tcp| async move {
-        let block = vec![0x5au8; BLOCK];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(BLOCK);
-            if tcp.write_all(&block[..n]).await.is_err() {
-                return;
-            }
-            left -= n;
+    serve(move |tcp| source_connection(tcp, bytes)).await
+}
+
+/// The sink's side of one connection: read everything, answer one byte at end of stream.
+pub async fn sink_connection(mut tcp: TcpStream) {
+    let mut buf = vec![0u8; BLOCK];
+    while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+    let _ = tcp.write_all(&[1]).await;
+}
+
+/// The source's side of one connection: write `bytes`, then close.
+pub async fn source_connection(mut tcp: TcpStream, bytes: usize) {
+    let block = vec![0x5au8; BLOCK];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(BLOCK);
+        if tcp.write_all(&block[..n]).await.is_err() {
+            return;
         }
-        let _ = tcp.shutdown().await;
-    })
-    .await
+        left -= n;
+    }
+    let _ = tcp.shutdown().await;
 }
 
 /// A plain userspace TCP relay (the baseline a tunnel is compared with): every accepted

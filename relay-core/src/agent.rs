@@ -583,25 +583,13 @@ impl Tunnel {
                 Err(reason) => return reason,
             }
         }
-        // Retired: answer new streams `ShuttingDown` (the sentry fails over), let the open
-        // ones finish.
-        relays.close();
         let refuse_new = async {
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let stream = TunnelStream::Quic(send, recv);
                 tokio::spawn(relay_stream(stream, self.shared.clone(), true));
             }
         };
-        let deadline = async {
-            self.shared.stop.cancelled().await;
-            let drain = lock(&self.shared.config).drain_timeout;
-            tokio::time::sleep(drain).await;
-        };
-        tokio::select! {
-            () = refuse_new => {}
-            () = relays.wait() => {}
-            () = deadline => {}
-        }
+        self.drain(&relays, refuse_new).await;
         conn.close(code::SHUTDOWN, b"agent shutting down");
         quinn::ConnectionError::LocallyClosed
     }
@@ -727,7 +715,6 @@ impl Tunnel {
                 }
             }
         }
-        relays.close();
         let refuse_new = async {
             while let Some(stream) = accepted.recv().await {
                 tokio::spawn(relay_stream(
@@ -737,6 +724,14 @@ impl Tunnel {
                 ));
             }
         };
+        self.drain(&relays, refuse_new).await;
+        "retired".to_owned()
+    }
+
+    /// Retired: new streams are answered `ShuttingDown` by `refuse_new` (the sentry fails
+    /// over) while the open ones finish; at shutdown for at most `drain_timeout`.
+    async fn drain(&self, relays: &TaskTracker, refuse_new: impl Future<Output = ()>) {
+        relays.close();
         let deadline = async {
             self.shared.stop.cancelled().await;
             let drain = lock(&self.shared.config).drain_timeout;
@@ -747,7 +742,6 @@ impl Tunnel {
             () = relays.wait() => {}
             () = deadline => {}
         }
-        "retired".to_owned()
     }
 }
 

@@ -285,6 +285,37 @@ pub fn sentry_bin() -> PathBuf {
     bin
 }
 
+/// `n` connections to the echo behind `addr` at once, each with its own payload (a different
+/// length and seed), each hash-checked: no connection may get another's bytes.
+pub async fn concurrent_echoes(addr: SocketAddr, n: u64) {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        tasks.push(tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let (mut r, mut w) = tcp.into_split();
+            let len = 16 * 1024 + usize::try_from(i).unwrap() * 97;
+            let writer = tokio::spawn(async move {
+                let digest = write_payload(&mut w, 1000 + i, len).await.unwrap();
+                w.shutdown().await.unwrap();
+                digest
+            });
+            let (got_len, got) = read_hash(&mut r).await.unwrap();
+            assert_eq!(got_len, len, "connection {i}");
+            assert_eq!(
+                got,
+                writer.await.unwrap(),
+                "connection {i} got another's bytes"
+            );
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(PATIENCE * 3, task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
 pub mod daemon;
 pub mod netns;
 pub mod rpc_node;

@@ -102,33 +102,7 @@ async fn two_hundred_concurrent_connections_over_wireguard() {
         "max_connections_per_ip = 200\nconnect_rate_per_ip = \"200/s\"",
     )
     .await;
-    let addr = sentry.route("p2p");
-    let mut tasks = Vec::new();
-    for i in 0..200u64 {
-        tasks.push(tokio::spawn(async move {
-            let tcp = TcpStream::connect(addr).await.unwrap();
-            let (mut r, mut w) = tcp.into_split();
-            let len = 16 * 1024 + usize::try_from(i).unwrap() * 97;
-            let writer = tokio::spawn(async move {
-                let digest = write_payload(&mut w, 1000 + i, len).await.unwrap();
-                w.shutdown().await.unwrap();
-                digest
-            });
-            let (got_len, got) = read_hash(&mut r).await.unwrap();
-            assert_eq!(got_len, len, "connection {i}");
-            assert_eq!(
-                got,
-                writer.await.unwrap(),
-                "connection {i} got another's bytes"
-            );
-        }));
-    }
-    for task in tasks {
-        tokio::time::timeout(PATIENCE * 3, task)
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    concurrent_echoes(sentry.route("p2p"), 200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
