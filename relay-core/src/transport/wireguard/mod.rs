@@ -16,8 +16,12 @@
 //! timer task per peer runs the noise timers and the stack's own deadlines (retransmits,
 //! delayed ACKs), sleeping until the nearest one. Nothing polls on a fixed short period.
 //!
-//! Memory is bounded: a peer's receive queue holds at most one batch of datagrams, each
-//! stream's buffers are fixed, and a peer carries at most [`MAX_STREAMS`] streams.
+//! UDP I/O is batched (quinn-udp): the datagrams one stack poll produces leave in one GSO
+//! `sendmsg`, and the reader takes many per `recvmmsg`, with GRO where the kernel offers it.
+//!
+//! Memory is bounded: a peer's receive queue holds at most two batches of datagrams (the stack
+//! runs when one batch is queued), each stream's buffers are fixed at [`STREAM_BUFFER`] each
+//! way, and a peer carries at most [`MAX_STREAMS`] streams.
 
 mod stream;
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,7 +152,6 @@ async fn a_wrong_key_gets_no_answer() {
     let peer = stranger.peer("sentry").unwrap();
     assert!(!peer.is_up(), "a stranger got an answer");
     assert!(pair.sentry.dropped() > 0, "no handshake attempt arrived");
-    let _: Option<SocketAddr> = None;
     stop.cancel();
     pair.stop.cancel();
 }
