@@ -13,6 +13,9 @@ use rustix::process::{Pid, Signal};
 
 use crate::sentry_bin;
 
+/// Log lines a daemon prints when the test that ran it fails.
+const LOG_ON_FAILURE: usize = 200;
+
 /// A running `sentry serve` or `sentry agent`.
 pub struct Daemon {
     child: Child,
@@ -24,6 +27,18 @@ impl Drop for Daemon {
         // `Child::kill` signals this child's PID, never a name.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the daemon said: CI keeps nothing else.
+        if std::thread::panicking() {
+            let lines = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
+            let from = lines.len().saturating_sub(LOG_ON_FAILURE);
+            eprintln!(
+                "--- daemon pid {}: last {} of {} log lines ---\n{}\n--- end of daemon log ---",
+                self.child.id(),
+                lines.len() - from,
+                lines.len(),
+                lines[from..].join("\n")
+            );
+        }
     }
 }
 
@@ -65,7 +80,11 @@ impl Daemon {
                 "--config",
                 config.to_str().unwrap(),
             ])
-            .env("RUST_LOG", "info")
+            // `SENTRY_TEST_LOG` sets the daemons' filter when debugging a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("SENTRY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
