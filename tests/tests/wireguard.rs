@@ -105,6 +105,61 @@ async fn two_hundred_concurrent_connections_over_wireguard() {
     concurrent_echoes(sentry.route("p2p"), 200).await;
 }
 
+/// An echo whose client stops reading now and then: every buffer on the path fills, both
+/// directions of the overlay stream reach a zero window at once, and the stream must resume
+/// each time. (smoltcp could strand such a stream for good: see `PeerState::unstick`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_resumes_after_both_directions_fill_up() {
+    const LEN: usize = 24 * MIB;
+    const PAUSE_EVERY: usize = MIB / 2;
+    /// Small kernel buffers at both ends, so the overlay's buffers are what fills.
+    const KERNEL_BUFFER: usize = 32 * 1024;
+    let small = |tcp: &TcpStream| {
+        let socket = socket2::SockRef::from(tcp);
+        socket.set_recv_buffer_size(KERNEL_BUFFER).unwrap();
+        socket.set_send_buffer_size(KERNEL_BUFFER).unwrap();
+    };
+    let echo = service(move |mut tcp| async move {
+        small(&tcp);
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await;
+    let (sentry, _agent, _) = deployment(echo, "").await;
+    let tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
+    small(&tcp);
+    let (mut reader, mut writer) = tcp.into_split();
+    let sender = tokio::spawn(async move {
+        let digest = write_payload(&mut writer, 11, LEN).await.unwrap();
+        writer.shutdown().await.unwrap();
+        digest
+    });
+    let receive = async {
+        let mut sha = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        let (mut total, mut next_pause) = (0, PAUSE_EVERY);
+        loop {
+            let n = reader.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            sha.update(&buf[..n]);
+            total += n;
+            if total >= next_pause {
+                next_pause += PAUSE_EVERY;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+        (total, sha.finish().as_ref().to_vec())
+    };
+    let (total, echoed) = tokio::time::timeout(Duration::from_secs(120), receive)
+        .await
+        .expect("the echo stalled");
+    assert_eq!(total, LEN, "the echo came back short");
+    assert_eq!(echoed, sender.await.unwrap(), "the echo came back altered");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_refuses_services_it_does_not_export_over_wireguard() {
     let (sentry_key, agent_key) = (key(), key());

@@ -85,6 +85,12 @@ const NOISE_TICK: Duration = Duration::from_millis(250);
 /// How long a closed stream may linger (finishing its FIN exchange) before it is reset.
 const LINGER: Duration = Duration::from_secs(30);
 /// Data unacknowledged this long resets a stream (the peer is gone).
+/// How often a stream holding unsent data, with nothing in flight, asks the peer for its
+/// window (see [`PeerState::unstick`]).
+const STALL_PROBE: Duration = Duration::from_secs(1);
+/// Bytes moved out of a full receive buffer so its window reopens by at least two units of
+/// the window scale (16 bytes for [`STREAM_BUFFER`]).
+const WINDOW_NUDGE: usize = 32;
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Streams accepted but not yet taken by the agent's relay loop.
 const ACCEPT_QUEUE: usize = 1024;
@@ -195,6 +201,9 @@ struct PeerState {
     /// Local ports of streams we opened, both ways.
     ports: HashMap<u16, SocketHandle>,
     port_of: HashMap<SocketHandle, u16>,
+    /// Bytes taken out of a full receive buffer to reopen its window (see
+    /// [`PeerState::unstick`]); the stream's reader gets them first.
+    stash: HashMap<SocketHandle, Vec<u8>>,
     next_port: u16,
     streams: usize,
     last_rx: Option<Instant>,
@@ -507,6 +516,7 @@ impl Peer {
                 listeners: Vec::new(),
                 ports: HashMap::new(),
                 port_of: HashMap::new(),
+                stash: HashMap::new(),
                 next_port,
                 streams: 0,
                 last_rx: None,
@@ -655,6 +665,43 @@ impl PeerState {
         taken
     }
 
+    /// Work around two ways smoltcp (0.14) can stall a stream for good when both of its
+    /// directions are full at once (an echo, or a request/response exchange larger than the
+    /// buffers, whose application waits on one direction to drain the other).
+    ///
+    /// - Window scaling rounds the advertised window down, so a receiver can shrink its
+    ///   window's right edge by up to one scale unit after the sender filled it. The sender's
+    ///   last bytes are then refused, and while the receiver's window stays at zero it also
+    ///   refuses every later segment of the sender (acknowledgments included, as their sequence
+    ///   number is past its own), so it never learns that its own data was acknowledged. The
+    ///   sender meanwhile probes with bytes past the refused ones and never rewinds. Taking
+    ///   [`WINDOW_NUDGE`] bytes out of a full receive buffer into the stream's stash reopens the
+    ///   window past the sender's edge; the sender's next segment is accepted and both ends
+    ///   resume. The stash is bounded (one per stream, refilled only once its reader took it).
+    ///   (`an_echo_resumes_after_both_directions_fill_up` stalls without this.)
+    /// - A retransmission timeout while the peer's window is zero leaves the socket idle
+    ///   without its zero-window probe, so a lost window update would never be recovered
+    ///   (found reading smoltcp's code, not seen here). A stream with data to send keeps a
+    ///   keep-alive, which draws the peer's acknowledgment with its current window.
+    ///   Keep-alives go out only from an idle socket: nothing while data flows.
+    fn unstick(&mut self) {
+        for (handle, socket) in self.sockets.iter_mut() {
+            let smoltcp::socket::Socket::Tcp(socket) = socket;
+            let probe = (socket.send_queue() > 0).then(|| STALL_PROBE.into());
+            if socket.keep_alive() != probe {
+                socket.set_keep_alive(probe);
+            }
+            let free = socket.recv_capacity() - socket.recv_queue();
+            if free < WINDOW_NUDGE / 2 && socket.may_recv() && !self.stash.contains_key(&handle) {
+                let mut taken = vec![0; WINDOW_NUDGE];
+                if let Ok(n) = socket.recv_slice(&mut taken) {
+                    taken.truncate(n);
+                    self.stash.insert(handle, taken);
+                }
+            }
+        }
+    }
+
     /// Remove orphans that finished closing; reset those that lingered too long (the reset
     /// goes out at the next poll, and the socket is removed on the next pass).
     fn reap(&mut self, now: Instant) {
@@ -677,6 +724,7 @@ impl PeerState {
     /// Forget a stream's socket.
     fn release(&mut self, handle: SocketHandle) {
         self.sockets.remove(handle);
+        self.stash.remove(&handle);
         if let Some(port) = self.port_of.remove(&handle) {
             self.ports.remove(&port);
         }
@@ -961,6 +1009,7 @@ async fn timer_loop(inner: Arc<Inner>, peer: Arc<Peer>) {
                     TunnResult::Err(e) => debug!(peer = %peer.spec.name, "noise timers: {e:?}"),
                     _ => {}
                 }
+                state.unstick();
             }
             state.reap(now);
             state.deadline = next_noise;

@@ -148,33 +148,59 @@ impl OverlayStream {
     }
 
     fn poll_read_ref(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        self.with_socket(|socket| {
-            if socket.can_recv() {
-                return match socket.recv_slice(buf.initialize_unfilled()) {
-                    Ok(n) => {
-                        buf.advance(n);
-                        // The window opened: let the stack announce it.
-                        (Poll::Ready(Ok(())), true)
-                    }
-                    Err(e) => (Poll::Ready(Err(io::Error::other(e.to_string()))), false),
-                };
+        let (poll, wake) = {
+            let mut guard = lock(&self.peer.state);
+            let state = &mut *guard;
+            // Bytes the stack took out of a full buffer come first (they are the oldest).
+            if let Some(mut stashed) = state.stash.remove(&self.handle) {
+                let n = stashed.len().min(buf.remaining());
+                buf.put_slice(&stashed[..n]);
+                if n < stashed.len() {
+                    stashed.drain(..n);
+                    state.stash.insert(self.handle, stashed);
+                }
+                return Poll::Ready(Ok(()));
             }
-            let poll = match socket.recv_slice(&mut []) {
-                Err(RecvError::Finished) => Poll::Ready(Ok(())),
-                Err(RecvError::InvalidState) => match socket.state() {
-                    tcp::State::SynSent | tcp::State::SynReceived => {
-                        socket.register_recv_waker(cx.waker());
-                        Poll::Pending
-                    }
-                    _ => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
-                },
-                Ok(_) => {
+            let socket = state.sockets.get_mut::<tcp::Socket<'static>>(self.handle);
+            let (poll, run) = Self::poll_read_socket(socket, cx, buf);
+            (poll, run && state.poll(self.peer.epoch, clock::now()))
+        };
+        if wake {
+            self.peer.timer.notify_one();
+        }
+        poll
+    }
+
+    fn poll_read_socket(
+        socket: &mut tcp::Socket<'static>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> (Poll<io::Result<()>>, bool) {
+        if socket.can_recv() {
+            return match socket.recv_slice(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    // The window opened: let the stack announce it.
+                    (Poll::Ready(Ok(())), true)
+                }
+                Err(e) => (Poll::Ready(Err(io::Error::other(e.to_string()))), false),
+            };
+        }
+        let poll = match socket.recv_slice(&mut []) {
+            Err(RecvError::Finished) => Poll::Ready(Ok(())),
+            Err(RecvError::InvalidState) => match socket.state() {
+                tcp::State::SynSent | tcp::State::SynReceived => {
                     socket.register_recv_waker(cx.waker());
                     Poll::Pending
                 }
-            };
-            (poll, false)
-        })
+                _ => Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
+            },
+            Ok(_) => {
+                socket.register_recv_waker(cx.waker());
+                Poll::Pending
+            }
+        };
+        (poll, false)
     }
 
     fn poll_write_ref(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
