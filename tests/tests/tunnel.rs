@@ -342,6 +342,66 @@ async fn failover_follows_the_upstream_order() {
     assert_eq!(tag_of(sentry.route("p2p")).await, "A");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_upstream_is_held_down_and_tried_last() {
+    let (sentry_key, key_a) = (key(), key());
+    let config = sentry_config(&[("a", &key_a)], &[("p2p", &["a/down", "a/svc"], "")]);
+    let sentry = start_sentry(&config, &sentry_key).await;
+    let mut agent = agent_config(
+        "a",
+        sentry.handle.quic_addr(),
+        &sentry_key,
+        &[
+            ("down", closed_port().await),
+            ("svc", tagged_echo_service("A").await),
+        ],
+    );
+    let metrics = closed_port().await;
+    agent.metrics_listen = Some(metrics);
+    let _agent = start_agent(agent, key_a);
+    sentry.wait_agent("a", true).await;
+    // The agent's count of refusals by its "down" service: what the sentry attempted.
+    let refusals = || async move {
+        let (_, text) = tokio::task::spawn_blocking(move || http_get(metrics, "/metrics"))
+            .await
+            .unwrap();
+        metric(
+            &text,
+            "sentry_agent_streams_total",
+            &[("service", "down"), ("status", "connect_refused")],
+        )
+    };
+
+    for _ in 0..5 {
+        assert_eq!(tag_of(sentry.route("p2p")).await, "A");
+    }
+    assert_eq!(
+        refusals().await,
+        Some(1.0),
+        "clients kept paying an attempt at the refusing upstream"
+    );
+    let text = sentry.handle.render_metrics();
+    let labels = [("upstream", "a/down")];
+    assert_eq!(
+        metric(&text, "sentry_upstream_hold_downs_total", &labels),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "sentry_upstream_held_down", &labels),
+        Some(1.0)
+    );
+
+    // Once the hold expires the upstream is tried first again (and refuses again).
+    tokio::time::sleep(relay_core::sentry::HOLD_DOWN + Duration::from_millis(500)).await;
+    assert_eq!(tag_of(sentry.route("p2p")).await, "A");
+    assert_eq!(refusals().await, Some(2.0));
+    let text = sentry.handle.render_metrics();
+    assert_eq!(
+        metric(&text, "sentry_upstream_hold_downs_total", &labels),
+        Some(2.0)
+    );
+}
+
 async fn round_trip(addr: SocketAddr) -> Vec<u8> {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"ping").await.unwrap();

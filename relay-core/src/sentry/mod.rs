@@ -21,6 +21,8 @@
 //!   reload that cannot bind changes nothing.
 
 mod gateway;
+mod health;
+pub use health::HOLD_DOWN;
 mod pool;
 mod websocket;
 
@@ -44,7 +46,7 @@ use crate::admission::{
     DEFAULT_HANDSHAKE_LIMITS, Gate, Handshake, HandshakeGate, HandshakePermit, HandshakeRefusal,
     Permit, Refusal, SentryCount,
 };
-use crate::config::{Route, SentryConfig, TransportKind};
+use crate::config::{Route, SentryConfig, TransportKind, Upstream};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Families, Observe};
@@ -132,6 +134,8 @@ struct Shared {
     open: Arc<SentryCount>,
     handshake_refused: [AtomicU64; HandshakeRefusal::ALL.len()],
     handshake_failed: AtomicU64,
+    /// Upstreams held down after a refusal.
+    health: health::Health,
     reloads: metrics::Reloads,
     stop: CancellationToken,
     relays: TaskTracker,
@@ -299,6 +303,7 @@ impl Sentry {
             open,
             handshake_refused: Default::default(),
             handshake_failed: AtomicU64::new(0),
+            health: health::Health::default(),
             reloads: metrics::Reloads::default(),
             stop,
             relays: TaskTracker::new(),
@@ -535,6 +540,13 @@ impl SentryHandle {
         }
         shared.tunnels.names.store(Arc::new(names));
         shared.open.set_max(config.max_connections);
+        shared.health.retain(|upstream| {
+            config
+                .routes
+                .iter()
+                .flat_map(|r| &r.upstreams)
+                .any(|u| health::key(u) == upstream)
+        });
         let mut kept = Vec::new();
         for slot in routes.drain(..) {
             match config.routes.iter().find(|r| slot.is(r)) {
@@ -851,6 +863,24 @@ impl Observe for SentryHandle {
                 shared.handshake_failed.load(Ordering::Relaxed),
             )],
         )?;
+        let upstreams = shared.health.snapshot(clock::now());
+        out.counters(
+            "upstream_hold_downs",
+            "Times an upstream was held down after its agent answered that the service refused \
+             (or a plain WireGuard peer did not accept); held upstreams are tried after the \
+             others.",
+            upstreams
+                .iter()
+                .map(|u| ([("upstream", u.upstream.clone())], u.hold_downs)),
+        )?;
+        out.gauges(
+            "upstream_held_down",
+            "1 while an upstream is held down after a refusal, 0 otherwise (listed once it was \
+             ever held).",
+            upstreams
+                .iter()
+                .map(|u| ([("upstream", u.upstream.clone())], i64::from(u.held))),
+        )?;
         if let Some(device) = &shared.wireguard {
             out.counters(
                 "wireguard_datagrams_dropped",
@@ -1003,6 +1033,7 @@ async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: Handshak
     if let Some(Tunnel::Quic(old)) = registry.insert(&agent, Tunnel::Quic(conn.clone())) {
         old.close(code::REPLACED, b"replaced by a newer tunnel");
     }
+    shared.health.release_agent(&agent);
     info!(%agent, %remote, transport = "quic", "tunnel up");
     let reason = conn.closed().await;
     registry.remove(&agent, &Tunnel::Quic(conn.clone()));
@@ -1115,7 +1146,8 @@ async fn relay_client(
 }
 
 /// A relay stream for `client` through the first upstream of `route` that answers `Ok`: the
-/// agent's name and the stream. `None` when no connected upstream does.
+/// agent's name and the stream. `None` when no connected upstream does. Upstreams held down
+/// after a refusal are tried last (see [`health`]).
 async fn connect_upstream(
     shared: &Shared,
     route: &Route,
@@ -1123,45 +1155,78 @@ async fn connect_upstream(
     proxy: Option<Proxy>,
 ) -> Option<(String, TunnelStream)> {
     let registry = &shared.tunnels;
-    for upstream in &route.upstreams {
+    let now = clock::now();
+    let (ready, held): (Vec<_>, Vec<_>) = route
+        .upstreams
+        .iter()
+        .partition(|u| !shared.health.held(&health::key(u), now));
+    for upstream in ready.into_iter().chain(held) {
         let Some(tunnel) = registry.get(&upstream.agent) else {
             continue;
         };
-        if let (Some(target), Tunnel::WireGuard(peer)) = (upstream.overlay, &tunnel) {
+        let refused = if let (Some(target), Tunnel::WireGuard(peer)) = (upstream.overlay, &tunnel) {
             // A plain WireGuard peer: connect inside the overlay; the sentry writes the PROXY
             // header itself, as an agent would.
             match plain_peer(peer, target, client, proxy).await {
-                Ok(stream) => return Some((upstream.agent.clone(), stream)),
+                Ok(stream) => {
+                    answered(shared, route, upstream);
+                    return Some((upstream.agent.clone(), stream));
+                }
                 Err(e) => {
                     debug!(route = %route.name, %client, peer = %upstream.agent, %target, "plain WireGuard peer did not accept: {e}; trying the next");
+                    format!("the peer did not accept: {e}")
                 }
             }
-            continue;
-        }
-        let header = Header {
-            route: route.name.clone(),
-            service: upstream.service.clone(),
-            client,
-            proxy,
+        } else {
+            let header = Header {
+                route: route.name.clone(),
+                service: upstream.service.clone(),
+                client,
+                proxy,
+            };
+            match open(&tunnel, &header).await {
+                Ok(stream) => {
+                    answered(shared, route, upstream);
+                    return Some((upstream.agent.clone(), stream));
+                }
+                Err(OpenError::Refused(status)) => {
+                    debug!(route = %route.name, %client, agent = %upstream.agent, ?status, "upstream refused; trying the next");
+                    if status == Some(Status::BadHeader) {
+                        continue;
+                    }
+                    format!(
+                        "the agent answered {}",
+                        status.map_or("an unknown status", Status::as_str)
+                    )
+                }
+                Err(OpenError::Unresponsive) => {
+                    warn!(agent = %upstream.agent, transport = tunnel.transport(), "agent did not answer a relay header within {STATUS_TIMEOUT:?}");
+                    if let Tunnel::Quic(conn) = &tunnel {
+                        conn.close(code::UNRESPONSIVE, b"no answer to a relay header");
+                        registry.remove(&upstream.agent, &tunnel);
+                    }
+                    continue;
+                }
+                Err(OpenError::Tunnel(e)) => {
+                    debug!(agent = %upstream.agent, "opening a stream failed: {e}");
+                    continue;
+                }
+            }
         };
-        match open(&tunnel, &header).await {
-            Ok(stream) => return Some((upstream.agent.clone(), stream)),
-            Err(OpenError::Refused(status)) => {
-                debug!(route = %route.name, %client, agent = %upstream.agent, ?status, "upstream refused; trying the next");
-            }
-            Err(OpenError::Unresponsive) => {
-                warn!(agent = %upstream.agent, transport = tunnel.transport(), "agent did not answer a relay header within {STATUS_TIMEOUT:?}");
-                if let Tunnel::Quic(conn) = &tunnel {
-                    conn.close(code::UNRESPONSIVE, b"no answer to a relay header");
-                    registry.remove(&upstream.agent, &tunnel);
-                }
-            }
-            Err(OpenError::Tunnel(e)) => {
-                debug!(agent = %upstream.agent, "opening a stream failed: {e}");
-            }
+        let key = health::key(upstream);
+        if shared.health.hold(&key, clock::now()) {
+            info!(route = %route.name, upstream = %key, reason = %refused, "upstream held down for {:?}: tried after the others", health::HOLD_DOWN);
         }
     }
     None
+}
+
+/// `upstream` took a stream: end its hold-down, if any.
+fn answered(shared: &Shared, route: &Route, upstream: &Upstream) {
+    let key = health::key(upstream);
+    if shared.health.clear(&key, clock::now()) {
+        info!(route = %route.name, upstream = %key, "upstream answered again: hold-down ended");
+    }
 }
 
 /// A connection to a plain WireGuard peer's overlay address.
@@ -1266,6 +1331,7 @@ async fn wireguard_events(
             .map_or_else(|| "-".to_owned(), |e| e.to_string());
         if up {
             shared.tunnels.insert(&name, tunnel);
+            shared.health.release_agent(&name);
             info!(agent = %name, %remote, transport = "wireguard", "tunnel up");
         } else {
             info!(agent = %name, %remote, transport = "wireguard", "tunnel down: no packet within {:?}", peer.liveness());
