@@ -124,6 +124,15 @@ fn skip_or_fail(why: &str) {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// Move the calling thread into network namespace `ns` (a name from [`Topology::ns`]); the
+/// sockets it creates from then on belong there. For a thread of its own: it never leaves.
+pub fn enter_ns(ns: &str) {
+    let path = format!("/run/netns/{ns}");
+    let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    rustix::thread::move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
+        .unwrap_or_else(|e| panic!("entering {path}: {e}"));
+}
+
 impl Topology {
     /// Build the topology; `None` (with the reason printed) where it cannot be built outside
     /// CI. Under `CI=true` it panics instead, so CI can never skip this tier silently.
@@ -332,15 +341,10 @@ impl Topology {
 
     /// Run `f` on a thread inside `host`'s namespace; sockets it creates belong there.
     pub fn enter<T: Send>(&self, host: Host, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.ns(host));
+        let ns = self.ns(host);
         std::thread::scope(|scope| {
             let thread = scope.spawn(|| {
-                let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                rustix::thread::move_into_link_name_space(
-                    file.as_fd(),
-                    Some(LinkNameSpaceType::Network),
-                )
-                .unwrap_or_else(|e| panic!("entering {path}: {e}"));
+                enter_ns(&ns);
                 f()
             });
             thread

@@ -1,0 +1,320 @@
+//! The real-network tier for availability: one agent behind the NAT keeps a tunnel to each of
+//! three sentries (two over QUIC, one over WireGuard) and serves clients of all three; a
+//! sentry that dies takes only its own clients with it, and serves again once it restarts.
+//!
+//! Needs root, `ip`, `iptables` and `conntrack` (see `tests/src/netns.rs`); skipped outside
+//! CI without them.
+#![allow(clippy::unwrap_used)]
+// Plain threads and deadlines here, outside the daemon: the clock rule is for relay-core.
+#![allow(clippy::disallowed_methods)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use relay_core::keys::{PrivateKey, write_private_key};
+use rustix::process::Signal;
+use tests::daemon::Daemon;
+use tests::netns::{Host, SENTRY, Topology, VALIDATOR};
+use tests::{http_get, metric, stand_in};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+const P2P_PORT: u16 = 7100;
+const METRICS_PORT: u16 = 9100;
+/// Each client loop stops by itself after this long, whatever the test does.
+const CLIENT_LIMIT: Duration = Duration::from_secs(120);
+
+/// One of the three sentries: its ports and how the agent reaches it.
+struct Spec {
+    quic: u16,
+    route: u16,
+    /// `Some(udp port)` for the WireGuard one.
+    wireguard: Option<u16>,
+}
+
+const SPECS: [Spec; 3] = [
+    Spec {
+        quic: 7443,
+        route: 7101,
+        wireguard: None,
+    },
+    Spec {
+        quic: 7444,
+        route: 7102,
+        wireguard: None,
+    },
+    Spec {
+        quic: 7445,
+        route: 7103,
+        wireguard: Some(51820),
+    },
+];
+
+fn public(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(SENTRY, port))
+}
+
+/// Writes the three sentry configs and the agent's; their paths.
+fn write_configs(t: &Topology) -> (Vec<PathBuf>, PathBuf) {
+    let agent_key = PrivateKey::generate().unwrap();
+    write_private_key(&t.dir().join("agent.key"), &agent_key).unwrap();
+    let mut agent = format!(
+        "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\nmetrics_listen = \"{}\"\n",
+        SocketAddrV4::new(VALIDATOR, METRICS_PORT)
+    );
+    let mut sentries = Vec::new();
+    for (i, spec) in SPECS.iter().enumerate() {
+        let key = PrivateKey::generate().unwrap();
+        write_private_key(&t.dir().join(format!("sentry{i}.key")), &key).unwrap();
+        let mut text = format!(
+            "[sentry]\nprivate_key = \"sentry{i}.key\"\nquic_listen = \"{}\"\n",
+            public(spec.quic)
+        );
+        if let Some(wg) = spec.wireguard {
+            text += &format!(
+                "wireguard_listen = \"{}\"\nwireguard_address = \"100.64.0.1\"\n",
+                public(wg)
+            );
+        }
+        text += &format!(
+            "\n[[agent]]\nname = \"validator-1\"\npublic_key = \"{}\"\n",
+            agent_key.public_key()
+        );
+        if spec.wireguard.is_some() {
+            text += "wireguard_address = \"100.64.0.2\"\n";
+        }
+        text += &format!(
+            "\n[[route]]\nname = \"p2p\"\nlisten = \"{}\"\nupstream = [\"validator-1/p2p\"]\n\
+             max_connections_per_ip = 256\nconnect_rate_per_ip = \"1000/s\"\n",
+            public(spec.route)
+        );
+        let path = t.dir().join(format!("sentry{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        sentries.push(path);
+        agent += &match spec.wireguard {
+            None => format!(
+                "\n[[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\ntransport = \"quic\"\n",
+                public(spec.quic),
+                key.public_key()
+            ),
+            Some(wg) => format!(
+                "\n[[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\ntransport = \"wireguard\"\n\
+                 wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
+                public(wg),
+                key.public_key()
+            ),
+        };
+    }
+    agent += &format!(
+        "\n[[service]]\nname = \"p2p\"\ntarget = \"{}\"\n",
+        SocketAddrV4::new(VALIDATOR, P2P_PORT)
+    );
+    let agent_path = t.dir().join("agent.toml");
+    std::fs::write(&agent_path, agent).unwrap();
+    (sentries, agent_path)
+}
+
+/// A client of one sentry: round trips on a held connection, and a new connection every tenth
+/// one, until stopped (or [`CLIENT_LIMIT`]). Counts what worked and what failed.
+struct Client {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Client {
+    fn start(t: &Topology, port: u16) -> Self {
+        let (ok, failed, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let ns = t.ns(Host::Client);
+        let (ok2, failed2, stop2) = (ok.clone(), failed.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            tests::netns::enter_ns(&ns);
+            let started = Instant::now();
+            let mut held: Option<TcpStream> = None;
+            let mut n = 0u64;
+            while !stop2.load(Ordering::Relaxed) && started.elapsed() < CLIENT_LIMIT {
+                n += 1;
+                if n % 10 == 0 {
+                    held = None;
+                }
+                let worked = round_trip(&mut held, public(port), n);
+                if worked {
+                    ok2.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed2.fetch_add(1, Ordering::Relaxed);
+                    held = None;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            ok,
+            failed,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One echo round trip on `held` (connecting first when there is none).
+fn round_trip(held: &mut Option<TcpStream>, to: SocketAddr, n: u64) -> bool {
+    if held.is_none() {
+        let Ok(tcp) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+            return false;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = tcp.set_write_timeout(Some(Duration::from_secs(5)));
+        *held = Some(tcp);
+    }
+    let tcp = held.as_mut().unwrap();
+    let message = format!("request {n}");
+    if tcp.write_all(message.as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = vec![0u8; message.len()];
+    tcp.read_exact(&mut buf).is_ok() && buf == message.as_bytes()
+}
+
+/// Wait (bounded) until `client` counts `more` successes beyond what it had.
+fn wait_progress(client: &Client, more: u64) -> bool {
+    let from = client.counts().0;
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        if client.counts().0 >= from + more {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The agent's `agent_tunnel_up` for each sentry, by the address it dials.
+fn tunnels_up(t: &Topology) -> Vec<Option<f64>> {
+    let (_, text) = t.enter(Host::Validator, || {
+        http_get(
+            SocketAddr::V4(SocketAddrV4::new(VALIDATOR, METRICS_PORT)),
+            "/metrics",
+        )
+    });
+    SPECS
+        .iter()
+        .map(|spec| {
+            let (addr, transport) = match spec.wireguard {
+                None => (public(spec.quic), "quic"),
+                Some(wg) => (public(wg), "wireguard"),
+            };
+            metric(
+                &text,
+                "sentry_agent_tunnel_up",
+                &[("sentry", &addr.to_string()), ("transport", transport)],
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn three_sentries_one_agent_and_one_sentry_dies() {
+    let Some(t) = Topology::new() else { return };
+    let service = stand_in::echo(t.enter(Host::Validator, || {
+        TcpListener::bind(SocketAddrV4::new(VALIDATOR, P2P_PORT)).unwrap()
+    }));
+    let (sentry_paths, agent_path) = write_configs(&t);
+    let mut sentries: Vec<Option<Daemon>> = sentry_paths
+        .iter()
+        .map(|p| Some(t.daemon(Host::Sentry, "serve", p)))
+        .collect();
+    let agent = t.daemon(Host::Validator, "agent", &agent_path);
+    for sentry in sentries.iter().flatten() {
+        sentry.wait_event("tunnel up", &[("agent", "validator-1")], 0, PATIENCE);
+    }
+    assert_eq!(
+        tunnels_up(&t),
+        [Some(1.0); 3],
+        "the agent's metrics should show all three tunnels up"
+    );
+
+    let clients: Vec<Client> = SPECS.iter().map(|s| Client::start(&t, s.route)).collect();
+    for (i, client) in clients.iter().enumerate() {
+        assert!(
+            wait_progress(client, 20),
+            "sentry {i}'s clients are not served"
+        );
+    }
+
+    // Sentry 1 dies without a word.
+    let mut dead = sentries[1].take().unwrap();
+    dead.signal(Signal::KILL);
+    dead.wait_exit(Duration::from_secs(5));
+    drop(dead);
+    let before: Vec<(u64, u64)> = clients.iter().map(Client::counts).collect();
+    // The others go on serving their clients meanwhile, without one failed request.
+    for i in [0, 2] {
+        assert!(
+            wait_progress(&clients[i], 50),
+            "sentry {i}'s clients stopped being served when sentry 1 died"
+        );
+    }
+    let wait = Instant::now();
+    while clients[1].counts().1 == before[1].1 && wait.elapsed() < PATIENCE {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        clients[1].counts().1 > before[1].1,
+        "sentry 1's clients should fail while it is dead"
+    );
+
+    // Sentry 1 comes back (same key, same config): the agent reconnects by itself and its
+    // clients are served again.
+    let restarted = t.daemon(Host::Sentry, "serve", &sentry_paths[1]);
+    restarted.wait_event(
+        "tunnel up",
+        &[("agent", "validator-1")],
+        0,
+        Duration::from_secs(60),
+    );
+    sentries[1] = Some(restarted);
+    assert!(
+        wait_progress(&clients[1], 20),
+        "sentry 1's clients were not served again after it restarted"
+    );
+    assert_eq!(tunnels_up(&t), [Some(1.0); 3]);
+
+    let counts: Vec<(u64, u64)> = clients.iter().map(Client::counts).collect();
+    drop(clients);
+    eprintln!("round trips (ok, failed) by sentry: {counts:?}");
+    for i in [0, 2] {
+        assert_eq!(
+            counts[i].1,
+            0,
+            "sentry {i}'s clients saw failures though only sentry 1 died:\n{}",
+            agent.log()
+        );
+    }
+    drop((sentries, agent, service));
+}
