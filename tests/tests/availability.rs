@@ -143,7 +143,7 @@ impl Client {
             let mut n = 0u64;
             while !stop2.load(Ordering::Relaxed) && started.elapsed() < CLIENT_LIMIT {
                 n += 1;
-                if n % 10 == 0 {
+                if n.is_multiple_of(10) {
                     held = None;
                 }
                 let worked = round_trip(&mut held, public(port), n);
