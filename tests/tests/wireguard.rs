@@ -243,6 +243,12 @@ async fn the_wireguard_port_answers_nothing_without_a_pinned_key() {
 async fn an_open_connection_survives_a_rekey() {
     let (sentry, _agent, _) = deployment(echo_service().await, "").await;
     let mut tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
+    // A second connection stays silent throughout (a quiet P2P link): it must outlive the
+    // rekey and every stream timer.
+    let mut quiet = TcpStream::connect(sentry.route("p2p")).await.unwrap();
+    quiet.write_all(b"hello").await.unwrap();
+    let mut hello = [0u8; 5];
+    quiet.read_exact(&mut hello).await.unwrap();
     let started = relay_core::clock::now();
     let mut slowest = Duration::ZERO;
     let mut i = 0u32;
@@ -266,6 +272,13 @@ async fn an_open_connection_survives_a_rekey() {
         age.is_some_and(|age| age < Duration::from_secs(60)),
         "no rekey within 135 s: the last handshake was {age:?} ago"
     );
+    quiet.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(PATIENCE, quiet.read_exact(&mut back))
+        .await
+        .unwrap()
+        .expect("a connection quiet for 135 s was closed");
+    assert_eq!(&back, b"still here");
     eprintln!("{i} echoes across a rekey; slowest {slowest:?}");
 }
 

@@ -84,13 +84,14 @@ const BATCH: usize = 64;
 const NOISE_TICK: Duration = Duration::from_millis(250);
 /// How long a closed stream may linger (finishing its FIN exchange) before it is reset.
 const LINGER: Duration = Duration::from_secs(30);
-/// Data unacknowledged this long resets a stream (the peer is gone).
 /// How often a stream holding unsent data, with nothing in flight, asks the peer for its
 /// window (see [`PeerState::unstick`]).
 const STALL_PROBE: Duration = Duration::from_secs(1);
 /// Bytes moved out of a full receive buffer so its window reopens by at least two units of
 /// the window scale (16 bytes for [`STREAM_BUFFER`]).
 const WINDOW_NUDGE: usize = 32;
+/// A stream with data to send whose peer sends nothing this long is reset (the peer is gone).
+/// Idle streams have no timeout.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Streams accepted but not yet taken by the agent's relay loop.
 const ACCEPT_QUEUE: usize = 1024;
@@ -617,7 +618,9 @@ impl PeerState {
         );
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
-        socket.set_timeout(Some(STREAM_TIMEOUT.into()));
+        // No timeout while idle: smoltcp's counts from the peer's last packet, which would
+        // reset a quiet connection (a validator's P2P link may be silent for minutes). The
+        // timer sets one while the stream has data to send (see `unstick`).
         socket
     }
 
@@ -684,12 +687,21 @@ impl PeerState {
     ///   (found reading smoltcp's code, not seen here). A stream with data to send keeps a
     ///   keep-alive, which draws the peer's acknowledgment with its current window.
     ///   Keep-alives go out only from an idle socket: nothing while data flows.
+    ///
+    /// The same test sets [`STREAM_TIMEOUT`] on streams with data to send only: smoltcp's
+    /// timeout counts from the peer's last packet, so on a quiet stream it would reset a
+    /// healthy connection.
     fn unstick(&mut self) {
         for (handle, socket) in self.sockets.iter_mut() {
             let smoltcp::socket::Socket::Tcp(socket) = socket;
-            let probe = (socket.send_queue() > 0).then(|| STALL_PROBE.into());
+            let busy = socket.send_queue() > 0;
+            let probe = busy.then(|| STALL_PROBE.into());
             if socket.keep_alive() != probe {
                 socket.set_keep_alive(probe);
+            }
+            let timeout = busy.then(|| STREAM_TIMEOUT.into());
+            if socket.timeout() != timeout {
+                socket.set_timeout(timeout);
             }
             let free = socket.recv_capacity() - socket.recv_queue();
             if free < WINDOW_NUDGE / 2 && socket.may_recv() && !self.stash.contains_key(&handle) {
