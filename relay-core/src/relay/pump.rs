@@ -3,7 +3,9 @@
 //! Each direction reads into its own buffer and writes what it read before reading again,
 //! so memory per connection is bounded by the two buffers and a slow reader slows its writer
 //! (backpressure) instead of growing a queue. A buffer starts small (an idle P2P link should
-//! not cost 128 KiB) and doubles up to [`MAX_BUF`] while reads keep filling it.
+//! not cost 128 KiB), doubles up to [`MAX_BUF`] while reads keep filling it, and goes back to
+//! the small size once its direction has been quiet for [`SHRINK_AFTER`], so a connection
+//! that carried a burst and went quiet does not keep the burst's buffers.
 //!
 //! End of stream in one direction is passed on as a half-close (`shutdown` of the writer) and
 //! the other direction keeps flowing. The pump ends when both directions have finished, when
@@ -20,6 +22,8 @@ use crate::clock;
 const MIN_BUF: usize = 4 * 1024;
 /// Largest buffer of each direction; large enough that bulk transfers cost few syscalls.
 const MAX_BUF: usize = 256 * 1024;
+/// A direction quiet this long gives its grown buffer back.
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
 
 /// Bytes moved by a pump.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +134,19 @@ where
 {
     let mut buf = vec![0u8; MIN_BUF];
     loop {
-        let n = match reader.read(&mut buf).await {
+        let read = if buf.len() > MIN_BUF {
+            // `read` is cancel-safe: nothing is consumed unless it completes.
+            match tokio::time::timeout(SHRINK_AFTER, reader.read(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => {
+                    buf = vec![0u8; MIN_BUF];
+                    continue;
+                }
+            }
+        } else {
+            reader.read(&mut buf).await
+        };
+        let n = match read {
             Ok(n) => n,
             Err(e) => return Err((read_side, e)),
         };
@@ -168,6 +184,45 @@ fn millis_since(start: Instant) -> u64 {
 mod tests {
     use super::*;
     use tokio::io::duplex;
+
+    /// A burst grows a direction's buffer; the quiet period that follows shrinks it (the read
+    /// it cancels must lose nothing); the next burst arrives whole and in order.
+    #[tokio::test(start_paused = true)]
+    async fn bursts_across_quiet_periods_arrive_whole() {
+        let (mut client_app, client_end) = duplex(MAX_BUF);
+        let (tunnel_end, mut agent_app) = duplex(MAX_BUF);
+        let (mut cr, mut cw) = tokio::io::split(client_end);
+        let (mut tr, mut tw) = tokio::io::split(tunnel_end);
+        let pump = tokio::spawn(async move {
+            let totals = ByteCounters::default();
+            pump(
+                &mut cr,
+                &mut cw,
+                &mut tr,
+                &mut tw,
+                Duration::from_secs(600),
+                &totals,
+            )
+            .await
+        });
+        let mut expected = Vec::new();
+        for burst in 0..3u32 {
+            let payload: Vec<u8> = (0..200_000u32)
+                .map(|i| (i.wrapping_mul(7).wrapping_add(burst) % 251) as u8)
+                .collect();
+            client_app.write_all(&payload).await.unwrap();
+            let mut got = vec![0u8; payload.len()];
+            agent_app.read_exact(&mut got).await.unwrap();
+            assert!(got == payload, "burst {burst} came through altered");
+            expected.extend(payload);
+            tokio::time::sleep(SHRINK_AFTER * 3).await;
+        }
+        client_app.shutdown().await.unwrap();
+        agent_app.shutdown().await.unwrap();
+        let (end, stats) = pump.await.unwrap();
+        assert!(matches!(end, PumpEnd::Done), "{end:?}");
+        assert_eq!(stats.up, expected.len() as u64);
+    }
 
     #[tokio::test]
     async fn moves_both_ways_and_half_closes() {
