@@ -24,13 +24,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn read_env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Resident memory of `pid` in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -136,8 +129,8 @@ fn per_connection(before: (u64, u64), after: (u64, u64), n: usize) -> (f64, f64)
 }
 
 fn main() {
-    let requested = read_env("BENCH_IDLE", 8000);
-    let touch = read_env("BENCH_IDLE_TOUCH", 64 * 1024);
+    let requested = benches::read_env("BENCH_IDLE", 8000);
+    let touch = benches::read_env("BENCH_IDLE_TOUCH", 64 * 1024);
     let runtime = benches::runtime();
     println!(
         "memory per relayed connection: {requested} connections (WireGuard: at most {MAX_STREAMS}), \

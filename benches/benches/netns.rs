@@ -36,13 +36,6 @@ const SOURCE: u16 = 7202;
 const ECHO: u16 = 7203;
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn read_env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn at(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(ip, port))
 }
@@ -395,9 +388,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let bytes = read_env("BENCH_BYTES", 256 << 20);
-    let reps = read_env("BENCH_REPS", 3);
-    let trips = read_env("BENCH_ROUND_TRIPS", 2000);
+    let bytes = benches::read_env("BENCH_BYTES", 256 << 20);
+    let reps = benches::read_env("BENCH_REPS", 3);
+    let trips = benches::read_env("BENCH_ROUND_TRIPS", 2000);
     let Some(t) = Topology::new() else {
         eprintln!("netns benchmark skipped: the namespace topology cannot be built here");
         return;

@@ -16,13 +16,16 @@ pub const BLOCK: usize = 256 * 1024;
 /// Bytes per transfer (`BENCH_BYTES`, default 1 GiB) and repetitions (`BENCH_REPS`, default 5).
 #[must_use]
 pub fn settings() -> (usize, usize) {
-    let read = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    (read("BENCH_BYTES", 1 << 30), read("BENCH_REPS", 5))
+    (read_env("BENCH_BYTES", 1 << 30), read_env("BENCH_REPS", 5))
+}
+
+/// A count from environment variable `name`, or `default` when unset or not a number.
+#[must_use]
+pub fn read_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A service that reads everything and answers one byte at end of stream.
