@@ -176,7 +176,8 @@ fn main() {
                     .await
                     .unwrap_or_else(|e| panic!("{transport}: round trip on connection {i}: {e}"));
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Past the pump's 1 s shrink delay: what a connection keeps once quiet again.
+            tokio::time::sleep(Duration::from_secs(2)).await;
             let touched = (rss_kib(pids.0), rss_kib(pids.1));
             let idle_per = per_connection(before, idle, n);
             let touched_per = per_connection(before, touched, n);
