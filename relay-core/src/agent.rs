@@ -15,15 +15,15 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use quinn::{ClientConfig, Connection, Endpoint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -36,7 +36,7 @@ use crate::metrics::{self, Families, Observe};
 use crate::relay::{ByteCounters, Header, PumpEnd, Status, encode_proxy_header, pump};
 use crate::transport::pin::SERVER_NAME;
 use crate::transport::quic::{self, QuicError, Tuning, code};
-use crate::transport::{TunnelStream, wireguard};
+use crate::transport::{TunnelStream, tls, wireguard};
 use crate::{clock, lock};
 
 /// Longest a connection attempt to a service may take before the agent answers
@@ -54,6 +54,10 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// How long the sentry may stay silent over WireGuard before the agent rebuilds the tunnel
 /// with a fresh UDP socket (a fresh NAT mapping) and resolves the sentry's name again.
 const WG_REBUILD_AFTER: Duration = Duration::from_secs(30);
+/// Data connections a TLS tunnel opens at once.
+const MAX_OPENING: usize = 16;
+/// Pause after a TLS data connection that failed or was closed unused at once.
+const DATA_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Idle timeout of relayed connections on the agent side. The sentry enforces the route's
 /// idle timeout; this only reaps streams whose sentry vanished without a word.
 const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -128,7 +132,8 @@ struct Shared {
     /// Counters per service name ever exported, kept across reloads.
     service_stats: Mutex<HashMap<String, Arc<ServiceStats>>>,
     unknown: Arc<ServiceStats>,
-    tunnels: Mutex<Vec<Arc<TunnelState>>>,
+    /// One entry per sentry: its transports in preference order.
+    groups: Mutex<Vec<Arc<Group>>>,
     spawn: mpsc::UnboundedSender<Tunnel>,
     reloads: metrics::Reloads,
     stop: CancellationToken,
@@ -148,13 +153,62 @@ struct ServiceStats {
     active: AtomicI64,
 }
 
-/// One configured sentry's tunnel, as metrics and health see it.
+/// One sentry: the `[[sentry]]` entries that share its public key, in the order listed
+/// (the preferred transport first, then the fallbacks).
+struct Group {
+    entries: Vec<Arc<TunnelState>>,
+    /// Cancelled when a reload removes or changes this sentry (and at shutdown).
+    retire: CancellationToken,
+}
+
+impl Group {
+    fn peers(&self) -> Vec<SentryPeer> {
+        self.entries.iter().map(|e| e.peer.clone()).collect()
+    }
+}
+
+/// The `[[sentry]]` entries grouped by pinned key, in the order each key first appears.
+fn group_peers(peers: &[SentryPeer]) -> Vec<Vec<SentryPeer>> {
+    let mut groups: Vec<Vec<SentryPeer>> = Vec::new();
+    for peer in peers {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].public_key == peer.public_key)
+        {
+            Some(group) => group.push(peer.clone()),
+            None => groups.push(vec![peer.clone()]),
+        }
+    }
+    groups
+}
+
+/// One `[[sentry]]` entry's tunnel, as metrics and health see it.
 struct TunnelState {
     peer: SentryPeer,
-    /// Cancelled when a reload removes this sentry (and at shutdown).
-    retire: CancellationToken,
+    dialer: Dialer,
     live: Mutex<Option<(LiveTunnel, Instant)>>,
     connects: AtomicU64,
+}
+
+/// What an entry needs to dial.
+enum Dialer {
+    Quic(ClientConfig),
+    WireGuard,
+    Tls(Arc<rustls::ClientConfig>),
+}
+
+impl Dialer {
+    fn new(key: &PrivateKey, peer: &SentryPeer) -> Result<Self, QuicError> {
+        Ok(match peer.transport {
+            TransportKind::Quic => Self::Quic(quic::client_config(
+                key,
+                peer.public_key,
+                &Tuning::default(),
+            )?),
+            TransportKind::WireGuard => Self::WireGuard,
+            TransportKind::Tls => Self::Tls(tls::client_config(key, peer.public_key)?),
+        })
+    }
 }
 
 fn status_index(status: Status) -> usize {
@@ -186,15 +240,15 @@ impl Agent {
             services: ArcSwap::from_pointee(HashMap::new()),
             service_stats: Mutex::new(HashMap::new()),
             unknown: Arc::default(),
-            tunnels: Mutex::new(Vec::new()),
+            groups: Mutex::new(Vec::new()),
             spawn,
             reloads: metrics::Reloads::default(),
             stop: CancellationToken::new(),
             metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
         });
         shared.set_services(config);
-        for peer in &config.sentries {
-            shared.add_tunnel(peer)?;
+        for peers in group_peers(&config.sentries) {
+            shared.add_group(&peers)?;
         }
         Ok(Self {
             shared,
@@ -276,29 +330,36 @@ impl Shared {
         self.services.store(Arc::new(table));
     }
 
-    fn add_tunnel(self: &Arc<Self>, peer: &SentryPeer) -> Result<(), QuicError> {
-        let client = match peer.transport {
-            TransportKind::Quic => Some(quic::client_config(
-                &self.key,
-                peer.public_key,
-                &Tuning::default(),
-            )?),
-            TransportKind::WireGuard => None,
-        };
-        let state = Arc::new(TunnelState {
-            peer: peer.clone(),
+    fn add_group(self: &Arc<Self>, peers: &[SentryPeer]) -> Result<(), QuicError> {
+        let mut entries = Vec::with_capacity(peers.len());
+        for peer in peers {
+            entries.push(Arc::new(TunnelState {
+                peer: peer.clone(),
+                dialer: Dialer::new(&self.key, peer)?,
+                live: Mutex::new(None),
+                connects: AtomicU64::new(0),
+            }));
+        }
+        let group = Arc::new(Group {
+            entries,
             retire: self.stop.child_token(),
-            live: Mutex::new(None),
-            connects: AtomicU64::new(0),
         });
-        lock(&self.tunnels).push(state.clone());
+        lock(&self.groups).push(group.clone());
         // The receiver lives as long as `run`; after it, nothing is dialed any more.
         let _ = self.spawn.send(Tunnel {
-            state,
-            client,
+            group,
             shared: self.clone(),
+            relays: TaskTracker::new(),
         });
         Ok(())
+    }
+
+    /// Every entry's state, in config order.
+    fn entries(&self) -> Vec<Arc<TunnelState>> {
+        lock(&self.groups)
+            .iter()
+            .flat_map(|g| g.entries.iter().cloned())
+            .collect()
     }
 }
 
@@ -335,23 +396,28 @@ impl AgentHandle {
         let mut report = ReloadReport::default();
         // Client settings for new sentries first: the only step that can fail.
         for peer in &config.sentries {
-            quic::client_config(&shared.key, peer.public_key, &Tuning::default())?;
+            Dialer::new(&shared.key, peer)?;
         }
         shared.set_services(config);
         report.services = config.services.len();
-        let current: Vec<Arc<TunnelState>> = lock(&shared.tunnels).clone();
-        for state in &current {
-            if !config.sentries.contains(&state.peer) {
-                info!(sentry = %state.peer.address, "sentry removed: its tunnel takes no new streams and closes once its open ones end");
-                state.retire.cancel();
-                report.removed.push(state.peer.address.clone());
+        // A sentry whose entries changed in any way (an added fallback, a new order) is
+        // retired and started again as a new group.
+        let wanted = group_peers(&config.sentries);
+        let current: Vec<Arc<Group>> = lock(&shared.groups).clone();
+        for group in &current {
+            if !wanted.contains(&group.peers()) {
+                for entry in &group.entries {
+                    info!(sentry = %entry.peer.address, transport = entry.peer.transport.as_str(), "sentry removed or changed: its tunnel takes no new streams and closes once its open ones end");
+                    report.removed.push(entry.peer.address.clone());
+                }
+                group.retire.cancel();
             }
         }
-        lock(&shared.tunnels).retain(|s| config.sentries.contains(&s.peer));
-        for peer in &config.sentries {
-            if !current.iter().any(|s| s.peer == *peer) {
-                shared.add_tunnel(peer)?;
-                report.added.push(peer.address.clone());
+        lock(&shared.groups).retain(|g| wanted.contains(&g.peers()));
+        for peers in &wanted {
+            if !current.iter().any(|g| g.peers() == *peers) {
+                shared.add_group(peers)?;
+                report.added.extend(peers.iter().map(|p| p.address.clone()));
             }
         }
         if config.metrics_listen != running.metrics_listen {
@@ -376,7 +442,7 @@ impl AgentHandle {
 impl Observe for AgentHandle {
     fn collect(&self, out: &mut Families<'_>) -> std::fmt::Result {
         let shared = &self.shared;
-        let tunnels: Vec<Arc<TunnelState>> = lock(&shared.tunnels).clone();
+        let tunnels: Vec<Arc<TunnelState>> = shared.entries();
         // (sentry, (rtt, age) while up, tunnels established)
         type Row = (String, &'static str, Option<(Duration, Duration)>, u64);
         let live: Vec<Row> = tunnels
@@ -480,20 +546,21 @@ impl Observe for AgentHandle {
     }
 
     fn health(&self) -> Result<String, String> {
-        let tunnels: Vec<Arc<TunnelState>> = lock(&self.shared.tunnels).clone();
-        let down: Vec<&str> = tunnels
+        // A sentry is up when one of its transports is.
+        let groups: Vec<Arc<Group>> = lock(&self.shared.groups).clone();
+        let down: Vec<&str> = groups
             .iter()
-            .filter(|t| lock(&t.live).is_none())
-            .map(|t| t.peer.address.as_str())
+            .filter(|g| g.entries.iter().all(|e| lock(&e.live).is_none()))
+            .map(|g| g.entries[0].peer.address.as_str())
             .collect();
         if down.is_empty() {
-            Ok(format!("{} tunnel(s) up", tunnels.len()))
+            Ok(format!("{} tunnel(s) up", groups.len()))
         } else {
             Err(format!(
                 "no tunnel to {} ({} of {} up)",
                 down.join(", "),
-                tunnels.len() - down.len(),
-                tunnels.len()
+                groups.len() - down.len(),
+                groups.len()
             ))
         }
     }
@@ -503,6 +570,7 @@ impl Observe for AgentHandle {
 enum LiveTunnel {
     Quic(Connection),
     WireGuard(Arc<wireguard::Peer>),
+    Tls(Arc<tls::Control>),
 }
 
 impl LiveTunnel {
@@ -510,55 +578,75 @@ impl LiveTunnel {
         match self {
             Self::Quic(conn) => conn.rtt(),
             Self::WireGuard(peer) => peer.session().1.unwrap_or_default(),
+            Self::Tls(control) => control.rtt(),
         }
     }
 }
 
-/// One sentry's tunnel and its reconnect loop.
+/// How one try of one transport ended.
+enum Attempt {
+    /// The tunnel never came up; the next transport of the sentry is tried.
+    Failed(String),
+    /// It was up, then went down; the preferred transport is tried again.
+    Ended(String),
+    /// The sentry was removed from the config, or the agent stops.
+    Retired,
+}
+
+/// One sentry's tunnel and its reconnect loop, over its transports in preference order.
 struct Tunnel {
-    state: Arc<TunnelState>,
-    /// `None` for WireGuard.
-    client: Option<ClientConfig>,
+    group: Arc<Group>,
     shared: Arc<Shared>,
+    /// Relayed connections of this sentry, across reconnects (over TLS they outlive the
+    /// control connection that was up when they began).
+    relays: TaskTracker,
 }
 
 impl Tunnel {
     async fn run(self) {
-        let Some(client) = &self.client else {
-            return self.run_wireguard().await;
-        };
-        let peer = &self.state.peer;
-        let sentry = peer.address.clone();
-        let retire = &self.state.retire;
+        let retire = &self.group.retire;
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
         while !retire.is_cancelled() {
             let started = clock::now();
-            let dialed = tokio::select! {
-                () = retire.cancelled() => return,
-                dialed = dial(peer, client, &self.shared.key) => dialed,
-            };
-            match dialed {
-                Ok((endpoint, conn)) => {
-                    info!(%sentry, remote = %conn.remote_address(), transport = "quic", "tunnel up");
-                    self.state.connects.fetch_add(1, Ordering::Relaxed);
-                    *lock(&self.state.live) = Some((LiveTunnel::Quic(conn.clone()), clock::now()));
-                    let reason = self.serve(&conn).await;
-                    *lock(&self.state.live) = None;
-                    endpoint.close(code::SHUTDOWN, b"agent shutting down");
-                    if retire.is_cancelled() {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle())
-                            .await;
-                        return;
+            let mut was_up = false;
+            for (i, entry) in self.group.entries.iter().enumerate() {
+                let attempt = match &entry.dialer {
+                    Dialer::Quic(client) => self.attempt_quic(entry, client).await,
+                    Dialer::WireGuard => self.attempt_wireguard(entry).await,
+                    Dialer::Tls(client) => self.attempt_tls(entry, client).await,
+                };
+                let sentry = &entry.peer.address;
+                let transport = entry.peer.transport.as_str();
+                match attempt {
+                    Attempt::Retired => return,
+                    Attempt::Ended(why) => {
+                        warn!(%sentry, transport, "tunnel down: {why}");
+                        was_up = true;
+                        break;
                     }
-                    warn!(%sentry, transport = "quic", "tunnel down: {reason}");
-                    if clock::now().duration_since(started) >= HEALTHY_AFTER {
-                        backoff.reset();
+                    Attempt::Failed(why) => {
+                        warn!(%sentry, transport, "cannot reach sentry: {why}");
+                        if let Some(next) = self.group.entries.get(i + 1) {
+                            info!(sentry = %next.peer.address, transport = next.peer.transport.as_str(), "falling back to the sentry's next transport");
+                        }
                     }
                 }
-                Err(e) => warn!(%sentry, transport = "quic", "cannot reach sentry: {e}"),
+            }
+            let healthy_after = if self
+                .group
+                .entries
+                .iter()
+                .any(|e| e.peer.transport == TransportKind::WireGuard)
+            {
+                HEALTHY_AFTER + WG_REBUILD_AFTER
+            } else {
+                HEALTHY_AFTER
+            };
+            if was_up && clock::now().duration_since(started) >= healthy_after {
+                backoff.reset();
             }
             let delay = backoff.next_delay(rand::random::<f64>());
-            debug!(%sentry, "reconnecting in {delay:?}");
+            debug!(sentry = %self.group.entries[0].peer.address, "reconnecting in {delay:?}");
             tokio::select! {
                 () = retire.cancelled() => return,
                 () = tokio::time::sleep(delay) => {}
@@ -566,19 +654,47 @@ impl Tunnel {
         }
     }
 
+    fn up(entry: &TunnelState, live: LiveTunnel) {
+        entry.connects.fetch_add(1, Ordering::Relaxed);
+        *lock(&entry.live) = Some((live, clock::now()));
+    }
+
+    async fn attempt_quic(&self, entry: &TunnelState, client: &ClientConfig) -> Attempt {
+        let retire = &self.group.retire;
+        let sentry = &entry.peer.address;
+        let dialed = tokio::select! {
+            () = retire.cancelled() => return Attempt::Retired,
+            dialed = dial(&entry.peer, client, &self.shared.key) => dialed,
+        };
+        let (endpoint, conn) = match dialed {
+            Ok(dialed) => dialed,
+            Err(e) => return Attempt::Failed(e.to_string()),
+        };
+        info!(%sentry, remote = %conn.remote_address(), transport = "quic", "tunnel up");
+        Self::up(entry, LiveTunnel::Quic(conn.clone()));
+        let reason = self.serve(&conn).await;
+        *lock(&entry.live) = None;
+        endpoint.close(code::SHUTDOWN, b"agent shutting down");
+        if retire.is_cancelled() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            return Attempt::Retired;
+        }
+        Attempt::Ended(reason.to_string())
+    }
+
     /// Serve relayed streams until the tunnel closes (returns why) or the tunnel is retired
     /// (drains first: until its streams end, but at shutdown for at most `drain_timeout`).
     async fn serve(&self, conn: &Connection) -> quinn::ConnectionError {
-        let relays = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
-                () = self.state.retire.cancelled() => break,
+                () = self.group.retire.cancelled() => break,
                 accepted = conn.accept_bi() => accepted,
             };
             match accepted {
                 Ok((send, recv)) => {
                     let stream = TunnelStream::Quic(send, recv);
-                    relays.spawn(relay_stream(stream, self.shared.clone(), false));
+                    self.relays
+                        .spawn(relay_stream(stream, self.shared.clone(), false));
                 }
                 Err(reason) => return reason,
             }
@@ -589,92 +705,74 @@ impl Tunnel {
                 tokio::spawn(relay_stream(stream, self.shared.clone(), true));
             }
         };
-        self.drain(&relays, refuse_new).await;
+        self.drain(refuse_new).await;
         conn.close(code::SHUTDOWN, b"agent shutting down");
         quinn::ConnectionError::LocallyClosed
     }
-}
 
-impl Tunnel {
-    /// The WireGuard tunnel: a device with the sentry as its one peer, rebuilt (fresh socket,
-    /// address resolved again) when the sentry stays silent for [`WG_REBUILD_AFTER`].
-    async fn run_wireguard(self) {
-        let peer = &self.state.peer;
+    /// The WireGuard tunnel: a device with the sentry as its one peer, given up (to be
+    /// rebuilt with a fresh socket, the address resolved again) when the sentry stays silent
+    /// for [`WG_REBUILD_AFTER`].
+    async fn attempt_wireguard(&self, entry: &TunnelState) -> Attempt {
+        let peer = &entry.peer;
         let sentry = peer.address.clone();
-        let retire = &self.state.retire;
         let (Some(overlay), Some(public)) = (peer.wireguard, peer.public_key.wireguard()) else {
             // The config parser refuses a WireGuard sentry without both.
-            warn!(%sentry, "no WireGuard addresses or key for this sentry; not dialing");
-            return;
+            return Attempt::Failed("no WireGuard addresses or key for this sentry".to_owned());
         };
-        let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
-        while !retire.is_cancelled() {
-            let started = clock::now();
-            match resolve(&sentry).await {
-                Ok(remote) => {
-                    let (events_tx, mut events) = mpsc::unbounded_channel();
-                    let on_event: wireguard::PeerEvents = Arc::new(move |_, up| {
-                        let _ = events_tx.send(up);
-                    });
-                    let stop = CancellationToken::new();
-                    let bind = if remote.is_ipv4() {
-                        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-                    } else {
-                        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-                    };
-                    let spec = wireguard::PeerSpec {
-                        name: sentry.clone(),
-                        public,
-                        address: overlay.sentry_address,
-                        endpoint: Some(remote),
-                        keepalive: Some(wireguard::AGENT_KEEPALIVE),
-                        liveness: wireguard::AGENT_LIVENESS,
-                        accept: true,
-                    };
-                    let secret = self.shared.key.wireguard_secret();
-                    match wireguard::Device::bind(
-                        bind,
-                        secret,
-                        overlay.address,
-                        &[spec],
-                        on_event,
-                        stop.clone(),
-                    )
-                    .await
-                    {
-                        Ok(device) => {
-                            if let Some(to_sentry) = device.peer(&sentry)
-                                && let Some(mut accepted) = to_sentry.take_accepted()
-                            {
-                                debug!(%sentry, %remote, "WireGuard handshaking");
-                                let reason = self
-                                    .serve_wireguard(&to_sentry, &mut accepted, &mut events)
-                                    .await;
-                                *lock(&self.state.live) = None;
-                                stop.cancel();
-                                if retire.is_cancelled() {
-                                    return;
-                                }
-                                warn!(%sentry, transport = "wireguard", "tunnel down: {reason}");
-                            }
-                            stop.cancel();
-                        }
-                        Err(e) => {
-                            warn!(%sentry, transport = "wireguard", "cannot open a UDP socket: {e}")
-                        }
-                    }
-                }
-                Err(e) => warn!(%sentry, transport = "wireguard", "cannot reach sentry: {e}"),
-            }
-            if clock::now().duration_since(started) >= HEALTHY_AFTER + WG_REBUILD_AFTER {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay(rand::random::<f64>());
-            debug!(%sentry, "rebuilding the WireGuard tunnel in {delay:?}");
-            tokio::select! {
-                () = retire.cancelled() => return,
-                () = tokio::time::sleep(delay) => {}
-            }
+        let remote = match resolve(&sentry).await {
+            Ok(remote) => remote,
+            Err(e) => return Attempt::Failed(e.to_string()),
+        };
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let on_event: wireguard::PeerEvents = Arc::new(move |_, up| {
+            let _ = events_tx.send(up);
+        });
+        let stop = CancellationToken::new();
+        let spec = wireguard::PeerSpec {
+            name: sentry.clone(),
+            public,
+            address: overlay.sentry_address,
+            endpoint: Some(remote),
+            keepalive: Some(wireguard::AGENT_KEEPALIVE),
+            liveness: wireguard::AGENT_LIVENESS,
+            accept: true,
+        };
+        let secret = self.shared.key.wireguard_secret();
+        let device = match wireguard::Device::bind(
+            unspecified(remote),
+            secret,
+            overlay.address,
+            &[spec],
+            on_event,
+            stop.clone(),
+        )
+        .await
+        {
+            Ok(device) => device,
+            Err(e) => return Attempt::Failed(format!("cannot open a UDP socket: {e}")),
+        };
+        let Some(to_sentry) = device.peer(&sentry) else {
+            stop.cancel();
+            return Attempt::Failed("the WireGuard device lost its peer".to_owned());
+        };
+        let Some(mut accepted) = to_sentry.take_accepted() else {
+            stop.cancel();
+            return Attempt::Failed("the WireGuard peer accepts no streams".to_owned());
+        };
+        debug!(%sentry, %remote, "WireGuard handshaking");
+        let connects = entry.connects.load(Ordering::Relaxed);
+        let reason = self
+            .serve_wireguard(entry, &to_sentry, &mut accepted, &mut events)
+            .await;
+        *lock(&entry.live) = None;
+        stop.cancel();
+        if self.group.retire.is_cancelled() {
+            Attempt::Retired
+        } else if entry.connects.load(Ordering::Relaxed) == connects {
+            Attempt::Failed(reason)
+        } else {
+            Attempt::Ended(reason)
         }
     }
 
@@ -682,29 +780,28 @@ impl Tunnel {
     /// (returns why) or the tunnel is retired (drains first, as over QUIC).
     async fn serve_wireguard(
         &self,
+        entry: &TunnelState,
         peer: &Arc<wireguard::Peer>,
         accepted: &mut mpsc::Receiver<wireguard::OverlayStream>,
         events: &mut mpsc::UnboundedReceiver<bool>,
     ) -> String {
-        let sentry = &self.state.peer.address;
-        let relays = TaskTracker::new();
+        let sentry = &entry.peer.address;
         let mut silent_since = Some(clock::now());
         let mut check = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                () = self.state.retire.cancelled() => break,
+                () = self.group.retire.cancelled() => break,
                 Some(stream) = accepted.recv() => {
-                    relays.spawn(relay_stream(TunnelStream::Overlay(stream), self.shared.clone(), false));
+                    self.relays.spawn(relay_stream(TunnelStream::Overlay(stream), self.shared.clone(), false));
                 }
                 Some(up) = events.recv() => {
                     if up {
                         info!(%sentry, remote = ?peer.endpoint(), transport = "wireguard", "tunnel up");
-                        self.state.connects.fetch_add(1, Ordering::Relaxed);
-                        *lock(&self.state.live) = Some((LiveTunnel::WireGuard(peer.clone()), clock::now()));
+                        Self::up(entry, LiveTunnel::WireGuard(peer.clone()));
                         silent_since = None;
                     } else {
                         warn!(%sentry, transport = "wireguard", "no packet from the sentry within {:?}", wireguard::AGENT_LIVENESS);
-                        *lock(&self.state.live) = None;
+                        *lock(&entry.live) = None;
                         silent_since = Some(clock::now());
                     }
                 }
@@ -724,13 +821,104 @@ impl Tunnel {
                 ));
             }
         };
-        self.drain(&relays, refuse_new).await;
+        self.drain(refuse_new).await;
         "retired".to_owned()
+    }
+
+    /// The TCP+TLS tunnel: a control connection, and a pool of data connections the sentry
+    /// takes one relayed connection each from (see [`tls`]).
+    async fn attempt_tls(
+        &self,
+        entry: &TunnelState,
+        client: &Arc<rustls::ClientConfig>,
+    ) -> Attempt {
+        let retire = &self.group.retire;
+        let sentry = &entry.peer.address;
+        let remote = match resolve(sentry).await {
+            Ok(remote) => remote,
+            Err(e) => return Attempt::Failed(e.to_string()),
+        };
+        let connect = tls::connect(remote, client.clone(), tls::Role::Control);
+        let io = tokio::select! {
+            () = retire.cancelled() => return Attempt::Retired,
+            dialed = tokio::time::timeout(DIAL_TIMEOUT, connect) => match dialed {
+                Ok(Ok(io)) => io,
+                Ok(Err(e)) => return Attempt::Failed(format!("connecting: {e}")),
+                Err(_) => return Attempt::Failed(format!("handshake timed out after {DIAL_TIMEOUT:?}")),
+            },
+        };
+        let control = Arc::new(tls::Control::default());
+        let pool = Arc::new(DataPool {
+            remote,
+            client: client.clone(),
+            idle: AtomicUsize::new(0),
+            opening: AtomicUsize::new(0),
+            wanted: AtomicUsize::new(0),
+            wake: Notify::new(),
+        });
+        let (first_tx, first) = oneshot::channel();
+        // The agent asks for nothing; the sender lives as long as the control loop.
+        let (_asks, no_asks) = mpsc::channel(1);
+        let on_want = |n| pool.want(n);
+        let run = tls::run_control(io, &control, no_asks, on_want, Some(first_tx));
+        tokio::pin!(run);
+        // Up once the sentry's first frame arrives: it has accepted this agent's key.
+        tokio::select! {
+            () = retire.cancelled() => return Attempt::Retired,
+            why = &mut run => return Attempt::Failed(format!("{why} (is this agent's key pinned in the sentry's [[agent]] list?)")),
+            first = tokio::time::timeout(DIAL_TIMEOUT, first) => {
+                if !matches!(first, Ok(Ok(()))) {
+                    return Attempt::Failed("the sentry sent nothing after the handshake".to_owned());
+                }
+            }
+        }
+        info!(%sentry, %remote, transport = "tls", "tunnel up");
+        Self::up(entry, LiveTunnel::Tls(control.clone()));
+        let generation = retire.child_token();
+        let why = tokio::select! {
+            why = &mut run => Some(why),
+            () = retire.cancelled() => None,
+            () = self.keep_pool(&pool, &generation) => None,
+        };
+        // Idle data connections close with the control connection; those carrying a relayed
+        // connection finish on their own.
+        generation.cancel();
+        *lock(&entry.live) = None;
+        match why {
+            Some(why) => Attempt::Ended(why),
+            None => {
+                self.drain(std::future::pending()).await;
+                Attempt::Retired
+            }
+        }
+    }
+
+    /// Keep [`tls::POOL_IDLE`] idle data connections open toward the sentry, plus what it asks
+    /// for, until `generation` ends.
+    async fn keep_pool(&self, pool: &Arc<DataPool>, generation: &CancellationToken) {
+        loop {
+            let wake = pool.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            while pool.short() {
+                pool.opening.fetch_add(1, Ordering::Relaxed);
+                self.relays.spawn(data_connection(
+                    pool.clone(),
+                    generation.clone(),
+                    self.shared.clone(),
+                ));
+            }
+            tokio::select! {
+                () = wake => {}
+                () = generation.cancelled() => return,
+            }
+        }
     }
 
     /// Retired: new streams are answered `ShuttingDown` by `refuse_new` (the sentry fails
     /// over) while the open ones finish; at shutdown for at most `drain_timeout`.
-    async fn drain(&self, relays: &TaskTracker, refuse_new: impl Future<Output = ()>) {
+    async fn drain(&self, refuse_new: impl Future<Output = ()>) {
+        let relays = &self.relays;
         relays.close();
         let deadline = async {
             self.shared.stop.cancelled().await;
@@ -742,6 +930,92 @@ impl Tunnel {
             () = relays.wait() => {}
             () = deadline => {}
         }
+    }
+}
+
+/// The agent's side of a TLS tunnel's data connections.
+struct DataPool {
+    remote: SocketAddr,
+    client: Arc<rustls::ClientConfig>,
+    /// Connected and waiting for the sentry's [`tls::GO`].
+    idle: AtomicUsize,
+    /// Connecting.
+    opening: AtomicUsize,
+    /// Extra connections the sentry asked for, not yet opened.
+    wanted: AtomicUsize,
+    /// Wakes [`Tunnel::keep_pool`] when a count changed.
+    wake: Notify,
+}
+
+impl DataPool {
+    fn want(&self, n: u32) {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        let _ = self
+            .wanted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                Some(w.saturating_add(n).min(tls::MAX_POOLED))
+            });
+        self.wake.notify_one();
+    }
+
+    /// Whether another data connection should be opened now; takes one from `wanted`.
+    fn short(&self) -> bool {
+        let open = self.idle.load(Ordering::Relaxed) + self.opening.load(Ordering::Relaxed);
+        if open >= tls::MAX_POOLED || self.opening.load(Ordering::Relaxed) >= MAX_OPENING {
+            return false;
+        }
+        if open < tls::POOL_IDLE {
+            return true;
+        }
+        self.wanted
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| w.checked_sub(1))
+            .is_ok()
+    }
+
+    fn changed(&self, count: &AtomicUsize) {
+        count.fetch_sub(1, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+}
+
+/// One data connection: open it, wait in the sentry's pool for [`tls::GO`], relay one
+/// connection. A connection that fails or is closed unused soon after opening costs a pause
+/// before it counts as gone, so a sentry that refuses them is not dialed in a tight loop.
+async fn data_connection(pool: Arc<DataPool>, generation: CancellationToken, shared: Arc<Shared>) {
+    let connect = tls::connect(pool.remote, pool.client.clone(), tls::Role::Data);
+    let connected = tokio::select! {
+        () = generation.cancelled() => None,
+        dialed = tokio::time::timeout(DIAL_TIMEOUT, connect) => dialed.ok().and_then(Result::ok),
+    };
+    let Some(mut io) = connected else {
+        let _ = tokio::time::timeout(DATA_RETRY_PAUSE, generation.cancelled()).await;
+        pool.changed(&pool.opening);
+        return;
+    };
+    let since = clock::now();
+    pool.idle.fetch_add(1, Ordering::Relaxed);
+    pool.changed(&pool.opening);
+    let mut go = [0u8; 1];
+    let went = tokio::select! {
+        () = generation.cancelled() => false,
+        read = io.read_exact(&mut go) => read.is_ok() && go[0] == tls::GO,
+    };
+    if !went && clock::now().duration_since(since) < DATA_RETRY_PAUSE {
+        let _ = tokio::time::timeout(DATA_RETRY_PAUSE, generation.cancelled()).await;
+    }
+    pool.changed(&pool.idle);
+    if went {
+        let stream = TunnelStream::Tls(Box::new(tls::TlsRelay::new(io)));
+        relay_stream(stream, shared, false).await;
+    }
+}
+
+/// The unspecified address of `remote`'s family, to bind a socket toward it.
+fn unspecified(remote: SocketAddr) -> SocketAddr {
+    if remote.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
     }
 }
 
@@ -768,13 +1042,8 @@ pub async fn dial(
         .map_err(|e| DialError::Resolve(address.clone(), e))?
         .next()
         .ok_or_else(|| DialError::NoAddress(address.clone()))?;
-    let bind = if remote.is_ipv4() {
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-    } else {
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-    };
     // A fresh socket per attempt: a new source port gets a fresh NAT mapping.
-    let endpoint = quic::client_endpoint(bind, key, &Tuning::default())?;
+    let endpoint = quic::client_endpoint(unspecified(remote), key, &Tuning::default())?;
     let connecting = endpoint.connect_with(client.clone(), remote, SERVER_NAME)?;
     match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => Ok((endpoint, conn)),
@@ -878,7 +1147,7 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
             return;
         }
     }
-    if send.write_all(&[Status::Ok as u8]).await.is_err() {
+    if send.write_all(&[Status::Ok as u8]).await.is_err() || send.flush().await.is_err() {
         return;
     }
     stats.count(Status::Ok);
@@ -909,6 +1178,6 @@ async fn refuse(send: &mut TunnelStream, stats: &ServiceStats, status: Status, w
     }
     // A failure means the stream is already gone; there is no one left to tell.
     if send.write_all(&[status as u8]).await.is_ok() {
-        send.finish();
+        let _ = send.shutdown().await;
     }
 }

@@ -82,8 +82,23 @@ pub struct RunningSentry {
     _stop: oneshot::Sender<()>,
 }
 
+/// In-process daemons log to stderr (captured by the test harness, shown when a test fails)
+/// at the level `SENTRY_TEST_LOG` names; nothing when it is unset.
+fn init_log() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("SENTRY_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 /// Bind and run a sentry.
 pub async fn start_sentry(config: &SentryConfig, key: &PrivateKey) -> RunningSentry {
+    init_log();
     let sentry = Sentry::bind(config, key).await.unwrap();
     let handle = sentry.handle();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -130,6 +145,7 @@ impl Drop for RunningAgent {
 /// Run an agent.
 #[must_use]
 pub fn start_agent(config: AgentConfig, key: PrivateKey) -> RunningAgent {
+    init_log();
     let task = tokio::spawn(async move {
         relay_core::agent::run(&config, &key, std::future::pending())
             .await

@@ -74,10 +74,10 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
     ),
     ("agent-no-service", "", "service", "no [[service]] entry"),
     (
-        "agent-unsupported-transport",
+        "agent-unknown-transport",
         "8:13",
         "sentry[0].transport",
-        "\"tls\" is not supported",
+        "unknown variant `carrier-pigeon`",
     ),
     (
         "agent-wireguard-without-addresses",
@@ -199,6 +199,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "must never be served on a public route",
     ),
     (
+        "tls-listen-on-route",
+        "4:14",
+        "sentry.tls_listen",
+        "overlaps the listen address of route[0]",
+    ),
+    (
         "unsupported-protocol",
         "12:12",
         "route[0].protocol",
@@ -291,7 +297,7 @@ fn all_problems_are_reported_at_once() {
 [sentry]
 private_key = "k"
 quic_listen = "0.0.0.0:4433"
-tls_listen = "0.0.0.0:4443"
+tls_listen = "0.0.0.0:1"
 
 [[route]]
 name = "a"
@@ -308,11 +314,11 @@ upstream = ["nobody/y"]
     assert_eq!(
         keys,
         [
-            "sentry.tls_listen",
             "route[1].name",
             "route[0].upstream[0]",
             "route[1].listen",
-            "route[1].upstream[0]"
+            "route[1].upstream[0]",
+            "sentry.tls_listen",
         ],
         "{errors}"
     );

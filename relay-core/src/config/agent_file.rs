@@ -141,16 +141,7 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
         let transport = match table.transport.as_ref().map(Spanned::get_ref) {
             None | Some(Transport::Quic) => TransportKind::Quic,
             Some(Transport::Wireguard) => TransportKind::WireGuard,
-            Some(Transport::Tls) => {
-                if let Some(t) = &table.transport {
-                    check.fail(
-                        t,
-                        format!("sentry[{i}].transport"),
-                        "\"tls\" is not supported by this version of sentry yet; use \"quic\" or \"wireguard\"",
-                    );
-                }
-                TransportKind::Quic
-            }
+            Some(Transport::Tls) => TransportKind::Tls,
         };
         let wireguard = wireguard(&mut check, i, table, transport);
         sentries.push(SentryPeer {

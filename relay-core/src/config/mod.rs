@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::de::DeserializeOwned;
 use toml::Spanned;
 
 use error::Locator;
@@ -48,6 +48,9 @@ pub struct SentryConfig {
     pub private_key: PathBuf,
     /// Where agents connect over QUIC (UDP).
     pub quic_listen: SocketAddr,
+    /// Where agents connect over TCP+TLS, when set (networks that block UDP). Never a route's
+    /// or the metrics address.
+    pub tls_listen: Option<SocketAddr>,
     /// Agents allowed to connect, by pinned key. Names and keys are unique.
     pub agents: Vec<AgentPeer>,
     /// Public listeners. Names are unique, listen addresses do not overlap, and every
@@ -285,6 +288,7 @@ pub struct AgentWireGuard {
 pub enum TransportKind {
     Quic,
     WireGuard,
+    Tls,
 }
 
 impl TransportKind {
@@ -294,6 +298,7 @@ impl TransportKind {
         match self {
             Self::Quic => "quic",
             Self::WireGuard => "wireguard",
+            Self::Tls => "tls",
         }
     }
 }
@@ -409,9 +414,6 @@ fn deserialize<T: DeserializeOwned>(loc: &Locator<'_>) -> Result<T, ConfigErrors
         .map_err(|e| toml_error(loc, &key_path(e.path()), e.inner()).into())
 }
 
-/// A key SPEC.md defines that this version does not implement yet.
-type Reserved = Option<Spanned<IgnoredAny>>;
-
 /// An overlay address: IPv4, unicast, not loopback (the overlay is its own network; the
 /// CGNAT range 100.64.0.0/10 is the usual choice).
 fn overlay_address(text: &str) -> Result<Ipv4Addr, String> {
@@ -448,16 +450,6 @@ impl<'a> Checker<'a> {
     ) {
         let error = self.loc.error(Some(spanned.span()), key, message);
         self.errors.push(error);
-    }
-
-    fn reserved(&mut self, value: &Reserved, key: impl Into<String>, arrives_with: &str) {
-        if let Some(value) = value {
-            self.fail(
-                value,
-                key,
-                format!("not supported by this version of sentry yet ({arrives_with}); remove it"),
-            );
-        }
     }
 
     /// Report names seen twice; `key` builds the key path of entry `i`.

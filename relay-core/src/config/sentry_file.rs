@@ -18,8 +18,8 @@ use super::units::{Addr, Cidr, HumanDuration, HumanRate, HumanSize, Key, Name, c
 use super::{
     AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_CALL_RATE_PER_IP, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_WEBSOCKETS_PER_IP,
-    DEFAULT_SENTRY_MAX_CONNECTIONS, ForwardedHeader, JsonRpc, Limits, Locator, Reserved, Route,
-    RouteTls, SentryConfig, Upstream, WireGuard, WireGuardPeer, deserialize, overlay_address,
+    DEFAULT_SENTRY_MAX_CONNECTIONS, ForwardedHeader, JsonRpc, Limits, Locator, Route, RouteTls,
+    SentryConfig, Upstream, WireGuard, WireGuardPeer, deserialize, overlay_address,
 };
 
 #[derive(Deserialize)]
@@ -49,7 +49,7 @@ struct SentryTable {
     quic_listen: Spanned<Addr>,
     wireguard_listen: Option<Spanned<Addr>>,
     wireguard_address: Option<Spanned<String>>,
-    tls_listen: Reserved,
+    tls_listen: Option<Spanned<Addr>>,
     metrics_listen: Option<Spanned<Addr>>,
     max_connections: Option<Spanned<u64>>,
     drain_timeout: Option<HumanDuration>,
@@ -139,7 +139,6 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
     let doc: Doc = deserialize(loc)?;
     let mut check = Checker::new(loc);
     let s = &doc.sentry;
-    check.reserved(&s.tls_listen, "sentry.tls_listen", "the TLS transport");
     let wireguard = wireguard(&mut check, &doc);
 
     check.unique(doc.agent.iter().map(|a| &a.name), "agent name", |i| {
@@ -254,9 +253,26 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
         );
     }
 
+    let tls_listen = s.tls_listen.as_ref().map(|t| t.get_ref().0);
+    if let (Some(spanned), Some(addr)) = (&s.tls_listen, tls_listen) {
+        let taken = listens
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (*l, format!("route[{i}]")))
+            .chain(metrics_listen.map(|m| (m, "sentry.metrics_listen".to_owned())));
+        if let Some((other, whose)) = taken.into_iter().find(|(l, _)| overlaps(*l, addr)) {
+            check.fail(
+                spanned,
+                "sentry.tls_listen",
+                format!("{addr} overlaps the listen address of {whose} ({other})"),
+            );
+        }
+    }
+
     let config = SentryConfig {
         private_key: check.key_path(s.private_key.get_ref()),
         quic_listen: s.quic_listen.get_ref().0,
+        tls_listen,
         agents,
         routes,
         max_connections: count(

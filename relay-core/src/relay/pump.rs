@@ -153,7 +153,12 @@ where
         if n == 0 {
             return writer.shutdown().await.map_err(|e| (write_side, e));
         }
-        if let Err(e) = writer.write_all(&buf[..n]).await {
+        // Flushed before the next read may wait: a TLS writer holds records back until then.
+        let written = async {
+            writer.write_all(&buf[..n]).await?;
+            writer.flush().await
+        };
+        if let Err(e) = written.await {
             return Err((write_side, e));
         }
         moved.fetch_add(n as u64, Ordering::Relaxed);

@@ -51,9 +51,10 @@ use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Families, Observe};
 use crate::relay::{ByteCounters, Header, Proxy, PumpEnd, Status, encode_proxy_header, pump};
-use crate::transport::TunnelStream;
+use crate::transport::pin::IdentityError;
 use crate::transport::quic::{self, QuicError, Tuning, code};
-use crate::transport::wireguard;
+use crate::transport::tls::{self, TlsIo, TlsRelay};
+use crate::transport::{TunnelStream, wireguard};
 use crate::{clock, lock};
 
 /// Longest an agent's QUIC handshake may take.
@@ -77,6 +78,13 @@ pub enum StartError {
     Quic(#[from] QuicError),
     #[error(transparent)]
     WireGuard(#[from] wireguard::WgError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("tls_listen: cannot listen on {addr}: {source}")]
+    TlsListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("route {route:?}: cannot listen on {addr}: {source}")]
     Listen {
         route: String,
@@ -110,6 +118,8 @@ pub struct Sentry {
     metrics: Option<TcpListener>,
     /// WireGuard peers going up and down.
     wg_events: mpsc::UnboundedReceiver<(Arc<wireguard::Peer>, bool)>,
+    /// The TCP+TLS tunnel listener, when configured.
+    tls_listener: Option<TcpListener>,
 }
 
 /// A cheap handle to observe and reload a running sentry.
@@ -125,6 +135,11 @@ struct Shared {
     /// Stops the WireGuard device after the drain (`stop` ends accepting before it).
     transport_stop: CancellationToken,
     quic_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    /// The TLS settings of `tls_listen`, swapped on reload with the pinned keys.
+    tls_config: ArcSwap<rustls::ServerConfig>,
+    /// Idle TLS data connections, per agent name.
+    tls_pools: Mutex<HashMap<String, Arc<tls::Pool>>>,
     metrics_addr: Option<SocketAddr>,
     key: PrivateKey,
     /// The config in force (the last one applied).
@@ -134,6 +149,7 @@ struct Shared {
     open: Arc<SentryCount>,
     handshake_refused: [AtomicU64; HandshakeRefusal::ALL.len()],
     handshake_failed: AtomicU64,
+    tls_handshake_failed: AtomicU64,
     /// Upstreams held down after a refusal.
     health: health::Health,
     reloads: metrics::Reloads,
@@ -184,6 +200,17 @@ struct Live {
 enum Tunnel {
     Quic(Connection),
     WireGuard(Arc<wireguard::Peer>),
+    Tls(Arc<TlsSession>),
+}
+
+/// An agent's TCP+TLS tunnel: its control connection and its pool of data connections.
+struct TlsSession {
+    control: tls::Control,
+    pool: Arc<tls::Pool>,
+    /// Counts for `WANT` frames to the agent.
+    asks: mpsc::Sender<u32>,
+    /// Ends the control connection (replaced, unresponsive, or shutdown).
+    close: CancellationToken,
 }
 
 impl Tunnel {
@@ -191,6 +218,7 @@ impl Tunnel {
         match self {
             Self::Quic(_) => TransportKind::Quic.as_str(),
             Self::WireGuard(_) => TransportKind::WireGuard.as_str(),
+            Self::Tls(_) => TransportKind::Tls.as_str(),
         }
     }
 
@@ -198,6 +226,7 @@ impl Tunnel {
         match self {
             Self::Quic(conn) => conn.rtt(),
             Self::WireGuard(peer) => peer.session().1.unwrap_or_default(),
+            Self::Tls(session) => session.control.rtt(),
         }
     }
 
@@ -205,7 +234,18 @@ impl Tunnel {
         match (self, other) {
             (Self::Quic(a), Self::Quic(b)) => a.stable_id() == b.stable_id(),
             (Self::WireGuard(a), Self::WireGuard(b)) => Arc::ptr_eq(a, b),
+            (Self::Tls(a), Self::Tls(b)) => Arc::ptr_eq(a, b),
             _ => false,
+        }
+    }
+
+    /// Close a tunnel the sentry gives up on (`code` tells a QUIC agent why). A WireGuard
+    /// session has no close: the peer's liveness timeout ends it.
+    fn close(&self, code: quinn::VarInt, why: &'static [u8]) {
+        match self {
+            Self::Quic(conn) => conn.close(code, why),
+            Self::WireGuard(_) => {}
+            Self::Tls(session) => session.close.cancel(),
         }
     }
 }
@@ -252,6 +292,13 @@ impl Sentry {
             addr: config.quic_listen,
             source,
         })?;
+        let tls_config = tls::server_config(key, names.clone())?;
+        let tls_listener = match config.tls_listen {
+            Some(addr) => {
+                Some(metrics::bind(addr).map_err(|source| StartError::TlsListen { addr, source })?)
+            }
+            None => None,
+        };
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 Some(metrics::bind(addr).map_err(|source| StartError::Metrics { addr, source })?)
@@ -291,6 +338,9 @@ impl Sentry {
             transport_stop,
             endpoint,
             quic_addr,
+            tls_addr: tls_listener.as_ref().and_then(|l| l.local_addr().ok()),
+            tls_config: ArcSwap::new(tls_config),
+            tls_pools: Mutex::new(HashMap::new()),
             metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
             key: key.clone(),
             config: Mutex::new(config.clone()),
@@ -303,6 +353,7 @@ impl Sentry {
             open,
             handshake_refused: Default::default(),
             handshake_failed: AtomicU64::new(0),
+            tls_handshake_failed: AtomicU64::new(0),
             health: health::Health::default(),
             reloads: metrics::Reloads::default(),
             stop,
@@ -314,6 +365,7 @@ impl Sentry {
             initial,
             metrics,
             wg_events,
+            tls_listener,
         })
     }
 
@@ -337,6 +389,12 @@ impl Sentry {
             info!(%listen, "WireGuard listening");
         }
         tokio::spawn(wireguard_events(shared.clone(), self.wg_events));
+        if let Some(listener) = self.tls_listener {
+            if let Ok(listen) = listener.local_addr() {
+                info!(%listen, "TLS tunnel listening");
+            }
+            tokio::spawn(accept_tls(shared.clone(), listener));
+        }
         if let Some(listener) = self.metrics {
             if let Ok(listen) = listener.local_addr() {
                 info!(%listen, "metrics listening (GET /metrics, GET /healthz)");
@@ -421,6 +479,12 @@ impl SentryHandle {
     #[must_use]
     pub fn quic_addr(&self) -> SocketAddr {
         self.shared.quic_addr
+    }
+
+    /// The bound TCP+TLS tunnel address, when `tls_listen` is set.
+    #[must_use]
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.shared.tls_addr
     }
 
     /// The bound WireGuard UDP address, when `wireguard_listen` is set.
@@ -533,8 +597,10 @@ impl SentryHandle {
         }
         let names = agent_names(config);
         let server = quic::server_config(&shared.key, names.clone(), &Tuning::default())?;
+        let tls_server = tls::server_config(&shared.key, names.clone())?;
         // 2. Apply.
         shared.endpoint.set_server_config(Some(server));
+        shared.tls_config.store(tls_server);
         if let Some(device) = &shared.wireguard {
             device.set_peers(&wireguard_peers(config));
         }
@@ -577,6 +643,9 @@ impl SentryHandle {
         if config.wireguard != running.wireguard {
             report.need_restart.push("sentry.wireguard_listen");
         }
+        if config.tls_listen != running.tls_listen {
+            report.need_restart.push("sentry.tls_listen");
+        }
         if config.metrics_listen != running.metrics_listen {
             report.need_restart.push("sentry.metrics_listen");
         }
@@ -587,6 +656,7 @@ impl SentryHandle {
         applied.quic_listen = running.quic_listen;
         applied.metrics_listen = running.metrics_listen;
         applied.wireguard = running.wireguard;
+        applied.tls_listen = running.tls_listen;
         *running = applied;
         Ok(report)
     }
@@ -858,10 +928,16 @@ impl Observe for SentryHandle {
         out.counters(
             "tunnel_handshakes_failed",
             "Tunnel handshakes that failed or timed out (unknown keys among them).",
-            [(
-                [("transport", "quic")],
-                shared.handshake_failed.load(Ordering::Relaxed),
-            )],
+            [
+                (
+                    [("transport", "quic")],
+                    shared.handshake_failed.load(Ordering::Relaxed),
+                ),
+                (
+                    [("transport", "tls")],
+                    shared.tls_handshake_failed.load(Ordering::Relaxed),
+                ),
+            ],
         )?;
         let upstreams = shared.health.snapshot(clock::now());
         out.counters(
@@ -1029,11 +1105,12 @@ async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: Handshak
         conn.close(code::SHUTDOWN, b"");
         return;
     };
-    // Registered before it is logged: whoever reads "tunnel up" can use it at once.
-    if let Some(Tunnel::Quic(old)) = registry.insert(&agent, Tunnel::Quic(conn.clone())) {
+    // Holds released before the tunnel is registered (a hold its first stream earns must
+    // stay), and registered before it is logged: whoever reads "tunnel up" can use it.
+    shared.health.release_agent(&agent);
+    if let Some(old) = registry.insert(&agent, Tunnel::Quic(conn.clone())) {
         old.close(code::REPLACED, b"replaced by a newer tunnel");
     }
-    shared.health.release_agent(&agent);
     info!(%agent, %remote, transport = "quic", "tunnel up");
     let reason = conn.closed().await;
     registry.remove(&agent, &Tunnel::Quic(conn.clone()));
@@ -1201,8 +1278,8 @@ async fn connect_upstream(
                 }
                 Err(OpenError::Unresponsive) => {
                     warn!(agent = %upstream.agent, transport = tunnel.transport(), "agent did not answer a relay header within {STATUS_TIMEOUT:?}");
-                    if let Tunnel::Quic(conn) = &tunnel {
-                        conn.close(code::UNRESPONSIVE, b"no answer to a relay header");
+                    if !matches!(tunnel, Tunnel::WireGuard(_)) {
+                        tunnel.close(code::UNRESPONSIVE, b"no answer to a relay header");
                         registry.remove(&upstream.agent, &tunnel);
                     }
                     continue;
@@ -1248,10 +1325,28 @@ async fn plain_peer(
 
 /// Open a stream to an agent and wait for its status.
 async fn open(tunnel: &Tunnel, header: &Header) -> Result<TunnelStream, OpenError> {
-    let bytes = header
+    let mut bytes = header
         .encode()
         .map_err(|e| OpenError::Tunnel(e.to_string()))?;
     let mut stream = match tunnel {
+        Tunnel::Tls(session) => {
+            let asks = session.asks.clone();
+            // An empty pool asks the agent for one more; a full queue of asks is enough.
+            let ask = move || {
+                let _ = asks.try_send(1);
+            };
+            match session.pool.take(OPEN_TIMEOUT, ask).await {
+                Some(io) => {
+                    bytes.insert(0, tls::GO);
+                    TunnelStream::Tls(Box::new(TlsRelay::new(io)))
+                }
+                None => {
+                    return Err(OpenError::Tunnel(
+                        "no data connection from the agent in time".into(),
+                    ));
+                }
+            }
+        }
         Tunnel::Quic(conn) => match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
             Ok(Ok((send, recv))) => TunnelStream::Quic(send, recv),
             Ok(Err(e)) => return Err(OpenError::Tunnel(e.to_string())),
@@ -1271,10 +1366,11 @@ async fn open(tunnel: &Tunnel, header: &Header) -> Result<TunnelStream, OpenErro
         }
     };
     let exchange = async {
-        stream
-            .write_all(&bytes)
-            .await
-            .map_err(|e| OpenError::Tunnel(e.to_string()))?;
+        let sent = async {
+            stream.write_all(&bytes).await?;
+            stream.flush().await
+        };
+        sent.await.map_err(|e| OpenError::Tunnel(e.to_string()))?;
         let mut status = [0u8; 1];
         stream
             .read_exact(&mut status)
@@ -1330,12 +1426,144 @@ async fn wireguard_events(
             .endpoint()
             .map_or_else(|| "-".to_owned(), |e| e.to_string());
         if up {
-            shared.tunnels.insert(&name, tunnel);
             shared.health.release_agent(&name);
+            if let Some(old) = shared.tunnels.insert(&name, tunnel) {
+                old.close(code::REPLACED, b"replaced by a newer tunnel");
+            }
             info!(agent = %name, %remote, transport = "wireguard", "tunnel up");
         } else {
             info!(agent = %name, %remote, transport = "wireguard", "tunnel down: no packet within {:?}", peer.liveness());
             shared.tunnels.remove(&name, &tunnel);
         }
+    }
+}
+
+/// Accept agents' TCP+TLS connections on `tls_listen`.
+async fn accept_tls(shared: Arc<Shared>, listener: TcpListener) {
+    // Agents open a TLS connection per relayed connection, so the per-address rate is far
+    // above QUIC's; every attempt has completed a TCP handshake (its address is real) and
+    // the in-flight caps still bound what a flood can hold.
+    let gate = HandshakeGate::new(TLS_HANDSHAKE_LIMITS);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shared.stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                if let Some(suppressed) = ACCEPT_LOG.allow() {
+                    warn!(transport = "tls", suppressed, "accept failed: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match gate.decide(clock::now() - shared.epoch, remote.ip(), true) {
+            Handshake::Accept(permit) => {
+                tokio::spawn(tls_connection(tcp, remote, shared.clone(), permit));
+            }
+            Handshake::Retry => drop(tcp),
+            Handshake::Ignore(reason) => {
+                drop(tcp);
+                shared.handshake_refused[reason.index()].fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = HANDSHAKE_DROP_LOG.allow() {
+                    warn!(%remote, transport = "tls", reason = reason.as_str(), in_flight = gate.in_flight(), suppressed, "dropped tunnel handshake attempts (a flood, or an agent reconnecting too fast)");
+                }
+            }
+        }
+    }
+}
+
+/// Handshake limits of `tls_listen` (see [`accept_tls`]).
+const TLS_HANDSHAKE_LIMITS: crate::admission::HandshakeLimits = crate::admission::HandshakeLimits {
+    max_in_flight: 256,
+    max_in_flight_per_ip: 64,
+    retry_above: usize::MAX,
+    rate_per_ip: crate::config::units::Rate {
+        count: std::num::NonZeroU32::new(2000).expect("invariant: 2000 is not zero"),
+        per: Duration::from_secs(1),
+    },
+};
+
+/// One TCP+TLS connection from an agent: handshake, role byte, then the control loop or the
+/// pool.
+async fn tls_connection(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+    permit: HandshakePermit,
+) {
+    tls::tune(&tcp);
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls_config.load_full());
+    let handshake = async {
+        let mut io = acceptor.accept(tcp).await?;
+        let mut role = [0u8; 1];
+        io.read_exact(&mut role).await?;
+        Ok::<_, std::io::Error>((TlsIo::from(io), role[0]))
+    };
+    let (io, role) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
+            shared.tls_handshake_failed.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = HANDSHAKE_LOG.allow() {
+                warn!(%remote, transport = "tls", suppressed, "refused a tunnel handshake: {e} (is this agent's public key listed in [[agent]]?)");
+            }
+            return;
+        }
+        Err(_) => {
+            shared.tls_handshake_failed.fetch_add(1, Ordering::Relaxed);
+            debug!(%remote, transport = "tls", "tunnel handshake timed out");
+            return;
+        }
+    };
+    drop(permit);
+    // Checked again after the handshake: a resumed session skips the verifier, and a reload
+    // may have unpinned the key since.
+    let registry = &shared.tunnels;
+    let Some(agent) = tls::peer_key(&io).and_then(|k| registry.names.load().get(&k).cloned())
+    else {
+        return;
+    };
+    match tls::Role::from_byte(role) {
+        Some(tls::Role::Data) => shared.tls_pool(&agent).push(io),
+        Some(tls::Role::Control) => tls_control(io, agent, remote, &shared).await,
+        None => debug!(%remote, %agent, "unknown role byte on a TLS tunnel connection"),
+    }
+}
+
+/// An agent's TLS control connection: the tunnel is up while it runs.
+async fn tls_control(io: TlsIo, agent: String, remote: SocketAddr, shared: &Shared) {
+    let (asks, asked) = mpsc::channel(64);
+    let session = Arc::new(TlsSession {
+        control: tls::Control::default(),
+        pool: shared.tls_pool(&agent),
+        asks,
+        close: CancellationToken::new(),
+    });
+    let tunnel = Tunnel::Tls(session.clone());
+    let registry = &shared.tunnels;
+    shared.health.release_agent(&agent);
+    if let Some(old) = registry.insert(&agent, tunnel.clone()) {
+        old.close(code::REPLACED, b"replaced by a newer tunnel");
+    }
+    info!(%agent, %remote, transport = "tls", "tunnel up");
+    let reason = tokio::select! {
+        why = tls::run_control(io, &session.control, asked, |_| {}, None) => why,
+        () = session.close.cancelled() => "closed by the sentry".to_owned(),
+        () = shared.transport_stop.cancelled() => "sentry shutting down".to_owned(),
+    };
+    registry.remove(&agent, &tunnel);
+    info!(%agent, %remote, transport = "tls", "tunnel down: {reason}");
+}
+
+impl Shared {
+    /// The pool of idle TLS data connections of `agent`.
+    fn tls_pool(&self, agent: &str) -> Arc<tls::Pool> {
+        lock(&self.tls_pools)
+            .entry(agent.to_owned())
+            .or_default()
+            .clone()
     }
 }

@@ -1,13 +1,15 @@
-//! Tunnel transports: QUIC and WireGuard.
+//! Tunnel transports: QUIC, WireGuard and TCP+TLS.
 //!
 //! `pin` authenticates peers by pinned public keys inside rustls; `quic` builds tuned quinn
 //! endpoints on top of it. `wireguard` speaks standard WireGuard with a userspace TCP/IP stack
-//! inside the overlay. [`TunnelStream`] is one relayed connection over either, so the relay
+//! inside the overlay. `tls` carries each relayed connection on a TCP+TLS connection of its
+//! own, for networks that block UDP. [`TunnelStream`] is one relayed connection over any, so the relay
 //! code above does not care which carried it.
 
 pub mod pin;
 pub mod quic;
 mod stream;
+pub mod tls;
 pub mod wireguard;
 
 pub use stream::{TunnelRead, TunnelStream, TunnelWrite};

@@ -19,8 +19,11 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 
 use crate::keys::{PrivateKey, PublicKey};
 
-/// The ALPN protocol of the sentry tunnel, version 1.
+/// The ALPN protocol of the sentry tunnel over QUIC, version 1.
 pub const ALPN: &[u8] = b"sentry-relay/1";
+/// The ALPN protocol of the sentry tunnel over TCP+TLS, version 1. Distinct from QUIC's, so
+/// neither listener ever mistakes the other's peer for its own.
+pub const TLS_ALPN: &[u8] = b"sentry-relay-tls/1";
 /// The server name the agent sends; verifiers ignore it, rustls requires one.
 pub const SERVER_NAME: &str = "sentry";
 
@@ -28,6 +31,42 @@ pub const SERVER_NAME: &str = "sentry";
 #[must_use]
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The sentry's TLS 1.3 settings: its identity, client certificates checked against the pinned
+/// agent keys (key → name), and `alpn` as the one protocol.
+pub fn server_tls(
+    key: &PrivateKey,
+    agents: HashMap<PublicKey, String>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, IdentityError> {
+    let id = Identity::new(key)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(AgentVerifier::new(agents)))
+        .with_single_cert(vec![id.cert], id.key)
+        .map_err(|e| IdentityError(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+/// The agent's TLS 1.3 settings toward a sentry whose key is `pin`.
+pub fn client_tls(
+    key: &PrivateKey,
+    pin: PublicKey,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, IdentityError> {
+    let id = Identity::new(key)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SentryVerifier::new(pin)))
+        .with_client_auth_cert(vec![id.cert], id.key)
+        .map_err(|e| IdentityError(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
 }
 
 /// A host's TLS identity: a self-signed certificate around its key.

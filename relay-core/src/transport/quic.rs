@@ -25,7 +25,7 @@ use quinn_proto::HashedConnectionIdGenerator;
 use rustls::pki_types::CertificateDer;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::pin::{self, ALPN, AgentVerifier, Identity, SentryVerifier};
+use super::pin::{self, ALPN};
 use crate::keys::{PrivateKey, PublicKey};
 
 /// Requested UDP socket send and receive buffer size.
@@ -137,14 +137,7 @@ pub fn server_config(
     agents: HashMap<PublicKey, String>,
     tuning: &Tuning,
 ) -> Result<ServerConfig, QuicError> {
-    let id = Identity::new(key)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(pin::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| QuicError::Tls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(AgentVerifier::new(agents)))
-        .with_single_cert(vec![id.cert], id.key)
-        .map_err(|e| QuicError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = pin::server_tls(key, agents, ALPN)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = ServerConfig::with_crypto(Arc::new(crypto));
     // Agents never open streams towards the sentry.
@@ -172,15 +165,7 @@ pub fn client_config(
     pin: PublicKey,
     tuning: &Tuning,
 ) -> Result<ClientConfig, QuicError> {
-    let id = Identity::new(key)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(pin::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| QuicError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SentryVerifier::new(pin)))
-        .with_client_auth_cert(vec![id.cert], id.key)
-        .map_err(|e| QuicError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let tls = pin::client_tls(key, pin, ALPN)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut client = ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(transport_config(MAX_STREAMS, tuning)));

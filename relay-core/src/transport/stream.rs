@@ -8,26 +8,30 @@ use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::quic::code;
+use super::tls::TlsRelay;
 use super::wireguard::OverlayStream;
 
-/// A relayed connection: a QUIC stream pair, or a TCP connection inside the WireGuard
-/// overlay.
+/// A relayed connection: a QUIC stream pair, a TCP connection inside the WireGuard overlay,
+/// or a TCP+TLS connection of its own.
 #[derive(Debug)]
 pub enum TunnelStream {
     Quic(SendStream, RecvStream),
     Overlay(OverlayStream),
+    Tls(Box<TlsRelay>),
 }
 
 /// The receiving half of a [`TunnelStream`].
 pub enum TunnelRead<'a> {
     Quic(&'a mut RecvStream),
     Overlay(&'a OverlayStream),
+    Tls(&'a mut tokio::io::ReadHalf<super::tls::TlsIo>),
 }
 
 /// The sending half of a [`TunnelStream`].
 pub enum TunnelWrite<'a> {
     Quic(&'a mut SendStream),
     Overlay(&'a OverlayStream),
+    Tls(&'a mut tokio::io::WriteHalf<super::tls::TlsIo>),
 }
 
 impl TunnelStream {
@@ -36,21 +40,16 @@ impl TunnelStream {
         match self {
             Self::Quic(send, recv) => (TunnelRead::Quic(recv), TunnelWrite::Quic(send)),
             Self::Overlay(stream) => (TunnelRead::Overlay(stream), TunnelWrite::Overlay(stream)),
-        }
-    }
-
-    /// End the sending direction cleanly (nothing more will be written).
-    pub fn finish(&mut self) {
-        match self {
-            Self::Quic(send, _) => {
-                let _ = send.finish();
+            Self::Tls(relay) => {
+                let TlsRelay { read, write } = &mut **relay;
+                (TunnelRead::Tls(read), TunnelWrite::Tls(write))
             }
-            Self::Overlay(stream) => stream.close(),
         }
     }
 
     /// End it as failed: the far end sees a reset, not a clean end of stream (dropping a
-    /// QUIC send stream would finish it, telling the peer all is well).
+    /// QUIC send stream would finish it, telling the peer all is well). A TLS connection
+    /// needs nothing here: dropped without `close_notify`, it is an error at the far end.
     pub fn abort(&mut self) {
         match self {
             Self::Quic(send, recv) => {
@@ -58,6 +57,7 @@ impl TunnelStream {
                 let _ = recv.stop(code::RELAY_ERROR);
             }
             Self::Overlay(stream) => stream.abort(),
+            Self::Tls(_) => {}
         }
     }
 }
@@ -71,6 +71,7 @@ impl AsyncRead for TunnelRead<'_> {
         match self.get_mut() {
             TunnelRead::Quic(recv) => Pin::new(&mut **recv).poll_read(cx, buf),
             TunnelRead::Overlay(stream) => Pin::new(stream).poll_read(cx, buf),
+            TunnelRead::Tls(read) => Pin::new(&mut **read).poll_read(cx, buf),
         }
     }
 }
@@ -86,6 +87,7 @@ impl AsyncWrite for TunnelWrite<'_> {
                 .poll_write(cx, data)
                 .map_err(io::Error::from),
             TunnelWrite::Overlay(stream) => Pin::new(stream).poll_write(cx, data),
+            TunnelWrite::Tls(write) => Pin::new(&mut **write).poll_write(cx, data),
         }
     }
 
@@ -93,6 +95,7 @@ impl AsyncWrite for TunnelWrite<'_> {
         match self.get_mut() {
             TunnelWrite::Quic(send) => Pin::new(&mut **send).poll_flush(cx),
             TunnelWrite::Overlay(stream) => Pin::new(stream).poll_flush(cx),
+            TunnelWrite::Tls(write) => Pin::new(&mut **write).poll_flush(cx),
         }
     }
 
@@ -100,6 +103,7 @@ impl AsyncWrite for TunnelWrite<'_> {
         match self.get_mut() {
             TunnelWrite::Quic(send) => Pin::new(&mut **send).poll_shutdown(cx),
             TunnelWrite::Overlay(stream) => Pin::new(stream).poll_shutdown(cx),
+            TunnelWrite::Tls(write) => Pin::new(&mut **write).poll_shutdown(cx),
         }
     }
 }
@@ -113,6 +117,7 @@ impl AsyncRead for TunnelStream {
         match self.get_mut() {
             Self::Quic(_, recv) => Pin::new(recv).poll_read(cx, buf),
             Self::Overlay(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tls(relay) => Pin::new(&mut **relay).poll_read(cx, buf),
         }
     }
 }
@@ -126,6 +131,7 @@ impl AsyncWrite for TunnelStream {
         match self.get_mut() {
             Self::Quic(send, _) => Pin::new(send).poll_write(cx, data).map_err(io::Error::from),
             Self::Overlay(stream) => Pin::new(stream).poll_write(cx, data),
+            Self::Tls(relay) => Pin::new(&mut **relay).poll_write(cx, data),
         }
     }
 
@@ -133,6 +139,7 @@ impl AsyncWrite for TunnelStream {
         match self.get_mut() {
             Self::Quic(send, _) => Pin::new(send).poll_flush(cx),
             Self::Overlay(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tls(relay) => Pin::new(&mut **relay).poll_flush(cx),
         }
     }
 
@@ -140,6 +147,7 @@ impl AsyncWrite for TunnelStream {
         match self.get_mut() {
             Self::Quic(send, _) => Pin::new(send).poll_shutdown(cx),
             Self::Overlay(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Tls(relay) => Pin::new(&mut **relay).poll_shutdown(cx),
         }
     }
 }
