@@ -318,3 +318,110 @@ fn three_sentries_one_agent_and_one_sentry_dies() {
     }
     drop((sentries, agent, service));
 }
+
+/// The router drops all UDP, as some networks do: an agent that lists a sentry over QUIC
+/// first and over TCP+TLS second falls back to TLS and serves, hash-checked both ways.
+#[test]
+fn udp_blocked_at_the_router_falls_back_to_tls() {
+    const QUIC: u16 = 7446;
+    const TLS: u16 = 7447;
+    const ROUTE: u16 = 7104;
+    let Some(t) = Topology::new() else { return };
+    t.iptables(&["-I", "FORWARD", "-p", "udp", "-j", "DROP"]);
+    let service = stand_in::echo(t.enter(Host::Validator, || {
+        TcpListener::bind(SocketAddrV4::new(VALIDATOR, P2P_PORT)).unwrap()
+    }));
+    let (sentry_key, agent_key) = (
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+    );
+    write_private_key(&t.dir().join("sentry.key"), &sentry_key).unwrap();
+    write_private_key(&t.dir().join("agent.key"), &agent_key).unwrap();
+    let sentry_path = t.dir().join("sentry.toml");
+    std::fs::write(
+        &sentry_path,
+        format!(
+            "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"{}\"\ntls_listen = \"{}\"\n\n\
+             [[agent]]\nname = \"validator-1\"\npublic_key = \"{}\"\n\n\
+             [[route]]\nname = \"p2p\"\nlisten = \"{}\"\nupstream = [\"validator-1/p2p\"]\n",
+            public(QUIC),
+            public(TLS),
+            agent_key.public_key(),
+            public(ROUTE)
+        ),
+    )
+    .unwrap();
+    let agent_path = t.dir().join("agent.toml");
+    std::fs::write(
+        &agent_path,
+        format!(
+            "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\nmetrics_listen = \"{}\"\n\n\
+             [[sentry]]\naddress = \"{}\"\npublic_key = \"{key}\"\ntransport = \"quic\"\n\n\
+             [[sentry]]\naddress = \"{}\"\npublic_key = \"{key}\"\ntransport = \"tls\"\n\n\
+             [[service]]\nname = \"p2p\"\ntarget = \"{}\"\n",
+            SocketAddrV4::new(VALIDATOR, METRICS_PORT),
+            public(QUIC),
+            public(TLS),
+            SocketAddrV4::new(VALIDATOR, P2P_PORT),
+            key = sentry_key.public_key(),
+        ),
+    )
+    .unwrap();
+    let sentry = t.daemon(Host::Sentry, "serve", &sentry_path);
+    let agent = t.daemon(Host::Validator, "agent", &agent_path);
+    // QUIC gets no answer (its handshake times out), then TLS comes up.
+    sentry.wait_event(
+        "tunnel up",
+        &[("agent", "validator-1"), ("transport", "tls")],
+        0,
+        Duration::from_secs(60),
+    );
+    assert!(
+        agent.count_log("falling back to the sentry's next transport") >= 1,
+        "{}",
+        agent.log()
+    );
+    let (_, text) = t.enter(Host::Validator, || {
+        http_get(
+            SocketAddr::V4(SocketAddrV4::new(VALIDATOR, METRICS_PORT)),
+            "/metrics",
+        )
+    });
+    let up = |address: SocketAddr, transport: &str| {
+        metric(
+            &text,
+            "sentry_agent_tunnel_up",
+            &[("sentry", &address.to_string()), ("transport", transport)],
+        )
+    };
+    assert_eq!(up(public(QUIC), "quic"), Some(0.0));
+    assert_eq!(up(public(TLS), "tls"), Some(1.0));
+
+    // Hash-checked transfers both ways at once, several connections side by side.
+    let ns = t.ns(Host::Client);
+    let transfers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                tests::netns::enter_ns(&ns);
+                let tcp = TcpStream::connect_timeout(&public(ROUTE), PATIENCE).unwrap();
+                tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+                let len = 8 * 1024 * 1024 + usize::try_from(i).unwrap() * 4099;
+                stand_in::echo_roundtrip(tcp, 40 + i, len).unwrap()
+            })
+        })
+        .collect();
+    for (i, transfer) in transfers.into_iter().enumerate() {
+        assert!(
+            transfer.join().unwrap(),
+            "transfer {i} came back corrupted or short"
+        );
+    }
+    // And ordinary round trips keep working over the fallback.
+    let client = Client::start(&t, ROUTE);
+    assert!(wait_progress(&client, 30), "{}", agent.log());
+    let (_, failed) = client.counts();
+    drop(client);
+    assert_eq!(failed, 0, "{}", agent.log());
+    drop((sentry, agent, service));
+}
