@@ -54,6 +54,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// How long the sentry may stay silent over WireGuard before the agent rebuilds the tunnel
 /// with a fresh UDP socket (a fresh NAT mapping) and resolves the sentry's name again.
 const WG_REBUILD_AFTER: Duration = Duration::from_secs(30);
+/// While a fallback transport carries the tunnel, how often the preferred (QUIC) one is tried.
+const PREFER_RETRY: Duration = Duration::from_secs(30);
 /// Data connections a TLS tunnel opens at once.
 const MAX_OPENING: usize = 16;
 /// Pause after a TLS data connection that failed or was closed unused at once.
@@ -350,6 +352,7 @@ impl Shared {
             group,
             shared: self.clone(),
             relays: TaskTracker::new(),
+            upgrade: Mutex::new(None),
         });
         Ok(())
     }
@@ -591,6 +594,9 @@ enum Attempt {
     Ended(String),
     /// The sentry was removed from the config, or the agent stops.
     Retired,
+    /// A fallback was up and the preferred transport answered again (see
+    /// [`Tunnel::probe_preferred`]).
+    Upgraded,
 }
 
 /// One sentry's tunnel and its reconnect loop, over its transports in preference order.
@@ -600,6 +606,9 @@ struct Tunnel {
     /// Relayed connections of this sentry, across reconnects (over TLS they outlive the
     /// control connection that was up when they began).
     relays: TaskTracker,
+    /// A tunnel over the preferred transport, dialed while a fallback was up; the next QUIC
+    /// attempt takes it instead of dialing.
+    upgrade: Mutex<Option<(Endpoint, Connection)>>,
 }
 
 impl Tunnel {
@@ -624,6 +633,11 @@ impl Tunnel {
                         was_up = true;
                         break;
                     }
+                    Attempt::Upgraded => {
+                        info!(%sentry, transport, "the sentry's preferred transport answers again: moving the tunnel to it");
+                        was_up = true;
+                        break;
+                    }
                     Attempt::Failed(why) => {
                         warn!(%sentry, transport, "cannot reach sentry: {why}");
                         if let Some(next) = self.group.entries.get(i + 1) {
@@ -645,6 +659,9 @@ impl Tunnel {
             if was_up && clock::now().duration_since(started) >= healthy_after {
                 backoff.reset();
             }
+            if lock(&self.upgrade).is_some() {
+                continue;
+            }
             let delay = backoff.next_delay(rand::random::<f64>());
             debug!(sentry = %self.group.entries[0].peer.address, "reconnecting in {delay:?}");
             tokio::select! {
@@ -662,9 +679,13 @@ impl Tunnel {
     async fn attempt_quic(&self, entry: &TunnelState, client: &ClientConfig) -> Attempt {
         let retire = &self.group.retire;
         let sentry = &entry.peer.address;
-        let dialed = tokio::select! {
-            () = retire.cancelled() => return Attempt::Retired,
-            dialed = dial(&entry.peer, client, &self.shared.key) => dialed,
+        let upgrade = lock(&self.upgrade).take();
+        let dialed = match upgrade {
+            Some(dialed) => Ok(dialed),
+            None => tokio::select! {
+                () = retire.cancelled() => return Attempt::Retired,
+                dialed = dial(&entry.peer, client, &self.shared.key) => dialed,
+            },
         };
         let (endpoint, conn) = match dialed {
             Ok(dialed) => dialed,
@@ -875,20 +896,43 @@ impl Tunnel {
         info!(%sentry, %remote, transport = "tls", "tunnel up");
         Self::up(entry, LiveTunnel::Tls(control.clone()));
         let generation = retire.child_token();
-        let why = tokio::select! {
-            why = &mut run => Some(why),
-            () = retire.cancelled() => None,
-            () = self.keep_pool(&pool, &generation) => None,
+        let ended = tokio::select! {
+            why = &mut run => Attempt::Ended(why),
+            () = retire.cancelled() => Attempt::Retired,
+            () = self.keep_pool(&pool, &generation) => Attempt::Retired,
+            () = self.probe_preferred(entry) => Attempt::Upgraded,
         };
         // Idle data connections close with the control connection; those carrying a relayed
         // connection finish on their own.
         generation.cancel();
         *lock(&entry.live) = None;
-        match why {
-            Some(why) => Attempt::Ended(why),
-            None => {
-                self.drain(std::future::pending()).await;
-                Attempt::Retired
+        if matches!(ended, Attempt::Retired) {
+            self.drain(std::future::pending()).await;
+        }
+        ended
+    }
+
+    /// While `entry`, a fallback, is up: every [`PREFER_RETRY`], dial the sentry's first entry
+    /// when it is QUIC; returns once that worked, the new tunnel left in `upgrade`. Never
+    /// returns for the first entry itself, or when the first is not QUIC.
+    async fn probe_preferred(&self, entry: &TunnelState) {
+        let first = &self.group.entries[0];
+        let Dialer::Quic(client) = &first.dialer else {
+            return std::future::pending().await;
+        };
+        if std::ptr::eq(first.as_ref(), entry) {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(PREFER_RETRY).await;
+            match dial(&first.peer, client, &self.shared.key).await {
+                Ok(dialed) => {
+                    *lock(&self.upgrade) = Some(dialed);
+                    return;
+                }
+                Err(e) => {
+                    debug!(sentry = %first.peer.address, "the preferred transport still does not answer: {e}");
+                }
             }
         }
     }

@@ -423,5 +423,32 @@ fn udp_blocked_at_the_router_falls_back_to_tls() {
     let (_, failed) = client.counts();
     drop(client);
     assert_eq!(failed, 0, "{}", agent.log());
+
+    // UDP comes back: within a probe interval (30 s) the agent moves the tunnel to QUIC, and
+    // a connection relayed over TLS before the move keeps working after it.
+    let held = t.enter(Host::Client, || {
+        TcpStream::connect_timeout(&public(ROUTE), PATIENCE).unwrap()
+    });
+    held.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert!(round_trip(
+        &mut Some(held.try_clone().unwrap()),
+        public(ROUTE),
+        1
+    ));
+    t.iptables(&["-D", "FORWARD", "-p", "udp", "-j", "DROP"]);
+    sentry.wait_event(
+        "tunnel up",
+        &[("agent", "validator-1"), ("transport", "quic")],
+        0,
+        Duration::from_secs(60),
+    );
+    assert!(
+        round_trip(&mut Some(held), public(ROUTE), 2),
+        "a connection relayed over TLS broke when the tunnel moved to QUIC:\n{}",
+        agent.log()
+    );
+    let client = Client::start(&t, ROUTE);
+    assert!(wait_progress(&client, 30), "{}", agent.log());
+    drop(client);
     drop((sentry, agent, service));
 }
