@@ -84,6 +84,7 @@ fn relay_header(c: &mut Criterion) {
             version: ProxyVersion::V2,
             destination: SocketAddr::from(([203, 0, 113, 1], 7100)),
         }),
+        udp: false,
     };
     let bytes = header.encode().expect("a valid header");
     let mut group = c.benchmark_group("relay_header");

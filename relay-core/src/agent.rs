@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use quinn::{ClientConfig, Connection, Endpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,7 +33,10 @@ use crate::config::{AgentConfig, SentryPeer, TransportKind};
 use crate::keys::PrivateKey;
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Families, Observe};
-use crate::relay::{ByteCounters, Header, PumpEnd, Status, encode_proxy_header, pump};
+use crate::relay::datagram::{MAX_DATAGRAM, read_datagram, write_datagram};
+use crate::relay::{
+    ByteCounters, Header, PumpEnd, Status, encode_proxy_header, idle_watch, millis_since, pump,
+};
 use crate::transport::pin::SERVER_NAME;
 use crate::transport::quic::{self, QuicError, Tuning, code};
 use crate::transport::{TunnelStream, tls, wireguard};
@@ -145,6 +148,8 @@ struct Shared {
 #[derive(Clone)]
 struct ServiceSlot {
     target: SocketAddr,
+    /// A `udp` service: reachable by UDP flows only.
+    udp: bool,
     stats: Arc<ServiceStats>,
 }
 
@@ -324,6 +329,7 @@ impl Shared {
                     s.name.clone(),
                     ServiceSlot {
                         target: s.target,
+                        udp: s.udp,
                         stats,
                     },
                 )
@@ -1117,7 +1123,8 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
             return;
         }
     };
-    let Some(ServiceSlot { target, stats }) = shared.services.load().get(&header.service).cloned()
+    let Some(ServiceSlot { target, udp, stats }) =
+        shared.services.load().get(&header.service).cloned()
     else {
         let why = format!(
             "route {} asked for unknown service {:?}",
@@ -1126,6 +1133,18 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
         refuse(send, unknown, Status::UnknownService, why).await;
         return;
     };
+    if udp != header.udp {
+        let kind = |udp| if udp { "udp" } else { "tcp" };
+        let why = format!(
+            "route {} asked for service {:?} over {}, but it is a {} service",
+            header.route,
+            header.service,
+            kind(header.udp),
+            kind(udp)
+        );
+        refuse(send, &stats, Status::UnknownService, why).await;
+        return;
+    }
     if shutting_down {
         refuse(
             send,
@@ -1134,6 +1153,10 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
             "shutting down".to_owned(),
         )
         .await;
+        return;
+    }
+    if udp {
+        relay_flow(stream, &header, target, &stats).await;
         return;
     }
     let mut tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
@@ -1212,6 +1235,89 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
         stream.abort();
     }
     debug!(route = %header.route, client = %header.client, service = %header.service, to_service = moved.down, from_service = moved.up, ?end, "relayed connection closed");
+}
+
+/// A UDP flow to a `udp` service: a socket of its own, connected to the service (so only the
+/// service's replies are taken), framed datagrams both ways until the sentry ends the flow.
+async fn relay_flow(
+    mut stream: TunnelStream,
+    header: &Header,
+    target: SocketAddr,
+    stats: &ServiceStats,
+) {
+    let connected = async {
+        let socket = UdpSocket::bind(unspecified(target)).await?;
+        socket.connect(target).await?;
+        Ok::<_, std::io::Error>(socket)
+    };
+    let socket = match connected.await {
+        Ok(socket) => socket,
+        Err(e) => {
+            let why = format!("service {} at {target}: {e}", header.service);
+            refuse(&mut stream, stats, Status::ConnectFailed, why).await;
+            return;
+        }
+    };
+    if stream.write_all(&[Status::Ok as u8]).await.is_err() || stream.flush().await.is_err() {
+        return;
+    }
+    stats.count(Status::Ok);
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    let start = clock::now();
+    let last = AtomicU64::new(0);
+    let (mut read, mut write) = stream.halves();
+    let to_service = async {
+        while let Some(datagram) = read_datagram(&mut read).await? {
+            // A send that fails loses one datagram, as UDP does.
+            let _ = socket.send(&datagram).await;
+            stats
+                .bytes
+                .down
+                .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            last.store(millis_since(start), Ordering::Relaxed);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let from_service = async {
+        loop {
+            // Sized for any datagram only while one is read, so an idle flow holds no buffer.
+            socket.readable().await?;
+            let mut buf = Vec::with_capacity(MAX_DATAGRAM);
+            match socket.try_recv_buf(&mut buf) {
+                Ok(_) => {
+                    write_datagram(&mut write, &buf).await?;
+                    stats
+                        .bytes
+                        .up
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    last.store(millis_since(start), Ordering::Relaxed);
+                }
+                // Readiness can be spurious; and an ICMP "port unreachable" from a service not
+                // listening yet surfaces here, once, without ending the flow.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(e) => return Err::<(), _>(e),
+            }
+        }
+    };
+    let end = tokio::select! {
+        result = to_service => result.err(),
+        result = from_service => result.err(),
+        () = idle_watch(start, &last, AGENT_IDLE_TIMEOUT) => None,
+    };
+    stats.active.fetch_sub(1, Ordering::Relaxed);
+    match end {
+        None => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        }
+        Some(e) => {
+            debug!(route = %header.route, client = %header.client, service = %header.service, "UDP flow failed: {e}");
+            stream.abort();
+        }
+    }
 }
 
 /// Answer a header with a refusal and end the stream.

@@ -205,10 +205,16 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "overlaps the listen address of route[0]",
     ),
     (
-        "unsupported-protocol",
-        "12:12",
-        "route[0].protocol",
-        "protocol \"udp\" is not supported",
+        "udp-with-proxy-protocol",
+        "14:18",
+        "route[0].proxy_protocol",
+        "a udp route cannot send one",
+    ),
+    (
+        "udp-on-quic-port",
+        "11:10",
+        "route[0].listen",
+        "overlaps the UDP listen address of sentry.quic_listen",
     ),
     (
         "jsonrpc-proxy-protocol",

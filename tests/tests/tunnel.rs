@@ -241,6 +241,7 @@ async fn the_agent_refuses_services_it_does_not_export() {
             service: service.into(),
             client: "203.0.113.10:1234".parse().unwrap(),
             proxy: None,
+            udp: false,
         };
         send.write_all(&header.encode().unwrap()).await.unwrap();
         let mut status = [0u8; 1];

@@ -51,6 +51,14 @@ struct SentryTable {
 struct ServiceTable {
     name: Spanned<Name>,
     target: Spanned<Addr>,
+    protocol: Option<ServiceProtocol>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum ServiceProtocol {
+    Tcp,
+    Udp,
 }
 
 /// The overlay addresses: both with `transport = "wireguard"`, neither otherwise.
@@ -165,6 +173,7 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
         .map(|s| Service {
             name: s.name.get_ref().0.clone(),
             target: s.target.get_ref().0,
+            udp: matches!(s.protocol, Some(ServiceProtocol::Udp)),
         })
         .collect();
     let config = AgentConfig {

@@ -29,6 +29,9 @@ use crate::relay::ProxyVersion;
 /// Default `idle_timeout` of a route: a relayed connection silent both ways this long is
 /// closed. P2P links of most chains ping well within it.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// A UDP flow (one client address on a udp route) with no datagram either way for this long
+/// is forgotten; discovery protocols exchange a few datagrams and go quiet.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default `drain_timeout` of both roles: after SIGTERM/SIGINT, open relayed connections get
 /// this long to finish before the rest are closed.
@@ -115,6 +118,9 @@ pub struct Route {
     /// `Some` for a `protocol = "jsonrpc"` route: HTTP is served on the listener and every
     /// request filtered (see [`crate::gateway`]); `None` relays TCP byte for byte.
     pub jsonrpc: Option<JsonRpc>,
+    /// `protocol = "udp"`: `listen` is a UDP socket, each client address a flow relayed to
+    /// a `udp` service; the limits count flows; `idle_timeout` expires them.
+    pub udp: bool,
 }
 
 /// A JSON-RPC route's gateway: `[route.jsonrpc]`.
@@ -308,6 +314,9 @@ impl TransportKind {
 pub struct Service {
     pub name: String,
     pub target: SocketAddr,
+    /// `protocol = "udp"`: reachable by udp routes only (TCP ones never reach it, nor UDP
+    /// ones a TCP service).
+    pub udp: bool,
 }
 
 /// Read and validate a config file of either role; the role is told by its top table

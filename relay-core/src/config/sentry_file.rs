@@ -18,8 +18,9 @@ use super::units::{Addr, Cidr, HumanDuration, HumanRate, HumanSize, Key, Name, c
 use super::{
     AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_CALL_RATE_PER_IP, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_WEBSOCKETS_PER_IP,
-    DEFAULT_SENTRY_MAX_CONNECTIONS, ForwardedHeader, JsonRpc, Limits, Locator, Route, RouteTls,
-    SentryConfig, Upstream, WireGuard, WireGuardPeer, deserialize, overlay_address,
+    DEFAULT_SENTRY_MAX_CONNECTIONS, DEFAULT_UDP_IDLE_TIMEOUT, ForwardedHeader, JsonRpc, Limits,
+    Locator, Route, RouteTls, SentryConfig, Upstream, WireGuard, WireGuardPeer, deserialize,
+    overlay_address,
 };
 
 #[derive(Deserialize)]
@@ -222,20 +223,40 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
         format!("route[{i}].name")
     });
     let mut routes = Vec::with_capacity(doc.route.len());
+    // TCP listeners (tcp and jsonrpc routes), by route index; UDP ones apart: a tcp and a
+    // udp route may share a port, as Ethereum's 30303 does.
     let mut listens: Vec<SocketAddr> = Vec::new();
+    let mut udp_listens: Vec<(SocketAddr, String)> =
+        vec![(s.quic_listen.get_ref().0, "sentry.quic_listen".to_owned())];
+    if let Some(wg) = &wireguard {
+        udp_listens.push((wg.listen, "sentry.wireguard_listen".to_owned()));
+    }
     for (i, table) in doc.route.iter().enumerate() {
         let listen = table.listen.get_ref().0;
-        if let Some(other) = listens.iter().position(|l| overlaps(*l, listen)) {
-            check.fail(
-                &table.listen,
-                format!("route[{i}].listen"),
-                format!(
-                    "{listen} overlaps the listen address of route[{other}] ({})",
-                    listens[other]
-                ),
-            );
+        if is_udp(table) {
+            if let Some((other, whose)) = udp_listens.iter().find(|(l, _)| overlaps(*l, listen)) {
+                check.fail(
+                    &table.listen,
+                    format!("route[{i}].listen"),
+                    format!("{listen} overlaps the UDP listen address of {whose} ({other})"),
+                );
+            }
+            udp_listens.push((listen, format!("route[{i}]")));
+            // A placeholder keeps `listens` indexed by route; port 0 never overlaps.
+            listens.push(SocketAddr::from(([0, 0, 0, 0], 0)));
+        } else {
+            if let Some(other) = listens.iter().position(|l| overlaps(*l, listen)) {
+                check.fail(
+                    &table.listen,
+                    format!("route[{i}].listen"),
+                    format!(
+                        "{listen} overlaps the listen address of route[{other}] ({})",
+                        listens[other]
+                    ),
+                );
+            }
+            listens.push(listen);
         }
-        listens.push(listen);
         routes.push(route(&mut check, i, table, &agents, &wireguard_peers));
     }
     let metrics_listen = s.metrics_listen.as_ref().map(|m| m.get_ref().0);
@@ -403,6 +424,13 @@ fn wireguard_peers(
     peers
 }
 
+fn is_udp(table: &RouteTable) -> bool {
+    matches!(
+        table.protocol.as_ref().map(Spanned::get_ref),
+        Some(Protocol::Udp)
+    )
+}
+
 fn route(
     check: &mut Checker<'_>,
     i: usize,
@@ -411,23 +439,23 @@ fn route(
     plain: &[WireGuardPeer],
 ) -> Route {
     let key = |field: &str| format!("route[{i}].{field}");
-    let mut is_jsonrpc = false;
-    if let Some(protocol) = &table.protocol {
-        match protocol.get_ref() {
-            Protocol::Tcp => {}
-            Protocol::Udp => check.fail(
-                protocol,
-                key("protocol"),
-                "protocol \"udp\" is not supported by this version of sentry yet; use \"tcp\"",
-            ),
-            Protocol::Jsonrpc => is_jsonrpc = true,
-        }
-    }
+    let is_jsonrpc = matches!(
+        table.protocol.as_ref().map(Spanned::get_ref),
+        Some(Protocol::Jsonrpc)
+    );
+    let udp = is_udp(table);
     let proxy_protocol = match table.proxy_protocol.as_ref().map(Spanned::get_ref) {
         None | Some(ProxyProtocol::Off) => None,
         Some(ProxyProtocol::V1) => Some(ProxyVersion::V1),
         Some(ProxyProtocol::V2) => Some(ProxyVersion::V2),
     };
+    if let (true, Some(spanned), Some(_)) = (udp, &table.proxy_protocol, proxy_protocol) {
+        check.fail(
+            spanned,
+            key("proxy_protocol"),
+            "a PROXY header starts a TCP stream; a udp route cannot send one",
+        );
+    }
     if let (true, Some(spanned), Some(_)) = (is_jsonrpc, &table.proxy_protocol, proxy_protocol) {
         check.fail(
             spanned,
@@ -474,21 +502,30 @@ fn route(
     let mut upstreams = Vec::new();
     for (j, entry) in table.upstream.get_ref().iter().enumerate() {
         match upstream(entry.get_ref(), agents, plain) {
+            Ok(up) if udp && up.overlay.is_some() => check.fail(
+                entry,
+                format!("route[{i}].upstream[{j}]"),
+                "a udp route relays through an agent (\"agent/service\"); a plain WireGuard \
+                 peer's address carries TCP only",
+            ),
             Ok(up) => upstreams.push(up),
             Err(message) => check.fail(entry, format!("route[{i}].upstream[{j}]"), message),
         }
     }
+    let default_idle = if udp {
+        DEFAULT_UDP_IDLE_TIMEOUT
+    } else {
+        DEFAULT_IDLE_TIMEOUT
+    };
     Route {
         name: table.name.get_ref().0.clone(),
         listen: table.listen.get_ref().0,
         upstreams,
-        idle_timeout: table
-            .idle_timeout
-            .as_ref()
-            .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+        idle_timeout: table.idle_timeout.as_ref().map_or(default_idle, |d| d.0),
         proxy_protocol,
         limits,
         jsonrpc,
+        udp,
     }
 }
 

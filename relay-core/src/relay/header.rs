@@ -8,7 +8,9 @@
 //!        [destination:addr]          (present when flags ask for a PROXY header)
 //! addr = family:u8 (4|6)  ip[4|16]  port:u16
 //! flags: bits 0-1 = PROXY header the agent writes to the service first
-//!        (0 none, 1 v1, 2 v2); every other value is refused
+//!        (0 none, 1 v1, 2 v2); bit 2 = a UDP flow (no PROXY header), whose
+//!        datagrams follow framed as `len:u16 payload[len]`; every other value is
+//!        refused
 //! ```
 //!
 //! The length prefix lets a reader take exactly one header off a stream without reading into
@@ -39,11 +41,14 @@ pub struct Header {
     pub client: SocketAddr,
     /// Whether the agent writes a PROXY header to the service before any payload.
     pub proxy: Option<Proxy>,
+    /// A UDP flow to a `udp` service rather than a TCP connection (never with `proxy`).
+    pub udp: bool,
 }
 
 /// Flag values of the PROXY version (bits 0-1).
 const FLAG_PROXY_V1: u8 = 0x01;
 const FLAG_PROXY_V2: u8 = 0x02;
+const FLAG_UDP: u8 = 0x04;
 
 /// The agent's one-byte answer to a header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,10 +93,12 @@ impl Header {
     /// The wire form. Fails only for names that config validation would have refused.
     pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
         let mut out = Vec::with_capacity(64);
-        let flags = match self.proxy.map(|p| p.version) {
-            None => 0,
-            Some(ProxyVersion::V1) => FLAG_PROXY_V1,
-            Some(ProxyVersion::V2) => FLAG_PROXY_V2,
+        let flags = match (self.proxy.map(|p| p.version), self.udp) {
+            (None, false) => 0,
+            (None, true) => FLAG_UDP,
+            (Some(ProxyVersion::V1), false) => FLAG_PROXY_V1,
+            (Some(ProxyVersion::V2), false) => FLAG_PROXY_V2,
+            (Some(_), true) => return Err(HeaderError::Flags(FLAG_UDP)),
         };
         out.extend_from_slice(&[VERSION, 0, flags]);
         for name in [&self.route, &self.service] {
@@ -128,10 +135,11 @@ impl Header {
         let (&[flags], rest) = split(body, 1)? else {
             unreachable!()
         };
-        let version = match flags {
-            0 => None,
-            FLAG_PROXY_V1 => Some(ProxyVersion::V1),
-            FLAG_PROXY_V2 => Some(ProxyVersion::V2),
+        let (version, udp) = match flags {
+            0 => (None, false),
+            FLAG_UDP => (None, true),
+            FLAG_PROXY_V1 => (Some(ProxyVersion::V1), false),
+            FLAG_PROXY_V2 => (Some(ProxyVersion::V2), false),
             other => return Err(HeaderError::Flags(other)),
         };
         let (route, rest) = name(rest)?;
@@ -156,6 +164,7 @@ impl Header {
             service,
             client,
             proxy,
+            udp,
         })
     }
 
@@ -283,7 +292,30 @@ mod tests {
             service: "validator-p2p".into(),
             client: "203.0.113.10:40000".parse().unwrap(),
             proxy: None,
+            udp: false,
         }
+    }
+
+    #[test]
+    fn carries_a_udp_flow_and_refuses_udp_with_proxy() {
+        let h = Header {
+            udp: true,
+            ..sample()
+        };
+        let bytes = h.encode().unwrap();
+        assert_eq!(bytes[2], 0x04);
+        assert_eq!(Header::decode(&bytes).unwrap(), h);
+        let mut both = bytes.clone();
+        both[2] = 0x05;
+        assert_eq!(Header::decode(&both), Err(HeaderError::Flags(0x05)));
+        let proxied = Header {
+            proxy: Some(Proxy {
+                version: ProxyVersion::V2,
+                destination: "203.0.113.1:7100".parse().unwrap(),
+            }),
+            ..h
+        };
+        assert!(proxied.encode().is_err());
     }
 
     #[test]
@@ -391,12 +423,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(route in name_strategy(), service in name_strategy(), client in addr_strategy(), proxy in proptest::option::of((any::<bool>(), addr_strategy()))) {
+        fn round_trip(route in name_strategy(), service in name_strategy(), client in addr_strategy(), proxy in proptest::option::of((any::<bool>(), addr_strategy())), udp in any::<bool>()) {
             let proxy = proxy.map(|(v1, destination)| Proxy {
                 version: if v1 { ProxyVersion::V1 } else { ProxyVersion::V2 },
                 destination,
             });
-            let h = Header { route, service, client, proxy };
+            let udp = udp && proxy.is_none();
+            let h = Header { route, service, client, proxy, udp };
             let bytes = h.encode().unwrap();
             prop_assert!(bytes.len() <= MAX_HEADER_LEN);
             prop_assert_eq!(Header::decode(&bytes).unwrap(), h);

@@ -170,7 +170,9 @@ where
     }
 }
 
-async fn idle_watch(start: Instant, last: &AtomicU64, idle: Duration) {
+/// Returns once `last` (milliseconds since `start`, moved on by each transfer) stays unchanged
+/// for `idle`.
+pub(crate) async fn idle_watch(start: Instant, last: &AtomicU64, idle: Duration) {
     loop {
         let last_ms = last.load(Ordering::Relaxed);
         let deadline = start + Duration::from_millis(last_ms) + idle;
@@ -181,7 +183,8 @@ async fn idle_watch(start: Instant, last: &AtomicU64, idle: Duration) {
     }
 }
 
-fn millis_since(start: Instant) -> u64 {
+/// Milliseconds from `start` to now, for [`idle_watch`]'s `last`.
+pub(crate) fn millis_since(start: Instant) -> u64 {
     u64::try_from(clock::now().duration_since(start).as_millis()).unwrap_or(u64::MAX)
 }
 

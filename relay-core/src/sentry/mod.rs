@@ -24,6 +24,7 @@ mod gateway;
 mod health;
 pub use health::HOLD_DOWN;
 mod pool;
+mod udp;
 mod websocket;
 
 use std::collections::HashMap;
@@ -114,7 +115,7 @@ pub struct ReloadReport {
 /// A bound sentry, ready to run.
 pub struct Sentry {
     shared: Arc<Shared>,
-    initial: Vec<(Arc<RouteSlot>, TcpListener)>,
+    initial: Vec<(Arc<RouteSlot>, Listener)>,
     metrics: Option<TcpListener>,
     /// WireGuard peers going up and down.
     wg_events: mpsc::UnboundedReceiver<(Arc<wireguard::Peer>, bool)>,
@@ -168,6 +169,8 @@ struct RouteSlot {
     gate: Arc<Gate>,
     bytes: ByteCounters,
     no_upstream: AtomicU64,
+    /// UDP routes: datagrams dropped because their flow's queue was full.
+    datagrams_dropped: AtomicU64,
     /// Cancelled when a reload removes the route (and at shutdown).
     stop: CancellationToken,
     /// `Some` while the route is `protocol = "jsonrpc"`.
@@ -267,13 +270,37 @@ fn agent_names(config: &SentryConfig) -> HashMap<PublicKey, String> {
         .collect()
 }
 
-fn bind_route(route: &Route) -> Result<(TcpListener, SocketAddr), StartError> {
+/// A route's bound socket.
+enum Listener {
+    Tcp(TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
+fn bind_route(route: &Route) -> Result<(Listener, SocketAddr), StartError> {
     let listen_error = |source| StartError::Listen {
         route: route.name.clone(),
         addr: route.listen,
         source,
     };
-    bind_tcp(route.listen).map_err(listen_error)
+    if route.udp {
+        let socket = udp::bind(route.listen).map_err(listen_error)?;
+        let local = socket.local_addr().map_err(listen_error)?;
+        return Ok((Listener::Udp(socket), local));
+    }
+    let (listener, local) = bind_tcp(route.listen).map_err(listen_error)?;
+    Ok((Listener::Tcp(listener), local))
+}
+
+/// Serve a bound route: accept TCP clients, or receive UDP datagrams.
+fn spawn_route(slot: Arc<RouteSlot>, listener: Listener, shared: Arc<Shared>) {
+    match listener {
+        Listener::Tcp(listener) => {
+            tokio::spawn(accept_clients(slot, listener, shared));
+        }
+        Listener::Udp(socket) => {
+            tokio::spawn(udp::serve(slot, socket, shared));
+        }
+    }
 }
 
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
@@ -406,7 +433,7 @@ impl Sentry {
         }
         for (slot, listener) in self.initial {
             info!(route = %slot.route.load().name, listen = %slot.local, "route listening");
-            tokio::spawn(accept_clients(slot, listener, shared.clone()));
+            spawn_route(slot, listener, shared.clone());
         }
         shutdown.await;
         shared.stop.cancel();
@@ -439,6 +466,7 @@ impl RouteSlot {
     /// for port 0 (any free port) also the same name.
     fn is(&self, route: &Route) -> bool {
         self.configured == route.listen
+            && self.route.load().udp == route.udp
             && (route.listen.port() != 0 || self.route.load().name == route.name)
     }
 
@@ -455,6 +483,7 @@ impl RouteSlot {
             gate: Gate::new(route.limits.clone(), open.clone()),
             bytes: ByteCounters::default(),
             no_upstream: AtomicU64::new(0),
+            datagrams_dropped: AtomicU64::new(0),
             stop: stop.child_token(),
             gateway: ArcSwapOption::new(route.jsonrpc.as_ref().map(gateway::Gateway::new)),
         })
@@ -632,7 +661,7 @@ impl SentryHandle {
         for (route, listener, local) in fresh {
             let slot = RouteSlot::new(route, local, &shared.open, &shared.stop);
             info!(route = %route.name, listen = %local, "route listening");
-            tokio::spawn(accept_clients(slot.clone(), listener, shared.clone()));
+            spawn_route(slot.clone(), listener, shared.clone());
             report.added.push(route.name.clone());
             kept.push(slot);
         }
@@ -776,6 +805,15 @@ impl Observe for SentryHandle {
             routes
                 .iter()
                 .map(|(s, r)| (route_label(r), s.bytes.down.load(Ordering::Relaxed))),
+        )?;
+        out.counters(
+            "route_datagrams_dropped",
+            "UDP routes: client datagrams dropped because their flow's queue toward the agent \
+             was full.",
+            routes
+                .iter()
+                .filter(|(_, r)| r.udp)
+                .map(|(s, r)| (route_label(r), s.datagrams_dropped.load(Ordering::Relaxed))),
         )?;
         out.gauges(
             "route_info",
@@ -1260,6 +1298,7 @@ async fn connect_upstream(
                 service: upstream.service.clone(),
                 client,
                 proxy,
+                udp: route.udp,
             };
             match open(&tunnel, &header).await {
                 Ok(stream) => {
