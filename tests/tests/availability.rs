@@ -1,6 +1,8 @@
 //! The real-network tier for availability: one agent behind the NAT keeps a tunnel to each of
 //! three sentries (two over QUIC, one over WireGuard) and serves clients of all three; a
 //! sentry that dies takes only its own clients with it, and serves again once it restarts.
+//! A router that drops UDP sends the agent to its TLS fallback (and back to QUIC when UDP
+//! returns); a UDP route carries datagrams through the NAT to the right clients.
 //!
 //! Needs root, `ip`, `iptables` and `conntrack` (see `tests/src/netns.rs`); skipped outside
 //! CI without them.
@@ -451,4 +453,135 @@ fn udp_blocked_at_the_router_falls_back_to_tls() {
     assert!(wait_progress(&client, 30), "{}", agent.log());
     drop(client);
     drop((sentry, agent, service));
+}
+
+/// A UDP route through the NAT: a datagram echo beside the validator answers clients through
+/// the sentry, each reply to the client that sent the datagram, many clients at once; quiet
+/// flows are forgotten.
+#[test]
+fn udp_datagrams_cross_the_nat_to_the_right_clients_and_flows_expire() {
+    const QUIC: u16 = 7448;
+    const DISCOVERY: u16 = 30303;
+    const SENTRY_METRICS: u16 = 9101;
+    let Some(t) = Topology::new() else { return };
+    let echo = t.enter(Host::Validator, || {
+        std::net::UdpSocket::bind(SocketAddrV4::new(VALIDATOR, DISCOVERY)).unwrap()
+    });
+    echo.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let echo_stop = Arc::new(AtomicBool::new(false));
+    let echo_thread = {
+        let stop = echo_stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                    let _ = echo.send_to(&buf[..n], from);
+                }
+            }
+        })
+    };
+    let (sentry_key, agent_key) = (
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+    );
+    write_private_key(&t.dir().join("sentry.key"), &sentry_key).unwrap();
+    write_private_key(&t.dir().join("agent.key"), &agent_key).unwrap();
+    let sentry_path = t.dir().join("sentry.toml");
+    std::fs::write(
+        &sentry_path,
+        format!(
+            "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"{}\"\nmetrics_listen = \"{}\"\n\n\
+             [[agent]]\nname = \"validator-1\"\npublic_key = \"{}\"\n\n\
+             [[route]]\nname = \"discovery\"\nlisten = \"{}\"\nprotocol = \"udp\"\n\
+             upstream = [\"validator-1/discovery\"]\nidle_timeout = \"2s\"\n\
+             max_connections_per_ip = 64\nconnect_rate_per_ip = \"1000/s\"\n",
+            public(QUIC),
+            public(SENTRY_METRICS),
+            agent_key.public_key(),
+            public(DISCOVERY)
+        ),
+    )
+    .unwrap();
+    let agent_path = t.dir().join("agent.toml");
+    std::fs::write(
+        &agent_path,
+        format!(
+            "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\n\n\
+             [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\n\n\
+             [[service]]\nname = \"discovery\"\ntarget = \"{}\"\nprotocol = \"udp\"\n",
+            public(QUIC),
+            sentry_key.public_key(),
+            SocketAddrV4::new(VALIDATOR, DISCOVERY),
+        ),
+    )
+    .unwrap();
+    let sentry = t.daemon(Host::Sentry, "serve", &sentry_path);
+    let agent = t.daemon(Host::Validator, "agent", &agent_path);
+    sentry.wait_event("tunnel up", &[("agent", "validator-1")], 0, PATIENCE);
+
+    // 16 clients at once, 25 datagrams each, every one different; a reply must be the
+    // datagram its client sent. One loss per client is allowed (UDP), not a wrong reply.
+    let ns = t.ns(Host::Client);
+    let clients: Vec<_> = (0..16u32)
+        .map(|c| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                tests::netns::enter_ns(&ns);
+                let socket = std::net::UdpSocket::bind("203.0.113.10:0").unwrap();
+                socket
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let mut lost = 0;
+                let mut buf = vec![0u8; 65_536];
+                for seq in 0..25u32 {
+                    let datagram =
+                        format!("client {c} datagram {seq} ").repeat(1 + (c as usize % 7));
+                    socket
+                        .send_to(datagram.as_bytes(), public(DISCOVERY))
+                        .unwrap();
+                    match socket.recv_from(&mut buf) {
+                        Ok((n, from)) => {
+                            assert_eq!(from, public(DISCOVERY));
+                            assert_eq!(
+                                &buf[..n],
+                                datagram.as_bytes(),
+                                "client {c} got another's reply"
+                            );
+                        }
+                        Err(_) => lost += 1,
+                    }
+                }
+                lost
+            })
+        })
+        .collect();
+    for (c, client) in clients.into_iter().enumerate() {
+        let lost = client.join().unwrap();
+        assert!(
+            lost <= 1,
+            "client {c} lost {lost} of 25 datagrams:\n{}",
+            agent.log()
+        );
+    }
+    let active = || {
+        let (_, text) = t.enter(Host::Sentry, || {
+            http_get(public(SENTRY_METRICS), "/metrics")
+        });
+        metric(
+            &text,
+            "sentry_route_connections_active",
+            &[("route", "discovery")],
+        )
+    };
+    assert_eq!(active(), Some(16.0), "one flow per client");
+    // Quiet past idle_timeout (2 s): every flow is forgotten.
+    let forgotten = Instant::now();
+    while active() != Some(0.0) && forgotten.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(active(), Some(0.0), "flows outlived their idle timeout");
+    echo_stop.store(true, Ordering::Relaxed);
+    echo_thread.join().unwrap();
+    drop((sentry, agent));
 }
