@@ -169,6 +169,94 @@ pub fn summary(samples: &[f64]) -> (f64, f64, f64) {
     )
 }
 
+/// One exported service of [`deployment`]: its name (also the route's), its address, and
+/// whether it is UDP.
+pub struct Export<'a> {
+    pub name: &'a str,
+    pub target: SocketAddr,
+    pub udp: bool,
+}
+
+/// An in-process sentry and agent on loopback over `transport` (`quic`, `wireguard` or `tls`),
+/// with one route per export, named after it, to the agent's service of that name. Returns
+/// once the tunnel is up; the route addresses come from [`SentryHandle::route_addr`].
+///
+/// # Panics
+/// The configs do not parse, a socket cannot be bound, or the tunnel is not up in 10 s.
+pub async fn deployment(
+    transport: &str,
+    exports: &[Export<'_>],
+) -> relay_core::sentry::SentryHandle {
+    use relay_core::config;
+    use relay_core::keys::PrivateKey;
+    use std::path::Path;
+    let (sentry_key, agent_key) = (
+        PrivateKey::generate().expect("key"),
+        PrivateKey::generate().expect("key"),
+    );
+    let wireguard = transport == "wireguard";
+    let mut sentry_toml = format!(
+        "[sentry]\nprivate_key = \"unused\"\nquic_listen = \"127.0.0.1:0\"\n\
+         tls_listen = \"127.0.0.1:0\"\n{}\
+         [[agent]]\nname = \"v\"\npublic_key = \"{}\"\n{}",
+        if wireguard {
+            "wireguard_listen = \"127.0.0.1:0\"\nwireguard_address = \"100.64.0.1\"\n"
+        } else {
+            ""
+        },
+        agent_key.public_key(),
+        if wireguard {
+            "wireguard_address = \"100.64.0.2\"\n"
+        } else {
+            ""
+        },
+    );
+    let mut services = String::new();
+    for export in exports {
+        let protocol = if export.udp { "udp" } else { "tcp" };
+        sentry_toml += &format!(
+            "[[route]]\nname = \"{}\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n\
+             upstream = [\"v/{}\"]\nmax_connections_per_ip = 100000\n\
+             connect_rate_per_ip = \"1000000/s\"\n",
+            export.name, export.name
+        );
+        services += &format!(
+            "[[service]]\nname = \"{}\"\ntarget = \"{}\"\nprotocol = \"{protocol}\"\n",
+            export.name, export.target
+        );
+    }
+    let config =
+        config::parse_sentry(Path::new("bench-sentry.toml"), &sentry_toml).expect("sentry config");
+    let sentry = relay_core::sentry::Sentry::bind(&config, &sentry_key)
+        .await
+        .expect("sentry");
+    let handle = sentry.handle();
+    tokio::spawn(sentry.run(std::future::pending()));
+    let (dial, extra) = match transport {
+        "wireguard" => (
+            handle.wireguard_addr().expect("wireguard listener"),
+            "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
+        ),
+        "tls" => (handle.tls_addr().expect("tls listener"), ""),
+        _ => (handle.quic_addr(), ""),
+    };
+    let agent_toml = format!(
+        "[agent]\nname = \"v\"\nprivate_key = \"unused\"\n\
+         [[sentry]]\naddress = \"{dial}\"\npublic_key = \"{}\"\ntransport = \"{transport}\"\n{extra}\
+         {services}",
+        sentry_key.public_key()
+    );
+    let agent =
+        config::parse_agent(Path::new("bench-agent.toml"), &agent_toml).expect("agent config");
+    tokio::spawn(async move {
+        let _ = relay_core::agent::run(&agent, &agent_key, std::future::pending()).await;
+    });
+    tokio::time::timeout(Duration::from_secs(10), handle.wait_agent("v", true))
+        .await
+        .expect("tunnel up");
+    handle
+}
+
 /// The runtime every benchmark uses: as many workers as cores (two on the reference machine).
 #[must_use]
 pub fn runtime() -> tokio::runtime::Runtime {
