@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use benches::{Export, deployment, read_env, runtime};
 use tokio::net::UdpSocket;
@@ -23,8 +23,10 @@ fn main() {
     let new_flows = (round_trips / 10).max(1);
     runtime().block_on(async move {
         let echo = echo().await;
-        let mut paths: Vec<(&str, SocketAddr)> =
-            vec![("direct", echo), ("plain UDP relay", plain_relay(echo).await)];
+        let mut paths: Vec<(&str, SocketAddr)> = vec![
+            ("direct", echo),
+            ("plain UDP relay", plain_relay(echo).await),
+        ];
         for (name, transport) in [
             ("sentry+agent (QUIC)", "quic"),
             ("sentry+agent (WireGuard)", "wireguard"),
@@ -91,10 +93,12 @@ fn main() {
 async fn round_trip(socket: &UdpSocket, to: SocketAddr) -> Option<f64> {
     let payload = [7u8; DATAGRAM];
     let mut buf = [0u8; 2 * DATAGRAM];
-    let start = Instant::now();
+    let start = relay_core::clock::now();
     socket.send_to(&payload, to).await.ok()?;
     match tokio::time::timeout(Duration::from_secs(1), socket.recv_from(&mut buf)).await {
-        Ok(Ok((n, _))) if n == DATAGRAM => Some(start.elapsed().as_secs_f64() * 1e6),
+        Ok(Ok((n, _))) if n == DATAGRAM => {
+            Some(relay_core::clock::now().duration_since(start).as_secs_f64() * 1e6)
+        }
         _ => None,
     }
 }
