@@ -1,12 +1,12 @@
 //! Throughput and latency through the namespace topology of the real-network tier: a client on
 //! the public segment, the sentry host, a NAT router (iptables MASQUERADE), the validator on
-//! its LAN. Five paths in the same run, repetitions interleaved:
+//! its LAN. Six paths in the same run, repetitions interleaved:
 //!
 //! - `direct`: kernel forwarding through a port forward (DNAT) on the router: no relay, no
 //!   tunnel, and an open port on the validator (the reference point, not a deployment);
 //! - `plain TCP relay`: a userspace relay on the sentry host to that port forward (the relay
 //!   baseline);
-//! - `sentry+agent (QUIC)` and `sentry+agent (WireGuard)`: the release `sentry` binary on both
+//! - `sentry+agent (QUIC)`, `(WireGuard)` and `(TLS)`: the release `sentry` binary on both
 //!   hosts, the agent dialing out through the NAT;
 //! - `wireguard-go + relay`: the hand-built alternative: wireguard-go on a TUN device on both
 //!   hosts (kernel TCP inside), and the same userspace relay on the sentry host to the
@@ -167,7 +167,8 @@ fn port_forward(t: &Topology) {
 }
 
 /// One sentry (+ agent) deployment over `transport`; routes on `base` + 0..3.
-fn deployment(t: &Topology, name: &str, base: u16, quic: u16, wireguard: bool) -> (Daemon, Daemon) {
+fn deployment(t: &Topology, name: &str, base: u16, quic: u16, transport: &str) -> (Daemon, Daemon) {
+    let wireguard = transport == "wireguard";
     let dir = t.dir();
     let sentry_key = PrivateKey::generate().expect("key");
     let agent_key = PrivateKey::generate().expect("key");
@@ -182,6 +183,13 @@ fn deployment(t: &Topology, name: &str, base: u16, quic: u16, wireguard: bool) -
             "wireguard_address = \"100.64.0.2\"\n".to_owned(),
             at(SENTRY, 51820),
             "transport = \"wireguard\"\nwireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
+        )
+    } else if transport == "tls" {
+        (
+            format!("tls_listen = \"{}\"\n", at(SENTRY, quic + 1000)),
+            String::new(),
+            at(SENTRY, quic + 1000),
+            "transport = \"tls\"\n",
         )
     } else {
         (String::new(), String::new(), at(SENTRY, quic), "")
@@ -398,8 +406,9 @@ fn main() {
     services(&t, bytes);
     port_forward(&t);
     relay(&t, 8201, ROUTER_WAN);
-    let _quic = deployment(&t, "quic", 9201, 7443, false);
-    let _wireguard = deployment(&t, "wg", 10201, 7444, true);
+    let _quic = deployment(&t, "quic", 9201, 7443, "quic");
+    let _wireguard = deployment(&t, "wg", 10201, 7444, "wireguard");
+    let _tls = deployment(&t, "tls", 12201, 7445, "tls");
     let wg_go = wireguard_go(&t);
     if wg_go.is_some() {
         relay(&t, 11201, Ipv4Addr::new(100, 64, 1, 2));
@@ -409,6 +418,7 @@ fn main() {
         ("plain TCP relay", at(SENTRY, 8201), 8201),
         ("sentry+agent (QUIC)", at(SENTRY, 9201), 9201),
         ("sentry+agent (WireGuard)", at(SENTRY, 10201), 10201),
+        ("sentry+agent (TLS)", at(SENTRY, 12201), 12201),
     ];
     if wg_go.is_some() {
         paths.push(("wireguard-go + relay", at(SENTRY, 11201), 11201));
