@@ -216,8 +216,21 @@ fn wait_progress(client: &Client, more: u64) -> bool {
     false
 }
 
-/// The agent's `agent_tunnel_up` for each sentry, by the address it dials.
+/// The agent's `agent_tunnel_up` for each sentry, once all three are up or [`PATIENCE`]
+/// passed (a sentry logs "tunnel up" a moment before the agent's side of WireGuard knows it).
 fn tunnels_up(t: &Topology) -> Vec<Option<f64>> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let up = tunnels_up_now(t);
+        if up == [Some(1.0); 3] || Instant::now() > deadline {
+            return up;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent's `agent_tunnel_up` for each sentry now, by the address it dials.
+fn tunnels_up_now(t: &Topology) -> Vec<Option<f64>> {
     let (_, text) = t.enter(Host::Validator, || {
         http_get(
             SocketAddr::V4(SocketAddrV4::new(VALIDATOR, METRICS_PORT)),
