@@ -4,6 +4,8 @@
 //! in the same process and interleaves repetitions, so machine noise hits all paths alike.
 #![forbid(unsafe_code)]
 
+pub mod load;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The benchmark suite: every scenario (bulk 1 and 8 streams each way, request/response over
+# keep-alive connections, connection churn) against every path (direct, a plain relay, sentry
+# over QUIC, WireGuard and TLS, and rathole's noise transport when available), repetitions
+# interleaved; writes benches/RESULTS.md. Loopback only: the namespace topology (and
+# wireguard-go) is `cargo bench -p benches --bench netns`.
+#
+#   benches/run.sh                      # sentry paths only
+#   BENCH_RATHOLE=1 benches/run.sh      # also installs rathole from crates.io at bench time
+#                                       # (into target/bench-tools; never vendored)
+#
+# Settings: BENCH_REPS (3), BENCH_BYTES (268435456), BENCH_SECONDS (5), BENCH_CONNS (64),
+# BENCH_WORKERS (16), BENCH_OUT (benches/RESULTS.md), RATHOLE_BIN (an existing rathole).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --locked -p sentry -p benches --bin suite --bin loadgen
+
+if [[ "${BENCH_RATHOLE:-0}" == 1 && -z "${RATHOLE_BIN:-}" ]]; then
+    # Server, client and the noise transport only: no OpenSSL needed.
+    cargo install rathole --version 0.5.0 --locked --no-default-features \
+        --features server,client,noise --root target/bench-tools
+    export RATHOLE_BIN="$PWD/target/bench-tools/bin/rathole"
+fi
+
+export SENTRY_BIN="$PWD/target/release/sentry"
+exec target/release/suite
