@@ -14,7 +14,6 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-
 /// Latencies are recorded in microseconds, up to a minute, to 3 significant digits.
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
@@ -116,7 +115,8 @@ pub async fn request_response(
                 };
                 match tokio::time::timeout_at(deadline + Duration::from_secs(5), exchange).await {
                     Ok(Ok(_)) => {
-                        let _ = latencies.record(micros(relay_core::clock::now().duration_since(sent)));
+                        let _ =
+                            latencies.record(micros(relay_core::clock::now().duration_since(sent)));
                     }
                     _ => {
                         failed += 1;
@@ -135,7 +135,9 @@ pub async fn request_response(
             failed += f;
         }
     }
-    let took = relay_core::clock::now().duration_since(started).as_secs_f64();
+    let took = relay_core::clock::now()
+        .duration_since(started)
+        .as_secs_f64();
     RequestResponse {
         requests: all.len(),
         per_second: all.len() as f64 / took,
@@ -201,7 +203,9 @@ pub async fn churn(addr: SocketAddr, workers: usize, size: usize, run: Duration)
             failed += f;
         }
     }
-    let took = relay_core::clock::now().duration_since(started).as_secs_f64();
+    let took = relay_core::clock::now()
+        .duration_since(started)
+        .as_secs_f64();
     Churn {
         connections: all.len(),
         per_second: all.len() as f64 / took,
@@ -227,4 +231,3 @@ pub async fn hold_idle(addr: SocketAddr, conns: usize) -> std::io::Result<Vec<Tc
     }
     Ok(held)
 }
-

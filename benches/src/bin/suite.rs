@@ -92,7 +92,11 @@ fn main() {
     let dir = tempdir();
     let runtime = benches::runtime();
     let (echo, sink, source) = runtime.block_on(async {
-        (load::echo().await, benches::sink().await, benches::source(bytes).await)
+        (
+            load::echo().await,
+            benches::sink().await,
+            benches::source(bytes).await,
+        )
     });
     let direct = Routes { echo, sink, source };
     let mut paths = vec![PathUnderTest {
@@ -112,13 +116,14 @@ fn main() {
         routes: relay,
         ends: Vec::new(),
     });
-    for (i, transport) in ["quic", "wireguard", "tls"].into_iter().enumerate() {
-        let base = 41_000 + 100 * u16::try_from(i).expect("few");
-        paths.push(sentry_path(&dir, transport, base, &direct));
+    for transport in ["quic", "wireguard", "tls"] {
+        paths.push(sentry_path(&dir, transport, &direct));
     }
     match std::env::var("RATHOLE_BIN") {
-        Ok(bin) if !bin.is_empty() => paths.push(rathole_path(&dir, Path::new(&bin), 44_000, &direct)),
-        _ => eprintln!("rathole: not measured (set RATHOLE_BIN, or run benches/run.sh with BENCH_RATHOLE=1)"),
+        Ok(bin) if !bin.is_empty() => paths.push(rathole_path(&dir, Path::new(&bin), &direct)),
+        _ => eprintln!(
+            "rathole: not measured (set RATHOLE_BIN, or run benches/run.sh with BENCH_RATHOLE=1)"
+        ),
     }
 
     let mut samples = vec![Samples::default(); paths.len()];
@@ -149,10 +154,16 @@ fn main() {
                 s.ttfb99.push(c.ttfb_p99_us as f64 / 1e3);
                 s.failed += c.failed;
                 let r = &path.routes;
-                s.up1.push(gbits(bytes, load::upload(r.sink, bytes, 1).await.expect("upload")));
+                s.up1.push(gbits(
+                    bytes,
+                    load::upload(r.sink, bytes, 1).await.expect("upload"),
+                ));
                 let (t, n) = load::download(r.source, 1).await.expect("download");
                 s.down1.push(gbits(n, t));
-                s.up8.push(gbits(bytes, load::upload(r.sink, bytes, 8).await.expect("upload")));
+                s.up8.push(gbits(
+                    bytes,
+                    load::upload(r.sink, bytes, 8).await.expect("upload"),
+                ));
                 let (t, n) = load::download(r.source, 8).await.expect("download");
                 s.down8.push(gbits(n, t));
             });
@@ -195,8 +206,10 @@ fn tempdir() -> PathBuf {
     dir
 }
 
-/// The release `sentry serve` and `sentry agent` over `transport`, routes on `base`..+3.
-fn sentry_path(dir: &Path, transport: &str, base: u16, to: &Routes) -> PathUnderTest {
+/// The release `sentry serve` and `sentry agent` over `transport`. Every port is chosen by
+/// the kernel (a fixed one may be held by an earlier run's connections) and read back from
+/// the sentry's log.
+fn sentry_path(dir: &Path, transport: &str, to: &Routes) -> PathUnderTest {
     let sentry_key = PrivateKey::generate().expect("key");
     let agent_key = PrivateKey::generate().expect("key");
     let key_file = |name: &str, key: &PrivateKey| {
@@ -204,49 +217,64 @@ fn sentry_path(dir: &Path, transport: &str, base: u16, to: &Routes) -> PathUnder
         write_private_key(&path, key).expect("key file");
         path
     };
-    let (sk, ak) = (key_file("sentry", &sentry_key), key_file("agent", &agent_key));
-    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let (listener, dial, agent_extra, sentry_agent_extra) = match transport {
+    let (sk, ak) = (
+        key_file("sentry", &sentry_key),
+        key_file("agent", &agent_key),
+    );
+    let (listener, sentry_agent_extra) = match transport {
         "wireguard" => (
-            format!("wireguard_listen = \"{}\"\nwireguard_address = \"100.64.0.1\"\n", at(base + 10)),
-            at(base + 10),
-            "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
+            "wireguard_listen = \"127.0.0.1:0\"\nwireguard_address = \"100.64.0.1\"\n",
             "wireguard_address = \"100.64.0.2\"\n",
         ),
-        "tls" => (format!("tls_listen = \"{}\"\n", at(base + 10)), at(base + 10), "", ""),
-        _ => (String::new(), at(base + 9), "", ""),
+        "tls" => ("tls_listen = \"127.0.0.1:0\"\n", ""),
+        _ => ("", ""),
     };
     let mut sentry = format!(
-        "[sentry]\nprivate_key = \"{}\"\nquic_listen = \"{}\"\n{listener}\n\
+        "[sentry]\nprivate_key = \"{}\"\nquic_listen = \"127.0.0.1:0\"\n{listener}\n\
          [[agent]]\nname = \"bench\"\npublic_key = \"{}\"\n{sentry_agent_extra}",
         sk.display(),
-        at(base + 9),
         agent_key.public_key()
     );
+    let services = [("echo", to.echo), ("sink", to.sink), ("source", to.source)];
+    for (name, _) in services {
+        sentry += &format!(
+            "\n[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"bench/{name}\"]\n\
+             max_connections_per_ip = 100000\nconnect_rate_per_ip = \"1000000/s\"\n"
+        );
+    }
+    let sentry_path = dir.join(format!("{transport}-sentry.toml"));
+    std::fs::write(&sentry_path, sentry).expect("write");
+    let sentry = Daemon::start("serve", &sentry_path);
+    let (dial, agent_extra) = match transport {
+        "wireguard" => (
+            sentry.logged_addr("WireGuard listening", &[], "listen"),
+            "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
+        ),
+        "tls" => (
+            sentry.logged_addr("TLS tunnel listening", &[], "listen"),
+            "",
+        ),
+        _ => (sentry.logged_addr("sentry ready", &[], "quic"), ""),
+    };
     let mut agent = format!(
         "[agent]\nname = \"bench\"\nprivate_key = \"{}\"\n\n\
          [[sentry]]\naddress = \"{dial}\"\npublic_key = \"{}\"\ntransport = \"{transport}\"\n{agent_extra}",
         ak.display(),
         sentry_key.public_key()
     );
-    for (j, (name, target)) in [("echo", to.echo), ("sink", to.sink), ("source", to.source)]
-        .into_iter()
-        .enumerate()
-    {
-        sentry += &format!(
-            "\n[[route]]\nname = \"{name}\"\nlisten = \"{}\"\nupstream = [\"bench/{name}\"]\n\
-             max_connections_per_ip = 100000\nconnect_rate_per_ip = \"1000000/s\"\n",
-            at(base + u16::try_from(j).expect("few"))
-        );
+    for (name, target) in services {
         agent += &format!("\n[[service]]\nname = \"{name}\"\ntarget = \"{target}\"\n");
     }
-    let sentry_path = dir.join(format!("{transport}-sentry.toml"));
     let agent_path = dir.join(format!("{transport}-agent.toml"));
-    std::fs::write(&sentry_path, sentry).expect("write");
     std::fs::write(&agent_path, agent).expect("write");
-    let sentry = Daemon::start("serve", &sentry_path);
     let agent = Daemon::start("agent", &agent_path);
     sentry.wait_log("tunnel up", 1, Duration::from_secs(30));
+    let route = |name: &str| sentry.logged_addr("route listening", &[("route", name)], "listen");
+    let routes = Routes {
+        echo: route("echo"),
+        sink: route("sink"),
+        source: route("source"),
+    };
     let name = match transport {
         "quic" => "sentry (QUIC)",
         "wireguard" => "sentry (WireGuard)",
@@ -254,21 +282,35 @@ fn sentry_path(dir: &Path, transport: &str, base: u16, to: &Routes) -> PathUnder
     };
     PathUnderTest {
         name: name.into(),
-        routes: Routes {
-            echo: at(base),
-            sink: at(base + 1),
-            source: at(base + 2),
-        },
-        ends: vec![("sentry", Process::Sentry(sentry)), ("agent", Process::Sentry(agent))],
+        routes,
+        ends: vec![
+            ("sentry", Process::Sentry(sentry)),
+            ("agent", Process::Sentry(agent)),
+        ],
     }
 }
 
+/// A loopback port free right now (rathole needs fixed ones in its config).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// rathole server and client with the noise transport (its default Noise_NK pattern), the
-/// three services on `base`..+3.
-fn rathole_path(dir: &Path, bin: &Path, base: u16, to: &Routes) -> PathUnderTest {
-    let keys = Command::new(bin).arg("--genkey").output().expect("rathole --genkey");
+/// three services on free loopback ports.
+fn rathole_path(dir: &Path, bin: &Path, to: &Routes) -> PathUnderTest {
+    let keys = Command::new(bin)
+        .arg("--genkey")
+        .output()
+        .expect("rathole --genkey");
     let text = String::from_utf8_lossy(&keys.stdout).into_owned();
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let after = |label: &str| {
         lines
             .iter()
@@ -279,15 +321,15 @@ fn rathole_path(dir: &Path, bin: &Path, base: u16, to: &Routes) -> PathUnderTest
     };
     let (private, public) = (after("private key"), after("public key"));
     let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let control = at(free_port());
+    let ports = [free_port(), free_port(), free_port()];
     let mut server = format!(
-        "[server]\nbind_addr = \"{}\"\ndefault_token = \"bench\"\n\n[server.transport]\ntype = \"noise\"\n\
-         [server.transport.noise]\nlocal_private_key = \"{private}\"\n",
-        at(base + 9)
+        "[server]\nbind_addr = \"{control}\"\ndefault_token = \"bench\"\n\n[server.transport]\ntype = \"noise\"\n\
+         [server.transport.noise]\nlocal_private_key = \"{private}\"\n"
     );
     let mut client = format!(
-        "[client]\nremote_addr = \"{}\"\ndefault_token = \"bench\"\n\n[client.transport]\ntype = \"noise\"\n\
-         [client.transport.noise]\nremote_public_key = \"{public}\"\n",
-        at(base + 9)
+        "[client]\nremote_addr = \"{control}\"\ndefault_token = \"bench\"\n\n[client.transport]\ntype = \"noise\"\n\
+         [client.transport.noise]\nremote_public_key = \"{public}\"\n"
     );
     for (j, (name, target)) in [("echo", to.echo), ("sink", to.sink), ("source", to.source)]
         .into_iter()
@@ -295,7 +337,7 @@ fn rathole_path(dir: &Path, bin: &Path, base: u16, to: &Routes) -> PathUnderTest
     {
         server += &format!(
             "\n[server.services.{name}]\nbind_addr = \"{}\"\n",
-            at(base + u16::try_from(j).expect("few"))
+            at(ports[j])
         );
         client += &format!("\n[client.services.{name}]\nlocal_addr = \"{target}\"\n");
     }
@@ -319,18 +361,21 @@ fn rathole_path(dir: &Path, bin: &Path, base: u16, to: &Routes) -> PathUnderTest
     // Ready once a connection through it echoes.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if echo_once(at(base)) {
+        if echo_once(at(ports[0])) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "rathole did not come up in 30 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rathole did not come up in 30 s"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     PathUnderTest {
         name: "rathole (noise)".into(),
         routes: Routes {
-            echo: at(base),
-            sink: at(base + 1),
-            source: at(base + 2),
+            echo: at(ports[0]),
+            sink: at(ports[1]),
+            source: at(ports[2]),
         },
         ends: vec![("server", server), ("client", client)],
     }
@@ -430,7 +475,11 @@ fn report(
         "Generated by `benches/run.sh` (the `suite` binary); do not edit by hand. Medians of \
          {reps} interleaved repetitions with min–max; ratios against `direct`.\n"
     );
-    let _ = writeln!(t, "- Date: {}", command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let _ = writeln!(
+        t,
+        "- Date: {}",
+        command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
     let _ = writeln!(t, "- Machine: {}", machine());
     let _ = writeln!(
         t,
@@ -439,7 +488,13 @@ fn report(
         command_line("git", &["rev-parse", "--short", "HEAD"]),
         command_line("rustc", &["-V"]),
         if paths.iter().any(|p| p.name.starts_with("rathole")) {
-            format!(", {}", command_line(&std::env::var("RATHOLE_BIN").unwrap_or_default(), &["--version"]))
+            format!(
+                ", {}",
+                command_line(
+                    &std::env::var("RATHOLE_BIN").unwrap_or_default(),
+                    &["--version"]
+                )
+            )
         } else {
             String::new()
         }
@@ -461,7 +516,10 @@ fn report(
         seconds.as_secs()
     );
     let _ = writeln!(t, "## Bulk throughput, Gbit/s\n");
-    let _ = writeln!(t, "| path | up, 1 stream | down, 1 stream | up, 8 streams | down, 8 streams |");
+    let _ = writeln!(
+        t,
+        "| path | up, 1 stream | down, 1 stream | up, 8 streams | down, 8 streams |"
+    );
     let _ = writeln!(t, "|---|---|---|---|---|");
     for (p, s) in paths.iter().zip(samples) {
         let _ = writeln!(
@@ -505,7 +563,10 @@ fn report(
          the first request/response run (before any bulk transfer), and the peak over the run \
          (`VmHWM`, bulk transfers included).\n"
     );
-    let _ = writeln!(t, "| path | end | CPU s | RSS after request/response, MiB | peak RSS, MiB |");
+    let _ = writeln!(
+        t,
+        "| path | end | CPU s | RSS after request/response, MiB | peak RSS, MiB |"
+    );
     let _ = writeln!(t, "|---|---|---|---|---|");
     for (p, s) in paths.iter().zip(samples) {
         for (role, cpu, rss, peak) in &s.ends {
