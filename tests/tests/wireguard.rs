@@ -323,3 +323,24 @@ async fn a_handshake_flood_gets_cookie_replies_and_the_agent_stays_served() {
     assert_eq!(&back, b"still here");
     eprintln!("flood: {cookies} cookie replies");
 }
+
+/// An agent sends its first handshake initiation as soon as it starts, not at its first
+/// persistent keepalive (5 s later): a tunnel, and every rebuild of it, is up at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_starts_its_handshake_at_once() {
+    let sentry = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (sentry_key, agent_key) = (key(), key());
+    let config = wg_agent_config(
+        sentry.local_addr().unwrap(),
+        &sentry_key,
+        closed_port().await,
+    );
+    let _agent = start_agent(config, agent_key);
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sentry.recv_from(&mut buf))
+        .await
+        .expect("no handshake initiation within 2 s (the first keepalive comes at 5 s)")
+        .unwrap();
+    // A WireGuard handshake initiation: message type 1, 148 bytes.
+    assert_eq!((n, buf[0]), (148, 1));
+}

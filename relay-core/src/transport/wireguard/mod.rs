@@ -1004,6 +1004,26 @@ async fn limiter_loop(inner: Arc<Inner>) {
 async fn timer_loop(inner: Arc<Inner>, peer: Arc<Peer>) {
     let mut next_noise = clock::now();
     let mut out = vec![0u8; MTU + 64];
+    // A peer this device dials (an agent toward its sentry) starts the handshake at once;
+    // boringtun's timers alone would wait for the first persistent keepalive (5 s). Sent with
+    // an awaited send: a socket this fresh has no known readiness yet, and `try_send_to`
+    // would drop the datagram.
+    let first = {
+        let mut state = lock(&peer.state);
+        let wire = &mut state.link.wire;
+        match (
+            wire.endpoint,
+            wire.tunn.format_handshake_initiation(&mut out, false),
+        ) {
+            (Some(endpoint), TunnResult::WriteToNetwork(datagram)) => {
+                Some((endpoint, datagram.to_vec(), wire.udp.clone()))
+            }
+            _ => None,
+        }
+    };
+    if let Some((endpoint, datagram, udp)) = first {
+        let _ = udp.send_to(&datagram, endpoint).await;
+    }
     loop {
         let now = clock::now();
         let (sleep, went_down) = {
