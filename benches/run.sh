@@ -17,8 +17,9 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked -p sentry -p benches --bin suite --bin loadgen
 
 if [[ "${BENCH_RATHOLE:-0}" == 1 && -z "${RATHOLE_BIN:-}" ]]; then
-    # Server, client and the noise transport only: no OpenSSL needed.
-    cargo install rathole --version 0.5.0 --locked --no-default-features \
+    # Server, client and the noise transport only: no OpenSSL needed. Not --locked: the
+    # lockfile of rathole 0.5.0 pins time 0.3.29, which current compilers reject.
+    cargo install rathole --version 0.5.0 --no-default-features \
         --features server,client,noise --root target/bench-tools
     export RATHOLE_BIN="$PWD/target/bench-tools/bin/rathole"
 fi
