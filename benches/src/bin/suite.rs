@@ -501,8 +501,13 @@ fn report(
     );
     let _ = writeln!(
         t,
-        "- Command: `BENCH_REPS={reps} BENCH_BYTES={bytes} BENCH_SECONDS={} BENCH_CONNS={conns} \
+        "- Command: `{}BENCH_REPS={reps} BENCH_BYTES={bytes} BENCH_SECONDS={} BENCH_CONNS={conns} \
          BENCH_WORKERS={workers} benches/run.sh`",
+        if paths.iter().any(|p| p.name.starts_with("rathole")) {
+            "BENCH_RATHOLE=1 "
+        } else {
+            ""
+        },
         seconds.as_secs()
     );
     let _ = writeln!(
