@@ -429,6 +429,17 @@ fn command_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// rathole's `Build Version` (its `--version` prints a block of build facts).
+fn rathole_version() -> String {
+    let text = command_line(
+        &std::env::var("RATHOLE_BIN").unwrap_or_default(),
+        &["--version"],
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("Build Version:"))
+        .map_or(text.clone(), |v| v.trim().to_owned())
+}
+
 fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -488,13 +499,7 @@ fn report(
         command_line("git", &["rev-parse", "--short", "HEAD"]),
         command_line("rustc", &["-V"]),
         if paths.iter().any(|p| p.name.starts_with("rathole")) {
-            format!(
-                ", {}",
-                command_line(
-                    &std::env::var("RATHOLE_BIN").unwrap_or_default(),
-                    &["--version"]
-                )
-            )
+            format!(", rathole {}", rathole_version())
         } else {
             String::new()
         }

@@ -239,6 +239,10 @@ struct Wire {
     batch_to: Option<SocketAddr>,
     /// The last datagram was shorter than the segment size: nothing may follow it.
     batch_closed: bool,
+    /// The socket's send buffer was full at the last flush: the batch is kept for a retry once
+    /// the socket is writable, and the stack is given no transmit token meanwhile (so its
+    /// segments wait in their sockets instead of being lost and retransmitted on a timer).
+    stalled: bool,
     tx_dropped: u64,
 }
 
@@ -268,6 +272,12 @@ impl Wire {
                 || self.batch.len() + sealed > MAX_GSO_BYTES)
         {
             self.flush();
+            if self.stalled {
+                // Only a reply the stack made while receiving gets here (it has no transmit
+                // token while stalled); TCP sends it again.
+                self.tx_dropped += 1;
+                return;
+            }
         }
         if self.batch_count == 0 {
             self.batch_segment = sealed;
@@ -279,7 +289,8 @@ impl Wire {
     }
 
     /// Send the batch: one `sendmsg` carrying every datagram (GSO), or one per datagram
-    /// where the kernel has no GSO. A full socket buffer drops the batch (TCP retransmits).
+    /// where the kernel has no GSO. A full socket buffer keeps the batch and marks the wire
+    /// stalled (see [`Wire::stalled`]); any other failure drops it (TCP retransmits).
     fn flush(&mut self) {
         let Some(destination) = self.batch_to.filter(|_| self.batch_count > 0) else {
             return;
@@ -295,8 +306,16 @@ impl Wire {
         let sent = udp.try_io(Interest::WRITABLE, || {
             state.send(UdpSockRef::from(&**udp), &transmit)
         });
-        if sent.is_err() {
-            self.tx_dropped += self.batch_count as u64;
+        match sent {
+            Ok(()) => self.stalled = false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.stalled = true;
+                return;
+            }
+            Err(_) => {
+                self.stalled = false;
+                self.tx_dropped += self.batch_count as u64;
+            }
         }
         self.batch.clear();
         self.batch_count = 0;
@@ -339,7 +358,7 @@ impl phy::Device for Link {
     }
 
     fn transmit(&mut self, _: smoltcp::time::Instant) -> Option<Self::TxToken<'_>> {
-        Some(TxToken(&mut self.wire))
+        (!self.wire.stalled).then_some(TxToken(&mut self.wire))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -484,6 +503,7 @@ impl Peer {
                 batch_count: 0,
                 batch_to: None,
                 batch_closed: false,
+                stalled: false,
                 tx_dropped: 0,
             },
             rx: VecDeque::with_capacity(BATCH),
@@ -1026,7 +1046,7 @@ async fn timer_loop(inner: Arc<Inner>, peer: Arc<Peer>) {
     }
     loop {
         let now = clock::now();
-        let (sleep, went_down) = {
+        let (sleep, went_down, stalled) = {
             let mut state = lock(&peer.state);
             if now >= next_noise {
                 next_noise = now + NOISE_TICK;
@@ -1044,6 +1064,9 @@ async fn timer_loop(inner: Arc<Inner>, peer: Arc<Peer>) {
                 state.unstick();
             }
             state.reap(now);
+            if state.link.wire.stalled {
+                state.link.wire.flush();
+            }
             state.deadline = next_noise;
             state.poll(peer.epoch, now);
             let went_down = state.up
@@ -1053,14 +1076,21 @@ async fn timer_loop(inner: Arc<Inner>, peer: Arc<Peer>) {
             if went_down {
                 state.up = false;
             }
-            (state.deadline.saturating_duration_since(now), went_down)
+            (
+                state.deadline.saturating_duration_since(now),
+                went_down,
+                state.link.wire.stalled,
+            )
         };
         if went_down {
             (inner.events)(&peer, false);
         }
+        // Stalled: the stack's deadline may be now (it has segments to send), so wait for the
+        // socket instead of spinning; the noise timers run again once it is writable.
         tokio::select! {
             () = peer.stop.cancelled() => break,
-            () = tokio::time::sleep(sleep) => {}
+            () = tokio::time::sleep(sleep), if !stalled => {}
+            _ = inner.udp.writable(), if stalled => {}
             () = peer.timer.notified() => {}
         }
     }
