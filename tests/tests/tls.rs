@@ -118,6 +118,16 @@ async fn two_hundred_concurrent_connections_over_tls() {
     let echo = echo_service().await;
     let (sentry, _agent) = deployment(echo).await;
     concurrent_echoes(sentry.route("p2p"), 200).await;
+    // The data connections opened for the burst resumed the TLS session.
+    let text = sentry.handle.render_metrics();
+    let kind =
+        |k| metric(&text, "sentry_tunnel_tls_handshakes_total", &[("kind", k)]).unwrap_or(0.0);
+    assert!(
+        kind("resumed") > kind("full"),
+        "resumed {} full {}",
+        kind("resumed"),
+        kind("full")
+    );
     // And a slow one does not hold up another: one connection sits unread while another
     // completes a full echo.
     let mut stalled = TcpStream::connect(sentry.route("p2p")).await.unwrap();

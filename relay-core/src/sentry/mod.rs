@@ -151,6 +151,8 @@ struct Shared {
     handshake_refused: [AtomicU64; HandshakeRefusal::ALL.len()],
     handshake_failed: AtomicU64,
     tls_handshake_failed: AtomicU64,
+    /// TLS tunnel handshakes completed: [full, resumed].
+    tls_handshakes: [AtomicU64; 2],
     /// Upstreams held down after a refusal.
     health: health::Health,
     reloads: metrics::Reloads,
@@ -381,6 +383,7 @@ impl Sentry {
             handshake_refused: Default::default(),
             handshake_failed: AtomicU64::new(0),
             tls_handshake_failed: AtomicU64::new(0),
+            tls_handshakes: Default::default(),
             health: health::Health::default(),
             reloads: metrics::Reloads::default(),
             stop,
@@ -977,6 +980,21 @@ impl Observe for SentryHandle {
                 ),
             ],
         )?;
+        out.counters(
+            "tunnel_tls_handshakes",
+            "TLS tunnel handshakes completed (control and data connections), by kind: a resumed \
+             one costs no certificate signature or verification.",
+            [
+                (
+                    [("kind", "full")],
+                    shared.tls_handshakes[0].load(Ordering::Relaxed),
+                ),
+                (
+                    [("kind", "resumed")],
+                    shared.tls_handshakes[1].load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
         let upstreams = shared.health.snapshot(clock::now());
         out.counters(
             "upstream_hold_downs",
@@ -1558,6 +1576,7 @@ async fn tls_connection(
         }
     };
     drop(permit);
+    shared.tls_handshakes[usize::from(tls::resumed(&io))].fetch_add(1, Ordering::Relaxed);
     // Checked again after the handshake: a resumed session skips the verifier, and a reload
     // may have unpinned the key since.
     let registry = &shared.tunnels;

@@ -68,8 +68,12 @@ const TCP_KEEPALIVE_RETRIES: u32 = 3;
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// TLS sessions the sentry remembers for resumption, across all agents.
 const SERVER_SESSIONS: usize = 4096;
-/// TLS sessions an agent remembers per sentry.
-const CLIENT_SESSIONS: usize = 64;
+/// Resumption tickets an agent keeps per sentry: enough for a burst of data connections
+/// opened at once ([`MAX_WANT`] and more) to all resume.
+const CLIENT_TICKETS: usize = 256;
+/// Tickets the sentry issues per connection: more than one is used, so the agent's supply
+/// grows back after a burst.
+const TICKETS_PER_CONNECTION: usize = 2;
 /// The byte a sentry sends on a pooled data connection to put it to use; the relay header
 /// follows.
 pub const GO: u8 = b'G';
@@ -140,7 +144,7 @@ pub fn server_config(
     let mut tls = pin::server_tls(key, agents, TLS_ALPN)?;
     // A fresh cache per config: a reload that unpins a key also forgets its sessions.
     tls.session_storage = ServerSessionMemoryCache::new(SERVER_SESSIONS);
-    tls.send_tls13_tickets = 1;
+    tls.send_tls13_tickets = TICKETS_PER_CONNECTION;
     Ok(Arc::new(tls))
 }
 
@@ -150,8 +154,62 @@ pub fn client_config(
     pin: PublicKey,
 ) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
     let mut tls = pin::client_tls(key, pin, TLS_ALPN)?;
-    tls.resumption = Resumption::in_memory_sessions(CLIENT_SESSIONS);
+    tls.resumption = Resumption::store(Arc::new(Tickets::default()));
     Ok(Arc::new(tls))
+}
+
+/// The agent's resumption tickets toward one sentry (a client config serves one sentry, and
+/// every connection uses the same server name). rustls' own cache keeps 8 per server name, so
+/// a burst of data connections opened at once did full handshakes past the eighth (a quarter
+/// of them under connection churn, measured with `sentry_tunnel_tls_handshakes_total`).
+#[derive(Debug, Default)]
+struct Tickets {
+    tls13: Mutex<VecDeque<rustls::client::Tls13ClientSessionValue>>,
+    kx_hint: Mutex<Option<rustls::NamedGroup>>,
+}
+
+impl rustls::client::ClientSessionStore for Tickets {
+    fn set_kx_hint(&self, _: ServerName<'static>, group: rustls::NamedGroup) {
+        *lock(&self.kx_hint) = Some(group);
+    }
+
+    fn kx_hint(&self, _: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        *lock(&self.kx_hint)
+    }
+
+    // TLS 1.2 is never negotiated (TLS 1.3 only).
+    fn set_tls12_session(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        _: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        let mut tickets = lock(&self.tls13);
+        if tickets.len() >= CLIENT_TICKETS {
+            tickets.pop_front();
+        }
+        tickets.push_back(value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        _: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        // The newest first: the oldest are the likeliest to have left the sentry's cache.
+        lock(&self.tls13).pop_back()
+    }
 }
 
 /// No Nagle delay, TCP keep-alive and a user timeout on a tunnel connection. Failures leave
