@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite: every scenario (bulk 1 and 8 streams each way, request/response over
 # keep-alive connections, connection churn) against every path (direct, a plain relay, sentry
-# over QUIC, WireGuard and TLS, and rathole's noise transport when available), repetitions
+# over QUIC, WireGuard and TLS, and rathole's noise and TLS transports when available), repetitions
 # interleaved; writes benches/RESULTS.md. Loopback only: the namespace topology (and
 # wireguard-go) is `cargo bench -p benches --bench netns`.
 #
@@ -17,10 +17,18 @@ cd "$(dirname "$0")/.."
 cargo build --release --locked -p sentry -p benches --bin suite --bin loadgen
 
 if [[ "${BENCH_RATHOLE:-0}" == 1 && -z "${RATHOLE_BIN:-}" ]]; then
-    # Server, client and the noise transport only: no OpenSSL needed. Not --locked: the
-    # lockfile of rathole 0.5.0 pins time 0.3.29, which current compilers reject.
-    cargo install rathole --version 0.5.0 --no-default-features \
-        --features server,client,noise --root target/bench-tools
+    # Its noise and TLS transports. TLS is native-tls, so OpenSSL's headers are needed:
+    # installed from Debian when missing and we may; without them, noise only. Not --locked:
+    # the lockfile of rathole 0.5.0 pins time 0.3.29, which current compilers reject.
+    features=server,client,noise
+    if ! dpkg -s libssl-dev pkg-config >/dev/null 2>&1 && [[ $EUID == 0 ]]; then
+        apt-get install -y libssl-dev pkg-config openssl >/dev/null || true
+    fi
+    if dpkg -s libssl-dev pkg-config >/dev/null 2>&1; then
+        features=$features,tls
+    fi
+    cargo install rathole --version 0.5.0 --no-default-features --features "$features" \
+        --root target/bench-tools
     export RATHOLE_BIN="$PWD/target/bench-tools/bin/rathole"
 fi
 

@@ -5,7 +5,8 @@
 //! Run it through `benches/run.sh` (it builds the release binaries and finds rathole). Paths:
 //! `direct` (no relay), `plain relay` (tokio `copy_bidirectional` in this process), the
 //! release `sentry` binary as sentry + agent over QUIC, WireGuard and TLS, and rathole with
-//! its noise transport when `RATHOLE_BIN` names a rathole binary. Everything runs on loopback
+//! its noise transport (and TLS, when built with it) when `RATHOLE_BIN` names a rathole
+//! binary. Everything runs on loopback
 //! on this machine; the namespace topology is `cargo bench -p benches --bench netns`.
 //!
 //! Settings (environment): `BENCH_REPS` (3), `BENCH_BYTES` per bulk transfer (256 MiB),
@@ -120,7 +121,16 @@ fn main() {
         paths.push(sentry_path(&dir, transport, &direct));
     }
     match std::env::var("RATHOLE_BIN") {
-        Ok(bin) if !bin.is_empty() => paths.push(rathole_path(&dir, Path::new(&bin), &direct)),
+        Ok(bin) if !bin.is_empty() => {
+            paths.push(rathole_path(&dir, Path::new(&bin), "noise", &direct));
+            // The TLS transport needs a rathole built with `tls` (OpenSSL) and the openssl tool
+            // for its PKCS#12 identity (benches/run.sh provides both where it can).
+            if rathole_has_tls(Path::new(&bin)) && tls_identity(&dir) {
+                paths.push(rathole_path(&dir, Path::new(&bin), "tls", &direct));
+            } else {
+                eprintln!("rathole (tls): not measured (no native-tls build or no openssl tool)");
+            }
+        }
         _ => eprintln!(
             "rathole: not measured (set RATHOLE_BIN, or run benches/run.sh with BENCH_RATHOLE=1)"
         ),
@@ -300,7 +310,7 @@ fn free_port() -> u16 {
 
 /// rathole server and client with the noise transport (its default Noise_NK pattern), the
 /// three services on free loopback ports.
-fn rathole_path(dir: &Path, bin: &Path, to: &Routes) -> PathUnderTest {
+fn rathole_path(dir: &Path, bin: &Path, transport: &str, to: &Routes) -> PathUnderTest {
     let keys = Command::new(bin)
         .arg("--genkey")
         .output()
@@ -323,13 +333,30 @@ fn rathole_path(dir: &Path, bin: &Path, to: &Routes) -> PathUnderTest {
     let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let control = at(free_port());
     let ports = [free_port(), free_port(), free_port()];
+    let (server_transport, client_transport) = if transport == "tls" {
+        (
+            format!(
+                "[server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n",
+                dir.join("rathole.pfx").display()
+            ),
+            format!(
+                "[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n",
+                dir.join("rathole.crt").display()
+            ),
+        )
+    } else {
+        (
+            format!("[server.transport.noise]\nlocal_private_key = \"{private}\"\n"),
+            format!("[client.transport.noise]\nremote_public_key = \"{public}\"\n"),
+        )
+    };
     let mut server = format!(
-        "[server]\nbind_addr = \"{control}\"\ndefault_token = \"bench\"\n\n[server.transport]\ntype = \"noise\"\n\
-         [server.transport.noise]\nlocal_private_key = \"{private}\"\n"
+        "[server]\nbind_addr = \"{control}\"\ndefault_token = \"bench\"\n\n[server.transport]\n\
+         type = \"{transport}\"\n{server_transport}"
     );
     let mut client = format!(
-        "[client]\nremote_addr = \"{control}\"\ndefault_token = \"bench\"\n\n[client.transport]\ntype = \"noise\"\n\
-         [client.transport.noise]\nremote_public_key = \"{public}\"\n"
+        "[client]\nremote_addr = \"{control}\"\ndefault_token = \"bench\"\n\n[client.transport]\n\
+         type = \"{transport}\"\n{client_transport}"
     );
     for (j, (name, target)) in [("echo", to.echo), ("sink", to.sink), ("source", to.source)]
         .into_iter()
@@ -341,8 +368,8 @@ fn rathole_path(dir: &Path, bin: &Path, to: &Routes) -> PathUnderTest {
         );
         client += &format!("\n[client.services.{name}]\nlocal_addr = \"{target}\"\n");
     }
-    let server_path = dir.join("rathole-server.toml");
-    let client_path = dir.join("rathole-client.toml");
+    let server_path = dir.join(format!("rathole-{transport}-server.toml"));
+    let client_path = dir.join(format!("rathole-{transport}-client.toml"));
     std::fs::write(&server_path, server).expect("write");
     std::fs::write(&client_path, client).expect("write");
     let spawn = |flag: &str, path: &Path| {
@@ -371,7 +398,7 @@ fn rathole_path(dir: &Path, bin: &Path, to: &Routes) -> PathUnderTest {
         std::thread::sleep(Duration::from_millis(200));
     }
     PathUnderTest {
-        name: "rathole (noise)".into(),
+        name: format!("rathole ({transport})"),
         routes: Routes {
             echo: at(ports[0]),
             sink: at(ports[1]),
@@ -379,6 +406,62 @@ fn rathole_path(dir: &Path, bin: &Path, to: &Routes) -> PathUnderTest {
         },
         ends: vec![("server", server), ("client", client)],
     }
+}
+
+/// Whether this rathole build has its TLS transport (`--version` lists its cargo features).
+fn rathole_has_tls(bin: &Path) -> bool {
+    Command::new(bin).arg("--version").output().is_ok_and(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.starts_with("cargo Features:") && l.contains("tls"))
+    })
+}
+
+/// A self-signed identity for rathole's TLS transport (`rathole.crt`, and `rathole.pfx` with
+/// password "bench"), made with the openssl tool; whether it worked.
+fn tls_identity(dir: &Path) -> bool {
+    let (key, crt, pfx) = (
+        dir.join("rathole.key"),
+        dir.join("rathole.crt"),
+        dir.join("rathole.pfx"),
+    );
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let path = |p: &Path| p.display().to_string();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+        "-keyout",
+        &path(&key),
+        "-out",
+        &path(&crt),
+    ]) && run(&[
+        "pkcs12",
+        "-export",
+        "-out",
+        &path(&pfx),
+        "-inkey",
+        &path(&key),
+        "-in",
+        &path(&crt),
+        "-passout",
+        "pass:bench",
+    ])
 }
 
 fn echo_once(addr: SocketAddr) -> bool {
