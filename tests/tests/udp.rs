@@ -35,8 +35,9 @@ async fn deployment(
     let (sentry_key, agent_key) = (key(), key());
     let text = format!(
         "[sentry]\nprivate_key = \"s.key\"\nquic_listen = \"127.0.0.1:0\"\n\
-         tls_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\n\
-         [[agent]]\nname = \"v1\"\npublic_key = \"{}\"\n\n\
+         tls_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         wireguard_listen = \"127.0.0.1:0\"\nwireguard_address = \"100.64.0.1\"\n\n\
+         [[agent]]\nname = \"v1\"\npublic_key = \"{}\"\nwireguard_address = \"100.64.0.2\"\n\n\
          [[route]]\nname = \"disc\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"udp\"\n\
          upstream = [\"v1/disc\"]\n{extra}\n\n\
          [[route]]\nname = \"wrong\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"udp\"\n\
@@ -45,13 +46,17 @@ async fn deployment(
     );
     let config = config::parse_sentry(Path::new("udp-sentry.toml"), &text).unwrap();
     let sentry = start_sentry(&config, &sentry_key).await;
-    let address = match transport {
-        "tls" => sentry.handle.tls_addr().unwrap(),
-        _ => sentry.handle.quic_addr(),
+    let (address, overlay) = match transport {
+        "tls" => (sentry.handle.tls_addr().unwrap(), ""),
+        "wireguard" => (
+            sentry.handle.wireguard_addr().unwrap(),
+            "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
+        ),
+        _ => (sentry.handle.quic_addr(), ""),
     };
     let text = format!(
         "[agent]\nname = \"v1\"\nprivate_key = \"a.key\"\n\n\
-         [[sentry]]\naddress = \"{address}\"\npublic_key = \"{}\"\ntransport = \"{transport}\"\n\n\
+         [[sentry]]\naddress = \"{address}\"\npublic_key = \"{}\"\ntransport = \"{transport}\"\n{overlay}\n\
          [[service]]\nname = \"disc\"\ntarget = \"{echo}\"\nprotocol = \"udp\"\n\n\
          [[service]]\nname = \"p2p\"\ntarget = \"{echo}\"\n",
         sentry_key.public_key()
@@ -125,6 +130,11 @@ async fn udp_replies_reach_the_right_clients_over_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_replies_reach_the_right_clients_over_tls() {
     replies_reach_the_right_clients("tls").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_replies_reach_the_right_clients_over_wireguard() {
+    replies_reach_the_right_clients("wireguard").await;
 }
 
 /// Flows count against the per-address cap and expire after `idle_timeout`; a udp route never
