@@ -346,42 +346,31 @@ fn udp_blocked_at_the_router_falls_back_to_tls() {
     let service = stand_in::echo(t.enter(Host::Validator, || {
         TcpListener::bind(SocketAddrV4::new(VALIDATOR, P2P_PORT)).unwrap()
     }));
-    let (sentry_key, agent_key) = (
-        PrivateKey::generate().unwrap(),
-        PrivateKey::generate().unwrap(),
+    let (sentry_path, agent_path) = write_pair(
+        &t,
+        |agent_key| {
+            format!(
+                "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"{}\"\ntls_listen = \"{}\"\n\n\
+                 [[agent]]\nname = \"validator-1\"\npublic_key = \"{agent_key}\"\n\n\
+                 [[route]]\nname = \"p2p\"\nlisten = \"{}\"\nupstream = [\"validator-1/p2p\"]\n",
+                public(QUIC),
+                public(TLS),
+                public(ROUTE)
+            )
+        },
+        |key| {
+            format!(
+                "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\nmetrics_listen = \"{}\"\n\n\
+                 [[sentry]]\naddress = \"{}\"\npublic_key = \"{key}\"\ntransport = \"quic\"\n\n\
+                 [[sentry]]\naddress = \"{}\"\npublic_key = \"{key}\"\ntransport = \"tls\"\n\n\
+                 [[service]]\nname = \"p2p\"\ntarget = \"{}\"\n",
+                SocketAddrV4::new(VALIDATOR, METRICS_PORT),
+                public(QUIC),
+                public(TLS),
+                SocketAddrV4::new(VALIDATOR, P2P_PORT),
+            )
+        },
     );
-    write_private_key(&t.dir().join("sentry.key"), &sentry_key).unwrap();
-    write_private_key(&t.dir().join("agent.key"), &agent_key).unwrap();
-    let sentry_path = t.dir().join("sentry.toml");
-    std::fs::write(
-        &sentry_path,
-        format!(
-            "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"{}\"\ntls_listen = \"{}\"\n\n\
-             [[agent]]\nname = \"validator-1\"\npublic_key = \"{}\"\n\n\
-             [[route]]\nname = \"p2p\"\nlisten = \"{}\"\nupstream = [\"validator-1/p2p\"]\n",
-            public(QUIC),
-            public(TLS),
-            agent_key.public_key(),
-            public(ROUTE)
-        ),
-    )
-    .unwrap();
-    let agent_path = t.dir().join("agent.toml");
-    std::fs::write(
-        &agent_path,
-        format!(
-            "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\nmetrics_listen = \"{}\"\n\n\
-             [[sentry]]\naddress = \"{}\"\npublic_key = \"{key}\"\ntransport = \"quic\"\n\n\
-             [[sentry]]\naddress = \"{}\"\npublic_key = \"{key}\"\ntransport = \"tls\"\n\n\
-             [[service]]\nname = \"p2p\"\ntarget = \"{}\"\n",
-            SocketAddrV4::new(VALIDATOR, METRICS_PORT),
-            public(QUIC),
-            public(TLS),
-            SocketAddrV4::new(VALIDATOR, P2P_PORT),
-            key = sentry_key.public_key(),
-        ),
-    )
-    .unwrap();
     let sentry = t.daemon(Host::Sentry, "serve", &sentry_path);
     let agent = t.daemon(Host::Validator, "agent", &agent_path);
     // QUIC gets no answer (its handshake times out), then TLS comes up.
@@ -396,21 +385,27 @@ fn udp_blocked_at_the_router_falls_back_to_tls() {
         "{}",
         agent.log()
     );
-    let (_, text) = t.enter(Host::Validator, || {
-        http_get(
-            SocketAddr::V4(SocketAddrV4::new(VALIDATOR, METRICS_PORT)),
-            "/metrics",
-        )
-    });
+    // The agent counts the tunnel up a moment after the sentry does (on the sentry's first
+    // frame), so its metrics are read until they agree (bounded).
     let up = |address: SocketAddr, transport: &str| {
+        let (_, text) = t.enter(Host::Validator, || {
+            http_get(
+                SocketAddr::V4(SocketAddrV4::new(VALIDATOR, METRICS_PORT)),
+                "/metrics",
+            )
+        });
         metric(
             &text,
             "sentry_agent_tunnel_up",
             &[("sentry", &address.to_string()), ("transport", transport)],
         )
     };
-    assert_eq!(up(public(QUIC), "quic"), Some(0.0));
+    let deadline = Instant::now() + PATIENCE;
+    while up(public(TLS), "tls") != Some(1.0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(up(public(TLS), "tls"), Some(1.0));
+    assert_eq!(up(public(QUIC), "quic"), Some(0.0));
 
     // Hash-checked transfers both ways at once, several connections side by side.
     let ns = t.ns(Host::Client);
@@ -494,41 +489,30 @@ fn udp_datagrams_cross_the_nat_to_the_right_clients_and_flows_expire() {
             }
         })
     };
-    let (sentry_key, agent_key) = (
-        PrivateKey::generate().unwrap(),
-        PrivateKey::generate().unwrap(),
+    let (sentry_path, agent_path) = write_pair(
+        &t,
+        |agent_key| {
+            format!(
+                "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"{}\"\nmetrics_listen = \"{}\"\n\n\
+                 [[agent]]\nname = \"validator-1\"\npublic_key = \"{agent_key}\"\n\n\
+                 [[route]]\nname = \"discovery\"\nlisten = \"{}\"\nprotocol = \"udp\"\n\
+                 upstream = [\"validator-1/discovery\"]\nidle_timeout = \"2s\"\n\
+                 max_connections_per_ip = 64\nconnect_rate_per_ip = \"1000/s\"\n",
+                public(QUIC),
+                public(SENTRY_METRICS),
+                public(DISCOVERY)
+            )
+        },
+        |key| {
+            format!(
+                "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\n\n\
+                 [[sentry]]\naddress = \"{}\"\npublic_key = \"{key}\"\n\n\
+                 [[service]]\nname = \"discovery\"\ntarget = \"{}\"\nprotocol = \"udp\"\n",
+                public(QUIC),
+                SocketAddrV4::new(VALIDATOR, DISCOVERY),
+            )
+        },
     );
-    write_private_key(&t.dir().join("sentry.key"), &sentry_key).unwrap();
-    write_private_key(&t.dir().join("agent.key"), &agent_key).unwrap();
-    let sentry_path = t.dir().join("sentry.toml");
-    std::fs::write(
-        &sentry_path,
-        format!(
-            "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"{}\"\nmetrics_listen = \"{}\"\n\n\
-             [[agent]]\nname = \"validator-1\"\npublic_key = \"{}\"\n\n\
-             [[route]]\nname = \"discovery\"\nlisten = \"{}\"\nprotocol = \"udp\"\n\
-             upstream = [\"validator-1/discovery\"]\nidle_timeout = \"2s\"\n\
-             max_connections_per_ip = 64\nconnect_rate_per_ip = \"1000/s\"\n",
-            public(QUIC),
-            public(SENTRY_METRICS),
-            agent_key.public_key(),
-            public(DISCOVERY)
-        ),
-    )
-    .unwrap();
-    let agent_path = t.dir().join("agent.toml");
-    std::fs::write(
-        &agent_path,
-        format!(
-            "[agent]\nname = \"validator-1\"\nprivate_key = \"agent.key\"\n\n\
-             [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\n\n\
-             [[service]]\nname = \"discovery\"\ntarget = \"{}\"\nprotocol = \"udp\"\n",
-            public(QUIC),
-            sentry_key.public_key(),
-            SocketAddrV4::new(VALIDATOR, DISCOVERY),
-        ),
-    )
-    .unwrap();
     let sentry = t.daemon(Host::Sentry, "serve", &sentry_path);
     let agent = t.daemon(Host::Validator, "agent", &agent_path);
     sentry.wait_event("tunnel up", &[("agent", "validator-1")], 0, PATIENCE);
@@ -597,4 +581,24 @@ fn udp_datagrams_cross_the_nat_to_the_right_clients_and_flows_expire() {
     echo_stop.store(true, Ordering::Relaxed);
     echo_thread.join().unwrap();
     drop((sentry, agent));
+}
+
+/// Keys for one sentry and one agent in the test's directory (`sentry.key`, `agent.key`) and
+/// their configs: `sentry` is given the agent's public key, `agent` the sentry's. The paths
+/// of `sentry.toml` and `agent.toml`.
+fn write_pair(
+    t: &Topology,
+    sentry: impl FnOnce(&str) -> String,
+    agent: impl FnOnce(&str) -> String,
+) -> (PathBuf, PathBuf) {
+    let (sentry_key, agent_key) = (
+        PrivateKey::generate().unwrap(),
+        PrivateKey::generate().unwrap(),
+    );
+    write_private_key(&t.dir().join("sentry.key"), &sentry_key).unwrap();
+    write_private_key(&t.dir().join("agent.key"), &agent_key).unwrap();
+    let paths = (t.dir().join("sentry.toml"), t.dir().join("agent.toml"));
+    std::fs::write(&paths.0, sentry(&agent_key.public_key().to_string())).unwrap();
+    std::fs::write(&paths.1, agent(&sentry_key.public_key().to_string())).unwrap();
+    paths
 }
