@@ -215,6 +215,30 @@ pub async fn tagged_echo_service(tag: &'static str) -> SocketAddr {
     .await
 }
 
+/// Reads everything, then answers the SHA-256 of what it read and closes.
+pub async fn hash_sink() -> SocketAddr {
+    service(|mut tcp| async move {
+        let (_, digest) = read_hash(&mut tcp).await.unwrap();
+        tcp.write_all(&digest).await.unwrap();
+        tcp.shutdown().await.unwrap();
+    })
+    .await
+}
+
+/// Upload `len` payload bytes from `seed` to a [`hash_sink`] behind `route` and check the
+/// digest it answers (bounded by two minutes).
+pub async fn upload_hash_checked(route: SocketAddr, seed: u64, len: usize) {
+    let mut tcp = TcpStream::connect(route).await.unwrap();
+    let sent = write_payload(&mut tcp, seed, len).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut digest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(120), tcp.read_to_end(&mut digest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(digest, sent, "the validator received different bytes");
+}
+
 /// A free loopback port with nothing listening on it.
 pub async fn closed_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

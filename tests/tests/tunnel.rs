@@ -23,22 +23,9 @@ async fn deployment(target: SocketAddr, extra: &str) -> (RunningSentry, RunningA
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_upload_256_mib_hash_checked() {
     // The service hashes everything it receives and answers with the digest at end of stream.
-    let sink = service(|mut tcp| async move {
-        let (_, digest) = read_hash(&mut tcp).await.unwrap();
-        tcp.write_all(&digest).await.unwrap();
-        tcp.shutdown().await.unwrap();
-    })
-    .await;
+    let sink = hash_sink().await;
     let (sentry, _agent) = deployment(sink, "").await;
-    let mut tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
-    let sent = write_payload(&mut tcp, 7, BULK).await.unwrap();
-    tcp.shutdown().await.unwrap();
-    let mut digest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(120), tcp.read_to_end(&mut digest))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(digest, sent, "the validator received different bytes");
+    upload_hash_checked(sentry.route("p2p"), 7, BULK).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
