@@ -10,18 +10,15 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use benches::{runtime, summary};
+use benches::{Export, runtime, summary};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use relay_core::keys::PrivateKey;
-use relay_core::sentry::Sentry;
-use relay_core::{clock, config};
+use relay_core::clock;
 use tokio::net::{TcpListener, TcpStream};
 
 /// The call every request makes (ICON's most common read).
@@ -126,41 +123,25 @@ async fn node() -> SocketAddr {
 
 /// A sentry with a tcp route and a jsonrpc route (icon preset) to one agent exporting the node.
 async fn deployment(node: SocketAddr) -> (SocketAddr, SocketAddr) {
-    let (sentry_key, agent_key) = (
-        PrivateKey::generate().expect("key"),
-        PrivateKey::generate().expect("key"),
-    );
-    // Every connection comes from 127.0.0.1: lift the per-client limits out of the way.
-    let limits = "max_connections_per_ip = 100000\nconnect_rate_per_ip = \"1000000/s\"\n";
-    let sentry_toml = format!(
-        "[sentry]\nprivate_key = \"unused\"\nquic_listen = \"127.0.0.1:0\"\n\
-         [[agent]]\nname = \"v\"\npublic_key = \"{}\"\n\
-         [[route]]\nname = \"tcp\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"v/rpc\"]\n{limits}\
-         [[route]]\nname = \"jsonrpc\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"v/rpc\"]\n\
-         protocol = \"jsonrpc\"\n{limits}\
-         [route.jsonrpc]\npreset = \"icon\"\nrate_per_ip = \"1000000/s\"\n",
-        agent_key.public_key()
-    );
-    let config =
-        config::parse_sentry(Path::new("bench-sentry.toml"), &sentry_toml).expect("sentry config");
-    let sentry = Sentry::bind(&config, &sentry_key).await.expect("sentry");
-    let handle = sentry.handle();
-    tokio::spawn(sentry.run(std::future::pending()));
-    let agent_toml = format!(
-        "[agent]\nname = \"v\"\nprivate_key = \"unused\"\n\
-         [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\n\
-         [[service]]\nname = \"rpc\"\ntarget = \"{node}\"\n",
-        handle.quic_addr(),
-        sentry_key.public_key()
-    );
-    let agent =
-        config::parse_agent(Path::new("bench-agent.toml"), &agent_toml).expect("agent config");
-    tokio::spawn(async move {
-        let _ = relay_core::agent::run(&agent, &agent_key, std::future::pending()).await;
-    });
-    tokio::time::timeout(Duration::from_secs(10), handle.wait_agent("v", true))
-        .await
-        .expect("tunnel up");
+    let handle = benches::deployment(
+        "quic",
+        &[
+            Export {
+                name: "tcp",
+                target: node,
+                udp: false,
+                route_extra: "",
+            },
+            Export {
+                name: "jsonrpc",
+                target: node,
+                udp: false,
+                route_extra: "protocol = \"jsonrpc\"\n\
+                              [route.jsonrpc]\npreset = \"icon\"\nrate_per_ip = \"1000000/s\"\n",
+            },
+        ],
+    )
+    .await;
     (
         handle.route_addr("tcp").expect("route"),
         handle.route_addr("jsonrpc").expect("route"),

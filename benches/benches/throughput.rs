@@ -80,11 +80,13 @@ async fn tunnel(sink: SocketAddr, source: SocketAddr, transport: &str) -> (Socke
                 name: "up",
                 target: sink,
                 udp: false,
+                route_extra: "",
             },
             Export {
                 name: "down",
                 target: source,
                 udp: false,
+                route_extra: "",
             },
         ],
     )

@@ -38,6 +38,7 @@ fn main() {
                     name: "echo",
                     target: echo,
                     udp: true,
+                    route_extra: "",
                 }],
             )
             .await;

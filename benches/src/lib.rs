@@ -177,10 +177,13 @@ pub struct Export<'a> {
     pub name: &'a str,
     pub target: SocketAddr,
     pub udp: bool,
+    /// More TOML lines for the route's table (a `[route.jsonrpc]` table may end them).
+    pub route_extra: &'a str,
 }
 
 /// An in-process sentry and agent on loopback over `transport` (`quic`, `wireguard` or `tls`),
-/// with one route per export, named after it, to the agent's service of that name. Returns
+/// with one route per export, named after it, to the agent's service of that name (which
+/// may share its target with another). Returns
 /// once the tunnel is up; the route addresses come from [`SentryHandle::route_addr`].
 ///
 /// # Panics
@@ -216,11 +219,17 @@ pub async fn deployment(
     let mut services = String::new();
     for export in exports {
         let protocol = if export.udp { "udp" } else { "tcp" };
+        let route_protocol = if export.udp {
+            "protocol = \"udp\"\n"
+        } else {
+            ""
+        };
+        // Every connection comes from 127.0.0.1: the per-client limits are lifted.
         sentry_toml += &format!(
-            "[[route]]\nname = \"{}\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"{protocol}\"\n\
+            "[[route]]\nname = \"{}\"\nlisten = \"127.0.0.1:0\"\n{route_protocol}\
              upstream = [\"v/{}\"]\nmax_connections_per_ip = 100000\n\
-             connect_rate_per_ip = \"1000000/s\"\n",
-            export.name, export.name
+             connect_rate_per_ip = \"1000000/s\"\n{}",
+            export.name, export.name, export.route_extra
         );
         services += &format!(
             "[[service]]\nname = \"{}\"\ntarget = \"{}\"\nprotocol = \"{protocol}\"\n",
