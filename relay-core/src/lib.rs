@@ -1,8 +1,9 @@
 //! `relay-core`: everything the `sentry` binary does except the command line.
 //!
 //! The pure core (config parsing and validation, keys, the relay header, backoff) takes its
-//! inputs as arguments and never reads the clock or the network. The shell (the QUIC
-//! transport, the sentry and agent engines, the byte pump) moves bytes and drives timers.
+//! inputs as arguments and never reads the clock or the network. The shell (the QUIC,
+//! WireGuard and TLS transports, the sentry and agent engines, the byte pump) moves bytes and
+//! drives timers.
 #![forbid(unsafe_code)]
 
 pub mod admission;
