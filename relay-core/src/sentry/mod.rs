@@ -1,5 +1,5 @@
 //! The sentry engine: public TCP and UDP listeners relayed to connected agents over QUIC,
-//! WireGuard or TCP+TLS (UDP routes in [`udp`], one flow per client address).
+//! WireGuard or TCP+TLS (UDP routes in `udp.rs`, one flow per client address).
 //!
 //! [`Sentry::bind`] binds every socket first (so a port conflict fails start-up, not the
 //! first client), then [`Sentry::run`] accepts agents and clients until shutdown.
