@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The benchmark suite: every scenario (bulk 1 and 8 streams each way, request/response over
-# keep-alive connections, connection churn) against every path (direct, a plain relay, sentry
-# over QUIC, WireGuard and TLS, and rathole's noise and TLS transports when available), repetitions
-# interleaved; writes benches/RESULTS.md. Loopback only: the namespace topology (and
-# wireguard-go) is `cargo bench -p benches --bench netns`.
+# keep-alive connections, connection churn, idle connections held open) against every path
+# (direct, a plain relay, sentry over QUIC, WireGuard and TLS, rathole's noise and TLS
+# transports when available, and wireguard-go + a relay), repetitions interleaved, on loopback
+# and in the namespace topology (root only); checks the suite's goals; writes benches/RESULTS.md.
 #
 #   benches/run.sh                      # sentry paths only
 #   BENCH_RATHOLE=1 benches/run.sh      # also installs rathole from crates.io at bench time
 #                                       # (into target/bench-tools; never vendored)
 #
 # Settings: BENCH_REPS (3), BENCH_BYTES (268435456), BENCH_SECONDS (5), BENCH_CONNS (64),
-# BENCH_WORKERS (16), BENCH_OUT (benches/RESULTS.md), RATHOLE_BIN (an existing rathole).
+# BENCH_WORKERS (16), BENCH_IDLE (10000), BENCH_SITES (loopback,netns), BENCH_OUT
+# (benches/RESULTS.md), RATHOLE_BIN (an existing rathole).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod load;
+pub mod site;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,14 +31,20 @@ pub fn read_env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Loopback, port chosen by the kernel: where the in-process services listen by default.
+pub const LOOPBACK: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    0,
+));
+
 /// A service that reads everything and answers one byte at end of stream.
 pub async fn sink() -> SocketAddr {
-    serve(sink_connection).await
+    serve(LOOPBACK, sink_connection).await
 }
 
 /// A service that writes `bytes` and closes.
 pub async fn source(bytes: usize) -> SocketAddr {
-    serve(move |tcp| source_connection(tcp, bytes)).await
+    serve(LOOPBACK, move |tcp| source_connection(tcp, bytes)).await
 }
 
 /// The sink's side of one connection: read everything, answer one byte at end of stream.
@@ -64,7 +71,12 @@ pub async fn source_connection(mut tcp: TcpStream, bytes: usize) {
 /// A plain userspace TCP relay (the baseline a tunnel is compared with): every accepted
 /// connection is spliced to `target` with `tokio::io::copy_bidirectional`.
 pub async fn plain_relay(target: SocketAddr) -> SocketAddr {
-    serve(move |mut client| async move {
+    plain_relay_on(LOOPBACK, target).await
+}
+
+/// [`plain_relay`], listening on `bind`.
+pub async fn plain_relay_on(bind: SocketAddr, target: SocketAddr) -> SocketAddr {
+    serve(bind, move |mut client| async move {
         let _ = client.set_nodelay(true);
         if let Ok(mut upstream) = TcpStream::connect(target).await {
             let _ = upstream.set_nodelay(true);
@@ -74,14 +86,19 @@ pub async fn plain_relay(target: SocketAddr) -> SocketAddr {
     .await
 }
 
-async fn serve<F, Fut>(handle: F) -> SocketAddr
+/// Accept on `bind` for the rest of the runtime, each connection in a task of its own running
+/// `handle`; the bound address.
+///
+/// # Panics
+/// `bind` cannot be bound.
+pub async fn serve<F, Fut>(bind: SocketAddr, handle: F) -> SocketAddr
 where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0")
+    let listener = TcpListener::bind(bind)
         .await
-        .expect("bind loopback");
+        .unwrap_or_else(|e| panic!("bind {bind}: {e}"));
     let addr = listener.local_addr().expect("bound address");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Latencies are recorded in microseconds, up to a minute, to 3 significant digits.
 fn histogram() -> Histogram<u64> {
@@ -25,19 +25,18 @@ fn micros(d: Duration) -> u64 {
 
 /// An echo service on loopback: every byte back, half-close passed on.
 pub async fn echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = listener.local_addr().expect("echo address");
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    echo_on(crate::LOOPBACK).await
+}
+
+/// [`echo`], listening on `bind`.
+pub async fn echo_on(bind: SocketAddr) -> SocketAddr {
+    crate::serve(bind, |mut tcp| async move {
+        let _ = tcp.set_nodelay(true);
+        let (mut r, mut w) = tcp.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
 }
 
 /// Bulk upload of `bytes` split over `streams` connections to a sink; the time until every
