@@ -89,10 +89,9 @@ impl Site {
     #[must_use]
     pub fn dir(&self) -> PathBuf {
         let dir = match self {
-            Self::Loopback => std::env::temp_dir().join(format!(
-                "sentry-suite-{}-loopback",
-                std::process::id()
-            )),
+            Self::Loopback => {
+                std::env::temp_dir().join(format!("sentry-suite-{}-loopback", std::process::id()))
+            }
             Self::Netns(t) => t.dir().to_owned(),
         };
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -137,20 +136,8 @@ pub fn port_forward(t: &Topology, first: u16, last: u16) {
         &validator,
     ]);
     t.iptables(&[
-        "-A",
-        "FORWARD",
-        "-i",
-        "pub",
-        "-o",
-        "lan",
-        "-d",
-        &validator,
-        "-p",
-        "tcp",
-        "--dport",
-        &ports,
-        "-j",
-        "ACCEPT",
+        "-A", "FORWARD", "-i", "pub", "-o", "lan", "-d", &validator, "-p", "tcp", "--dport",
+        &ports, "-j", "ACCEPT",
     ]);
 }
 
@@ -229,9 +216,22 @@ pub fn wireguard_go(t: &Topology) -> Option<WireGuardGo> {
             (WG_GO_VALIDATOR, WG_GO_SENTRY, &sentry_pub)
         };
         let allowed = format!("{peer}/32");
-        let mut set = vec!["wg", "set", iface, "private-key", key.to_str().expect("path")];
+        let mut set = vec![
+            "wg",
+            "set",
+            iface,
+            "private-key",
+            key.to_str().expect("path"),
+        ];
         if sentry_end {
-            set.extend(["listen-port", "51821", "peer", peer_pub, "allowed-ips", &allowed]);
+            set.extend([
+                "listen-port",
+                "51821",
+                "peer",
+                peer_pub,
+                "allowed-ips",
+                &allowed,
+            ]);
         } else {
             set.extend([
                 "peer",
@@ -245,14 +245,20 @@ pub fn wireguard_go(t: &Topology) -> Option<WireGuardGo> {
             ]);
         }
         t.sh(*host, &set);
-        t.sh(*host, &["ip", "addr", "add", &format!("{own}/32"), "dev", iface]);
+        t.sh(
+            *host,
+            &["ip", "addr", "add", &format!("{own}/32"), "dev", iface],
+        );
         t.sh(*host, &["ip", "link", "set", iface, "mtu", "1420", "up"]);
         t.sh(*host, &["ip", "route", "add", &allowed, "dev", iface]);
     }
     // The validator's keepalive makes the handshake.
     let started = relay_core::clock::now();
     loop {
-        let shown = t.sh(Host::Sentry, &["wg", "show", &keys[0].1, "latest-handshakes"]);
+        let shown = t.sh(
+            Host::Sentry,
+            &["wg", "show", &keys[0].1, "latest-handshakes"],
+        );
         if shown.split_whitespace().nth(1).is_some_and(|s| s != "0") {
             break;
         }

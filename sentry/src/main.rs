@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use relay_core::config::{self, Config};
 use relay_core::keys::{self, PrivateKey};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 const ABOUT: &str = "Keep a blockchain validator private: a public sentry relays P2P and RPC \
                      traffic over an authenticated QUIC tunnel to an agent behind NAT.";
@@ -202,9 +202,40 @@ fn load_key(path: &Path) -> Result<PrivateKey, Failure> {
     keys::load_private_key(path).map_err(|e| Failure::Invalid(e.to_string()))
 }
 
+/// Raise the soft open-file limit to the hard one. Every relayed connection holds a socket (two
+/// on the sentry when TLS carries the tunnel), and the common default soft limit of 1024 would
+/// refuse connections long before any configured cap. Warns when even the hard limit is below
+/// `needed`.
+fn raise_open_files(needed: Option<u64>) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        let raised = Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    // `None` is unlimited.
+    let now = getrlimit(Resource::Nofile).current;
+    match (now, needed) {
+        (Some(limit), Some(needed)) if limit < needed => warn!(
+            open_files = limit,
+            needed,
+            "the open-file limit is below what max_connections needs: connections past it are \
+             refused; raise it (systemd LimitNOFILE, ulimit -n)"
+        ),
+        _ => debug!(before = ?before.current, now = ?now, "open-file limit"),
+    }
+}
+
 fn serve(path: &Path) -> Result<(), Failure> {
     let config = config::load_sentry(path).map_err(|e| Failure::Invalid(e.to_string()))?;
     let key = load_key(&config.private_key)?;
+    let per_connection = if config.tls_listen.is_some() { 2 } else { 1 };
+    raise_open_files(Some(config.max_connections as u64 * per_connection + 256));
     runtime()?.block_on(async {
         let sentry = relay_core::sentry::Sentry::bind(&config, &key)
             .await
@@ -252,6 +283,7 @@ fn serve(path: &Path) -> Result<(), Failure> {
 fn agent(path: &Path) -> Result<(), Failure> {
     let config = config::load_agent(path).map_err(|e| Failure::Invalid(e.to_string()))?;
     let key = load_key(&config.private_key)?;
+    raise_open_files(None);
     runtime()?.block_on(async {
         let agent = relay_core::agent::Agent::new(&config, &key)
             .map_err(|e| Failure::Runtime(e.to_string()))?;

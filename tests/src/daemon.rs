@@ -64,7 +64,7 @@ impl Daemon {
         config: &Path,
         env: &[(&str, &str)],
     ) -> Self {
-        let mut command = match netns {
+        let command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns]).arg(sentry_bin());
@@ -72,6 +72,23 @@ impl Daemon {
             }
             None => Command::new(sentry_bin()),
         };
+        Self::spawn(command, role, config, env)
+    }
+
+    /// As [`Daemon::start`], with the soft open-file limit lowered to `soft` first, as a
+    /// shell's `ulimit -Sn` leaves it (the shell execs the daemon: the PID is the daemon's).
+    #[must_use]
+    pub fn start_with_soft_open_files(role: &str, config: &Path, soft: u64) -> Self {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("ulimit -Sn {soft} && exec \"$@\""))
+            .arg("sh")
+            .arg(sentry_bin());
+        Self::spawn(command, role, config, &[])
+    }
+
+    fn spawn(mut command: Command, role: &str, config: &Path, env: &[(&str, &str)]) -> Self {
         let mut child = command
             .args([
                 "--log-format",

@@ -622,3 +622,50 @@ async fn refused(
             .is_ok_and(|reason| reason.to_string().contains("certificate")),
     }
 }
+
+/// (soft, hard) open-file limits of `pid`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let value = |s: &str| s.parse().unwrap_or(u64::MAX);
+    (value(fields[3]), value(fields[4]))
+}
+
+#[test]
+fn a_low_soft_open_file_limit_is_raised_so_connections_are_not_refused() {
+    let setup = Setup::new();
+    let limits = "max_connections_per_ip = 1000\nconnect_rate_per_ip = \"10000/s\"";
+    let sentry = Daemon::start_with_soft_open_files(
+        "serve",
+        &setup.write_sentry("", &[("p2p", limits)]),
+        64,
+    );
+    let quic = sentry.logged_addr("sentry ready", &[], "quic");
+    let agent = Daemon::start_with_soft_open_files("agent", &setup.write_agent(quic, "echo"), 64);
+    sentry.wait_log("tunnel up", 1, PATIENCE);
+    for pid in [sentry.pid(), agent.pid()] {
+        let (soft, hard) = open_file_limits(pid);
+        assert_eq!(
+            soft, hard,
+            "pid {pid}: the soft limit stayed below the hard one"
+        );
+    }
+    // More connections held at once than the 64 files the daemons were started with: each
+    // one relays.
+    let p2p = route_addr(&sentry, "p2p");
+    let mut held = Vec::new();
+    for i in 0..150u8 {
+        let mut tcp = TcpStream::connect(p2p).unwrap();
+        tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+        tcp.write_all(&[i]).unwrap();
+        let mut back = [0u8; 1];
+        tcp.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(back, [i]);
+        held.push(tcp);
+    }
+}

@@ -363,7 +363,10 @@ fn measure(site: &Site, s: Settings) -> Section {
                 let name = &name;
                 let up = |streams| async move {
                     let took = load::upload(r.sink, bytes, streams).await;
-                    gbits(bytes, took.unwrap_or_else(|e| panic!("{name}: upload: {e}")))
+                    gbits(
+                        bytes,
+                        took.unwrap_or_else(|e| panic!("{name}: upload: {e}")),
+                    )
                 };
                 let down = |streams| async move {
                     let (took, got) = load::download(r.source, streams)
@@ -422,7 +425,10 @@ fn measure(site: &Site, s: Settings) -> Section {
                 };
                 let fresh_dir = dir.join("idle");
                 std::fs::create_dir_all(&fresh_dir).expect("temp dir");
-                (sentry_path(site, &fresh_dir, transport, &targets, s.idle), n)
+                (
+                    sentry_path(site, &fresh_dir, transport, &targets, s.idle),
+                    n,
+                )
             }
             Kind::Rathole(transport, index) => {
                 path.ends.clear();
@@ -977,8 +983,18 @@ fn goals(t: &mut String, x: &Section) {
         }
         let _ = writeln!(t, "{row}");
     };
-    ratio_row(t, "bulk up, 1 stream: ≥ 1.5× rathole", &|s| median(&s.up1), 1.5);
-    ratio_row(t, "bulk down, 1 stream: ≥ 1.5× rathole", &|s| median(&s.down1), 1.5);
+    ratio_row(
+        t,
+        "bulk up, 1 stream: ≥ 1.5× rathole",
+        &|s| median(&s.up1),
+        1.5,
+    );
+    ratio_row(
+        t,
+        "bulk down, 1 stream: ≥ 1.5× rathole",
+        &|s| median(&s.down1),
+        1.5,
+    );
     ratio_row(t, "requests/s: ≥ 1.5× rathole", &|s| median(&s.rps), 1.5);
     let direct_p99 = median(&x.samples[0].p99);
     let mut row = String::from("| request p99: ≤ 1.33× direct's |");
@@ -987,16 +1003,15 @@ fn goals(t: &mut String, x: &Section) {
         let _ = write!(row, " {ratio:.2}× {} |", mark(ratio <= 1.33));
     }
     let _ = writeln!(t, "{row}");
-    ratio_row(t, "new connections/s: ≥ 3× rathole", &|s| median(&s.cps), 3.0);
+    ratio_row(
+        t,
+        "new connections/s: ≥ 3× rathole",
+        &|s| median(&s.cps),
+        3.0,
+    );
     let mut row = String::from("| RSS after request/response: ≤ 16 MiB per daemon |");
     for (i, _) in &transports {
-        let most = x.samples[*i]
-            .ends
-            .iter()
-            .map(|e| e.2)
-            .max()
-            .unwrap_or(0) as f64
-            / 1024.0;
+        let most = x.samples[*i].ends.iter().map(|e| e.2).max().unwrap_or(0) as f64 / 1024.0;
         let _ = write!(row, " {most:.1} MiB {} |", mark(most <= 16.0));
     }
     let _ = writeln!(t, "{row}");
