@@ -82,6 +82,57 @@ async fn wait_up(peer: &Peer) {
     .unwrap();
 }
 
+/// The right edges of the receive windows a stack advertises, per connection: the
+/// acknowledgment number plus the window, scaled by [`WINDOW_UNIT`] (both stacks here are
+/// ours, with the same buffers, so both use that scale).
+#[derive(Default)]
+pub(super) struct Edges {
+    last: HashMap<(u16, u16), u32>,
+    /// Segments whose advertised edge lay left of the one before on the same connection.
+    pub(super) regressions: u64,
+}
+
+impl Edges {
+    pub(super) fn observe(&mut self, packet: &[u8]) {
+        if packet.len() < 40 || packet[0] >> 4 != 4 || packet[9] != 6 {
+            return;
+        }
+        let tcp = &packet[usize::from(packet[0] & 0x0f) * 4..];
+        let flags = tcp[13];
+        // ACK set, and neither SYN (its window is never scaled) nor RST.
+        if flags & 0x10 == 0 || flags & 0x06 != 0 {
+            return;
+        }
+        let ports = (
+            u16::from_be_bytes([tcp[0], tcp[1]]),
+            u16::from_be_bytes([tcp[2], tcp[3]]),
+        );
+        let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+        let window = u32::from(u16::from_be_bytes([tcp[14], tcp[15]]));
+        let edge = ack.wrapping_add(window * WINDOW_UNIT as u32);
+        if let Some(last) = self.last.insert(ports, edge)
+            && (edge.wrapping_sub(last) as i32) < 0
+        {
+            self.regressions += 1;
+        }
+    }
+}
+
+fn edge_regressions(device: &Device) -> u64 {
+    device
+        .peers()
+        .iter()
+        .map(|peer| lock(&peer.state).link.wire.edges.regressions)
+        .sum()
+}
+
+#[test]
+fn the_window_unit_is_the_scale_smoltcp_chooses() {
+    // 512 KiB needs 20 bits; smoltcp shifts the window by the bits past 16.
+    assert_eq!(STREAM_BUFFER, 1 << 19);
+    assert_eq!(WINDOW_UNIT, 16);
+}
+
 #[tokio::test]
 async fn a_stream_crosses_the_overlay_both_ways() {
     let pair = pair().await;
@@ -118,6 +169,50 @@ async fn a_stream_crosses_the_overlay_both_ways() {
     let ((), back) = tokio::join!(writer, reader);
     assert_eq!(server.await.unwrap(), payload.len());
     assert!(back == payload, "the echo differs");
+    pair.stop.cancel();
+}
+
+/// A receiver that lags (its window fills up, again and again) never moves the right edge of
+/// its advertised window to the left. A sender that filled the window to an old edge would
+/// have its last bytes refused, and at the end of a transfer only its retransmission timeout
+/// (at least 1 s) sends them again (see `align_windows`).
+#[tokio::test]
+async fn a_lagging_receiver_never_moves_its_window_edge_left() {
+    let pair = pair().await;
+    let mut accepted = pair.agent.peer("sentry").unwrap().take_accepted().unwrap();
+    let to_agent = pair.sentry.peer("agent").unwrap();
+    wait_up(&to_agent).await;
+    let payload: Vec<u8> = (0..4_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let receiver = tokio::spawn(async move {
+        let mut stream = accepted.recv().await.unwrap();
+        let mut got = Vec::new();
+        // Odd-sized reads with pauses: the window fills up and reopens many times.
+        let mut chunk = vec![0u8; 1000];
+        loop {
+            let n = stream.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+            if got.len() % 100 < 10 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        got
+    });
+    let mut stream = to_agent
+        .connect(SocketAddrV4::new(AGENT_IP, RELAY_PORT))
+        .await
+        .unwrap();
+    stream.write_all(&payload).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let got = receiver.await.unwrap();
+    assert!(got == payload, "the stream's bytes differ");
+    assert_eq!(
+        edge_regressions(&pair.agent),
+        0,
+        "the receiver moved its window's right edge left"
+    );
     pair.stop.cancel();
 }
 
