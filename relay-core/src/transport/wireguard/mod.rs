@@ -94,6 +94,11 @@ const WINDOW_UNIT: usize = 1 << (usize::BITS - STREAM_BUFFER.leading_zeros()).sa
 /// Bytes moved out of a full receive buffer so its window reopens by at least two units of
 /// the window scale.
 const WINDOW_NUDGE: usize = 2 * WINDOW_UNIT;
+/// Closed sockets a peer keeps for its next streams. A new socket's two [`STREAM_BUFFER`]s
+/// cost the allocator a megabyte of zeroing (or of fresh pages faulted in) per stream, which
+/// was a third of the agent's CPU under connection churn; a spare socket brings its buffers,
+/// already in memory. Worst case each spare holds both buffers resident.
+const SPARE_SOCKETS: usize = 64;
 /// Bytes a stream's stash holds at most (see [`PeerState::align_windows`]).
 const STASH_MAX: usize = 8 * 1024;
 /// A stream with data to send whose peer sends nothing this long is reset (the peer is gone).
@@ -211,6 +216,8 @@ struct PeerState {
     /// Bytes taken out of a full receive buffer to reopen its window (see
     /// [`PeerState::unstick`]); the stream's reader gets them first.
     stash: HashMap<SocketHandle, Vec<u8>>,
+    /// Closed sockets kept for the next streams, with their buffers (see [`SPARE_SOCKETS`]).
+    spare: Vec<tcp::Socket<'static>>,
     next_port: u16,
     streams: usize,
     last_rx: Option<Instant>,
@@ -551,6 +558,7 @@ impl Peer {
                 ports: HashMap::new(),
                 port_of: HashMap::new(),
                 stash: HashMap::new(),
+                spare: Vec::new(),
                 next_port,
                 streams: 0,
                 last_rx: None,
@@ -643,6 +651,9 @@ impl PeerState {
             != smoltcp::iface::PollResult::None
         {}
         self.link.wire.flush();
+        // Closed streams leave at once: every poll walks every socket, and a spare socket
+        // saves the next stream its buffers.
+        self.reap(now);
         match self.iface.poll_delay(at, &self.sockets) {
             Some(delay) => {
                 let due = now + Duration::from(delay);
@@ -656,16 +667,24 @@ impl PeerState {
         }
     }
 
-    fn new_socket() -> tcp::Socket<'static> {
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; STREAM_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; STREAM_BUFFER]),
-        );
+    /// A socket for a new stream: a spare one when there is one (see [`SPARE_SOCKETS`]), else
+    /// a new one with its buffers.
+    fn new_socket(&mut self) -> tcp::Socket<'static> {
+        let mut socket = self.spare.pop().unwrap_or_else(|| {
+            tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; STREAM_BUFFER]),
+                tcp::SocketBuffer::new(vec![0; STREAM_BUFFER]),
+            )
+        });
+        // `connect` and `listen` reset a socket's connection state, not these: set them all,
+        // so a spare socket starts as a new one does (a fresh congestion controller too).
         socket.set_nagle_enabled(false);
         socket.set_congestion_control(tcp::CongestionControl::Cubic);
         // No timeout while idle: smoltcp's counts from the peer's last packet, which would
         // reset a quiet connection (a validator's P2P link may be silent for minutes). The
         // timer sets one while the stream has data to send (see `unstick`).
+        socket.set_timeout(None);
+        socket.set_keep_alive(None);
         socket
     }
 
@@ -686,7 +705,7 @@ impl PeerState {
             if self.streams + self.listeners.len() >= MAX_STREAMS {
                 break;
             }
-            let mut socket = Self::new_socket();
+            let mut socket = self.new_socket();
             if socket
                 .listen((smoltcp::wire::IpAddress::Ipv4(local), RELAY_PORT))
                 .is_ok()
@@ -818,7 +837,13 @@ impl PeerState {
 
     /// Forget a stream's socket.
     fn release(&mut self, handle: SocketHandle) {
-        self.sockets.remove(handle);
+        let socket = self.sockets.remove(handle);
+        if self.spare.len() < SPARE_SOCKETS
+            && let smoltcp::socket::Socket::Tcp(socket) = socket
+            && !socket.is_open()
+        {
+            self.spare.push(socket);
+        }
         self.stash.remove(&handle);
         if let Some(port) = self.port_of.remove(&handle) {
             self.ports.remove(&port);
@@ -1126,7 +1151,6 @@ async fn timer_loop(inner: Arc<Inner>, peer: Arc<Peer>) {
                 }
                 state.unstick();
             }
-            state.reap(now);
             if state.link.wire.stalled {
                 state.link.wire.flush();
             }

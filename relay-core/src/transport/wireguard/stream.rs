@@ -23,7 +23,7 @@ use smoltcp::socket::tcp::{self, RecvError};
 use smoltcp::wire::IpAddress;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{LINGER, MAX_STREAMS, Peer, PeerState};
+use super::{LINGER, MAX_STREAMS, Peer};
 use crate::{clock, lock};
 
 /// A relayed TCP connection inside the WireGuard overlay.
@@ -53,7 +53,7 @@ impl OverlayStream {
             let port = state
                 .alloc_port()
                 .ok_or_else(|| io::Error::other("no free local port in the overlay"))?;
-            let mut socket = PeerState::new_socket();
+            let mut socket = state.new_socket();
             socket
                 .connect(
                     state.iface.context(),

@@ -250,3 +250,55 @@ async fn a_wrong_key_gets_no_answer() {
     stop.cancel();
     pair.stop.cancel();
 }
+
+/// Closed streams' sockets are kept as spares and serve the next streams: each new stream on a
+/// reused socket carries its own bytes only, from a clean start.
+#[tokio::test]
+async fn streams_on_reused_sockets_start_clean() {
+    let pair = pair().await;
+    let mut accepted = pair.agent.peer("sentry").unwrap().take_accepted().unwrap();
+    let to_agent = pair.sentry.peer("agent").unwrap();
+    wait_up(&to_agent).await;
+    let server = tokio::spawn(async move {
+        while let Some(mut stream) = accepted.recv().await {
+            let mut data = Vec::new();
+            stream.read_to_end(&mut data).await.unwrap();
+            stream.write_all(&data).await.unwrap();
+            stream.shutdown().await.unwrap();
+        }
+    });
+    let spares = |peer: &Peer| lock(&peer.state).spare.len();
+    let mut reused = 0;
+    for round in 0..40u32 {
+        let before = spares(&to_agent);
+        let mut stream = to_agent
+            .connect(SocketAddrV4::new(AGENT_IP, RELAY_PORT))
+            .await
+            .unwrap();
+        if spares(&to_agent) < before {
+            reused += 1;
+        }
+        // Sizes that leave the ring buffers at different offsets each round.
+        let payload: Vec<u8> = (0..(round * 7919 % 200_000 + 1))
+            .map(|i| (i ^ round) as u8)
+            .collect();
+        stream.write_all(&payload).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await.unwrap();
+        assert!(back == payload, "round {round}: the echo differs");
+        drop(stream);
+        // The close completes (FIN both ways) before the next round.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while to_agent.streams() > 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+    assert!(reused >= 30, "only {reused} of 40 streams reused a socket");
+    assert!(spares(&to_agent) <= SPARE_SOCKETS);
+    pair.stop.cancel();
+    server.abort();
+}
