@@ -218,6 +218,8 @@ struct PeerState {
     stash: HashMap<SocketHandle, Vec<u8>>,
     /// Closed sockets kept for the next streams, with their buffers (see [`SPARE_SOCKETS`]).
     spare: Vec<tcp::Socket<'static>>,
+    /// Smoothed round trip from the setup of the streams this end opened (SYN to SYN-ACK).
+    rtt: Option<Duration>,
     next_port: u16,
     streams: usize,
     last_rx: Option<Instant>,
@@ -559,6 +561,7 @@ impl Peer {
                 port_of: HashMap::new(),
                 stash: HashMap::new(),
                 spare: Vec::new(),
+                rtt: None,
                 next_port,
                 streams: 0,
                 last_rx: None,
@@ -605,13 +608,16 @@ impl Peer {
         lock(&self.state).link.wire.endpoint
     }
 
-    /// Time since the last completed handshake, and the smoothed round trip the session
-    /// measured, if any.
+    /// Time since the last completed handshake, and the smoothed round trip, if measured: from
+    /// the streams this end opened (connection setup inside the overlay, microseconds), else
+    /// from the noise handshakes (milliseconds, and only on the end that initiates them: a
+    /// sentry answering its agents' handshakes learns none there).
     #[must_use]
     pub fn session(&self) -> (Option<Duration>, Option<Duration>) {
         let state = lock(&self.state);
         let (age, _, _, _, rtt) = state.link.wire.tunn.stats();
-        (age, rtt.map(|ms| Duration::from_millis(u64::from(ms))))
+        let handshake_rtt = rtt.map(|ms| Duration::from_millis(u64::from(ms)));
+        (age, state.rtt.or(handshake_rtt))
     }
 
     /// Relayed streams open now.
@@ -833,6 +839,15 @@ impl PeerState {
             }
             i += 1;
         }
+    }
+
+    /// One round trip measured by a stream's setup, folded into the smoothed value as TCP
+    /// does (RFC 6298: 7/8 old, 1/8 new).
+    fn observe_rtt(&mut self, sample: Duration) {
+        self.rtt = Some(match self.rtt {
+            Some(smoothed) => (smoothed * 7 + sample) / 8,
+            None => sample,
+        });
     }
 
     /// Forget a stream's socket.

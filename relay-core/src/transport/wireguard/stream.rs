@@ -44,6 +44,7 @@ impl OverlayStream {
     /// Open a connection to `to` through `peer` and wait until it is established (the caller
     /// bounds the wait).
     pub(super) async fn connect(peer: Arc<Peer>, to: SocketAddrV4) -> io::Result<Self> {
+        let started = clock::now();
         let wake = {
             let mut guard = lock(&peer.state);
             let state = &mut *guard;
@@ -74,6 +75,8 @@ impl OverlayStream {
         }
         let stream = Self { peer, handle };
         poll_fn(|cx| stream.poll_established(cx)).await?;
+        // SYN out, SYN-ACK back: one round trip of the overlay.
+        lock(&stream.peer.state).observe_rtt(clock::now().duration_since(started));
         Ok(stream)
     }
 

@@ -169,6 +169,12 @@ async fn a_stream_crosses_the_overlay_both_ways() {
     let ((), back) = tokio::join!(writer, reader);
     assert_eq!(server.await.unwrap(), payload.len());
     assert!(back == payload, "the echo differs");
+    // The sentry answers the agent's handshakes, so noise gives it no round trip; the stream
+    // it opened measured one.
+    assert!(
+        to_agent.session().1.is_some(),
+        "the connecting end has no round trip"
+    );
     pair.stop.cancel();
 }
 
