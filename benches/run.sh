@@ -34,4 +34,18 @@ if [[ "${BENCH_RATHOLE:-0}" == 1 && -z "${RATHOLE_BIN:-}" ]]; then
 fi
 
 export SENTRY_BIN="$PWD/target/release/sentry"
-exec target/release/suite
+# The suite runs in a process group of its own. Interrupted (Ctrl-C, SIGTERM), it cannot
+# clean up after itself, so this script stops the whole group by its ID (the suite and every
+# daemon, rathole and wireguard-go it started) and deletes the namespaces it created.
+setsid target/release/suite &
+suite=$!
+cleanup() {
+    trap - INT TERM
+    kill -TERM -- "-$suite" 2>/dev/null || true
+    wait "$suite" 2>/dev/null || true
+    ip netns list 2>/dev/null | awk -v p="sentry-t$suite-" 'index($1, p) == 1 { print $1 }' |
+        while read -r ns; do ip netns del "$ns"; done
+    exit 130
+}
+trap cleanup INT TERM
+wait "$suite"
