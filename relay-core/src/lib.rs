@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod cidr;
 pub mod clock;
 pub mod config;
+pub mod http1;
 pub mod jsonrpc;
 pub mod keys;
 pub mod log_limit;

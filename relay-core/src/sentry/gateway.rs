@@ -35,11 +35,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::pool::{NoUpstream, Pool, Relayed, SendError, Upstream};
+use super::pool::{Answer, NoUpstream, Pool, Relayed, SendError, Upstream};
 use super::{RouteSlot, Shared};
 use crate::admission::{CallRate, PerClientCap, Permit};
 use crate::config::{ForwardedHeader, JsonRpc};
 use crate::jsonrpc::{Forwarded, Kind, Refusal, Verdict, merge_batch};
+use crate::http1 as wire;
 use crate::log_limit::LogLimit;
 use crate::{clock, lock};
 
@@ -374,8 +375,9 @@ impl Ctx {
         response
     }
 
-    /// The request to send to the node: the client's method, path and query, and headers
-    /// without hop-by-hop and client-chosen forwarding headers, plus the client's address.
+    /// The request to send to the node, for hyper's client (a WebSocket upgrade): the
+    /// client's method, path and query, and headers without hop-by-hop and client-chosen
+    /// forwarding headers, plus the client's address.
     pub(super) fn upstream_request(
         &self,
         parts: &Parts,
@@ -393,12 +395,41 @@ impl Ctx {
         if !body.is_empty() || parts.method == Method::POST {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
-        add_client_address(&mut headers, self.client, settings.forwarded, self.https);
+        for (name, value) in client_address(self.client, settings.forwarded, self.https) {
+            headers.insert(name, value);
+        }
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
         Some(request)
+    }
+
+    /// The same request as bytes on the wire, head and body in one buffer, for the pooled
+    /// upstream connections.
+    fn upstream_bytes(&self, parts: &Parts, body: &[u8], settings: &JsonRpc) -> Vec<u8> {
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut out = Vec::with_capacity(256 + body.len());
+        wire::request_line(&mut out, &parts.method, target);
+        let named = wire::connection_tokens(&parts.headers);
+        for (name, value) in &parts.headers {
+            if forwarded_field(name, &named) {
+                wire::header_field(&mut out, name, value);
+            }
+        }
+        if !body.is_empty() || parts.method == Method::POST {
+            wire::header_field(
+                &mut out,
+                &header::CONTENT_LENGTH,
+                &HeaderValue::from(body.len()),
+            );
+        }
+        for (name, value) in client_address(self.client, settings.forwarded, self.https) {
+            wire::header_field(&mut out, &name, &value);
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body);
+        out
     }
 
     /// An upstream connection: a pooled one, or a new one.
@@ -410,38 +441,26 @@ impl Ctx {
     }
 
     /// Send to the node over an upstream connection; the response body drives it.
-    pub(super) async fn send_upstream(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<Response<Relayed>, Response<Body>> {
+    async fn send_upstream(&self, request: &[u8], method: &Method) -> Result<Answer, Response<Body>> {
+        let pool = &self.gateway.pool;
         let exchange = async {
             let mut upstream = self.upstream().await?;
-            let mut request = request;
             loop {
-                match upstream.send(request).await {
-                    Ok(response) => return Ok((response, upstream)),
+                match upstream.exchange(request, method, pool).await {
+                    Ok(answer) => return Ok(answer),
                     // A pooled connection the node closed meanwhile: once more on a new one.
-                    Err(SendError::Unsent(unsent, e)) if !upstream.is_fresh() => {
+                    Err((stale, SendError::Stale(e))) if !stale.is_fresh() => {
                         debug!(client = %self.client, "pooled upstream connection closed ({e}); opening another");
-                        request = *unsent;
-                        upstream = Upstream::open(
-                            &self.shared,
-                            &self.slot,
-                            self.gateway.pool.generation(),
-                        )
-                        .await?;
+                        upstream = Upstream::open(&self.shared, &self.slot, pool.generation()).await?;
                     }
-                    Err(SendError::Unsent(_, e)) => return Err(Failure::Node(e.to_string())),
-                    Err(SendError::Failed(e)) => return Err(Failure::Node(e)),
+                    Err((_, SendError::Stale(e) | SendError::Failed(e))) => {
+                        return Err(Failure::Node(e));
+                    }
                 }
             }
         };
         match tokio::time::timeout(UPSTREAM_TIMEOUT, exchange).await {
-            Ok(Ok((response, upstream))) => {
-                let (head, body) = response.into_parts();
-                let body = Relayed::driven(body, upstream, self.gateway.pool.clone());
-                Ok(Response::from_parts(head, body))
-            }
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(Failure::NoUpstream)) => Err(self.no_upstream()),
             Ok(Err(Failure::Node(e))) => {
                 debug!(route = %self.slot.route.load().name, client = %self.client, "upstream request failed: {e}");
@@ -477,16 +496,16 @@ impl Ctx {
         answered: &[String],
         settings: &JsonRpc,
     ) -> Response<Body> {
-        let Some(request) = self.upstream_request(&parts, body, settings) else {
-            return self.refuse(Refusal::Forbidden);
-        };
-        let response = match self.send_upstream(request).await {
-            Ok(response) => response,
+        let request = self.upstream_bytes(&parts, &body, settings);
+        let Answer { head, body } = match self.send_upstream(&request, &parts.method).await {
+            Ok(answer) => answer,
             Err(answer) => return answer,
         };
         self.gateway.stats.request(Outcome::Forwarded);
-        let (mut head, body) = response.into_parts();
-        strip_hop_by_hop(&mut head.headers);
+        let mut response = Response::new(());
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        let (mut head, ()) = response.into_parts();
         if answered.is_empty() {
             return Response::from_parts(head, Either::Right(body));
         }
@@ -532,18 +551,7 @@ pub(super) fn wants_websocket(headers: &HeaderMap) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
-/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), and the client address
-/// headers a client could forge.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
+/// The client address headers a client could forge.
 const CLIENT_ADDRESS: [&str; 5] = [
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -552,70 +560,60 @@ const CLIENT_ADDRESS: [&str; 5] = [
     "x-real-ip",
 ];
 
-/// The client's headers as the node gets them: without hop-by-hop headers (and those the
-/// `Connection` header names), `Upgrade`, `Expect` (the body is already read), the length
-/// (set again for the body sent), and any client address header.
+/// Whether a client's header field reaches the node: not hop-by-hop (nor named by its
+/// `Connection`), not `Upgrade`, `Expect` (the body is already read) or the length (set
+/// again for the body sent), and no client address header.
+fn forwarded_field(name: &HeaderName, named_by_connection: &[String]) -> bool {
+    !wire::dropped_request_field(name, named_by_connection)
+        && !CLIENT_ADDRESS.contains(&name.as_str())
+}
+
+/// The client's headers as the node gets them (see [`forwarded_field`]).
 fn upstream_headers(from: &HeaderMap) -> HeaderMap {
-    let named: Vec<String> = from
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
+    let named = wire::connection_tokens(from);
     let mut headers = HeaderMap::with_capacity(from.len() + 2);
     for (name, value) in from {
-        let lower = name.as_str();
-        let dropped = HOP_BY_HOP.contains(&lower)
-            || CLIENT_ADDRESS.contains(&lower)
-            || named.iter().any(|n| n == lower)
-            || name == header::UPGRADE
-            || name == header::EXPECT
-            || name == header::CONTENT_LENGTH;
-        if !dropped {
+        if forwarded_field(name, &named) {
             headers.append(name.clone(), value.clone());
         }
     }
     headers
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
-}
-
-/// Tell the node who the client is, in the configured header.
-fn add_client_address(
-    headers: &mut HeaderMap,
+/// Who the client is, in the configured header (and `X-Forwarded-Proto` with
+/// `X-Forwarded-For`).
+fn client_address(
     client: SocketAddr,
     how: ForwardedHeader,
     https: bool,
-) {
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
     let ip = client.ip().to_canonical();
     let proto = if https { "https" } else { "http" };
-    let value = match how {
-        ForwardedHeader::XForwardedFor => {
-            headers.insert(
+    let fields: [Option<(HeaderName, HeaderValue)>; 2] = match how {
+        ForwardedHeader::XForwardedFor => [
+            Some((
                 HeaderName::from_static("x-forwarded-proto"),
                 HeaderValue::from_static(proto),
-            );
-            ip.to_string()
+            )),
+            HeaderValue::from_str(&ip.to_string())
+                .ok()
+                .map(|v| (HeaderName::from_static("x-forwarded-for"), v)),
+        ],
+        ForwardedHeader::Forwarded => {
+            let value = match ip {
+                std::net::IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+                std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+            };
+            [
+                HeaderValue::from_str(&value)
+                    .ok()
+                    .map(|v| (header::FORWARDED, v)),
+                None,
+            ]
         }
-        ForwardedHeader::Forwarded => match ip {
-            std::net::IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
-            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
-        },
-        ForwardedHeader::None => return,
+        ForwardedHeader::None => [None, None],
     };
-    let name = match how {
-        ForwardedHeader::Forwarded => header::FORWARDED,
-        _ => HeaderName::from_static("x-forwarded-for"),
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
-    }
+    fields.into_iter().flatten()
 }
 
 /// How a request ended, for `sentry_jsonrpc_requests_total{outcome}`.
@@ -928,12 +926,11 @@ mod tests {
             ("expect", "100-continue"),
         ]);
         let mut out = upstream_headers(&from);
-        add_client_address(
-            &mut out,
+        out.extend(client_address(
             "[::ffff:203.0.113.9]:4000".parse().unwrap(),
             ForwardedHeader::XForwardedFor,
             false,
-        );
+        ));
         let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(
             names,
@@ -947,22 +944,20 @@ mod tests {
         assert_eq!(out["x-forwarded-for"], "203.0.113.9");
 
         let mut out = upstream_headers(&from);
-        add_client_address(
-            &mut out,
+        out.extend(client_address(
             "[2001:db8::7]:4000".parse().unwrap(),
             ForwardedHeader::Forwarded,
             true,
-        );
+        ));
         assert_eq!(out["forwarded"], "for=\"[2001:db8::7]\";proto=https");
         assert!(!out.contains_key("x-forwarded-for"));
 
         let mut out = upstream_headers(&from);
-        add_client_address(
-            &mut out,
+        out.extend(client_address(
             "203.0.113.9:1".parse().unwrap(),
             ForwardedHeader::None,
             false,
-        );
+        ));
         assert!(!out.contains_key("x-forwarded-for") && !out.contains_key("forwarded"));
     }
 

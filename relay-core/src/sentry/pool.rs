@@ -1,36 +1,40 @@
 //! Upstream HTTP connections of a JSON-RPC route: HTTP/1.1 over relay streams, pooled.
 //!
-//! Each upstream connection is a relay stream to the route's first answering upstream with a
-//! hyper HTTP/1.1 client on it. It is driven by the task of the client connection using it,
-//! never by a task of its own: sending a request polls the connection until the response head
-//! arrives, and the response body ([`Relayed`]) polls it while the client's task streams the
-//! body out. So a request costs no extra task hand-off on the sentry, and an idle upstream
-//! connection costs nothing but memory.
+//! An upstream connection is a relay stream to the route's first answering upstream. The
+//! gateway writes each request on it as one buffer and parses the node's response head and
+//! body framing itself ([`crate::http1`]), so a request is parsed once on the sentry (by the
+//! client's hyper server), not twice. It is driven by the task of the client connection
+//! using it, never by a task of its own, and an idle upstream connection costs nothing but
+//! memory.
 //!
-//! - Once a response has been read to the end, its upstream connection goes back to the
-//!   route's pool (at most [`POOL_MAX_IDLE`], for at most [`POOL_IDLE`]); every request takes
-//!   one from there before it opens a stream, so clients that open a connection per request
-//!   reuse streams too. A connection the node or the tunnel closed, or one whose response was
-//!   not read to the end, is never reused.
-//! - A request on a reused connection that the node closed meanwhile is sent again once on a
-//!   fresh one (only when hyper hands the request back unsent).
+//! - A response whose whole body is already read with its head (the usual JSON-RPC answer) is
+//!   answered from memory and its connection goes back to the route's pool at once; a longer
+//!   body is streamed to the client ([`Relayed`]) and its connection goes back once the body
+//!   ended by its framing. The pool keeps at most [`POOL_MAX_IDLE`], for at most
+//!   [`POOL_IDLE`]; every request takes one from there before it opens a stream, so clients
+//!   that open a connection per request reuse streams too. A connection the node or the
+//!   tunnel closed, one that said `Connection: close`, or one whose response was not read to
+//!   the end, is never reused.
+//! - A request on a reused connection that the node closed before answering any byte (it
+//!   closed the idle connection as the request went out) is sent again once on a fresh one.
+//! - WebSocket upgrades use hyper's client on a stream of their own
+//!   ([`Upstream::open_for_upgrade`]).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::http1::{self, Chunked, Decoded, Framing, ResponseHead};
 use crate::transport::TunnelStream;
-use bytes::Bytes;
-use futures_util::FutureExt;
+use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper::{Request, Response};
+use hyper::client::conn::http1::SendRequest;
+use hyper::Method;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::{RouteSlot, Shared, connect_upstream};
 use crate::{clock, lock};
@@ -39,8 +43,8 @@ use crate::{clock, lock};
 pub(super) const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle upstream connections kept per route.
 pub(super) const POOL_MAX_IDLE: usize = 64;
-
-type Conn = http1::Connection<TokioIo<TunnelIo>, Full<Bytes>>;
+/// Bytes asked of the tunnel stream per read.
+const READ_SIZE: usize = 16 * 1024;
 
 /// No connected upstream answered.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +53,9 @@ pub(super) struct NoUpstream;
 
 /// One HTTP/1.1 connection to the node over a relay stream.
 pub(super) struct Upstream {
-    sender: SendRequest<Full<Bytes>>,
-    conn: Pin<Box<Conn>>,
-    /// The connection future completed (closed or failed): never poll it again.
-    done: bool,
+    io: TunnelStream,
+    /// Bytes read from the node and not yet used.
+    buf: BytesMut,
     /// The route's upstream generation it was opened under (a reload that changes the
     /// upstreams starts a new one).
     generation: u64,
@@ -63,23 +66,28 @@ pub(super) struct Upstream {
 
 /// Why a request did not get a response head.
 pub(super) enum SendError {
-    /// The connection was closed before the request was written: it can be sent again.
-    Unsent(Box<Request<Full<Bytes>>>, hyper::Error),
+    /// A pooled connection closed with no byte of an answer: the node closed it idle, and
+    /// the request can be sent again on a fresh one.
+    Stale(String),
     Failed(String),
 }
 
+/// A response head from the node and its body.
+pub(super) struct Answer {
+    pub(super) head: ResponseHead,
+    pub(super) body: Relayed,
+}
+
 impl Upstream {
-    /// Open a relay stream to the route's first answering upstream and start HTTP on it.
+    /// Open a relay stream to the route's first answering upstream.
     pub(super) async fn open(
         shared: &Shared,
         slot: &RouteSlot,
         generation: u64,
     ) -> Result<Self, NoUpstream> {
-        let (sender, conn) = handshake(shared, slot).await?;
         Ok(Self {
-            sender,
-            conn: Box::pin(conn),
-            done: false,
+            io: stream(shared, slot).await?,
+            buf: BytesMut::new(),
             generation,
             idle_since: clock::now(),
             fresh: true,
@@ -92,55 +100,98 @@ impl Upstream {
         shared: &Shared,
         slot: &RouteSlot,
     ) -> Result<SendRequest<Full<Bytes>>, NoUpstream> {
-        let (sender, conn) = handshake(shared, slot).await?;
+        let io = stream(shared, slot).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(TunnelIo(io)))
+            .await
+            .map_err(|_| NoUpstream)?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
         Ok(sender)
     }
 
-    /// Let the connection process what it has, with `cx` woken on progress.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.done && self.conn.as_mut().poll(cx).is_ready() {
-            self.done = true;
-        }
-    }
-
-    /// Whether it can take a request now, after processing what it has pending (a close by
-    /// the node shows here).
+    /// Whether it can take a request now: the node has neither closed it nor sent anything
+    /// unasked since its last response.
     fn usable(&mut self) -> bool {
-        if !self.done && self.conn.as_mut().now_or_never().is_some() {
-            self.done = true;
+        if !self.buf.is_empty() {
+            return false;
         }
-        !self.done && !self.sender.is_closed() && self.sender.is_ready()
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut probe),
+            Poll::Pending
+        )
     }
 
-    /// Send one request and drive the connection until the response head arrives.
-    pub(super) async fn send(
-        &mut self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let response = self.sender.try_send_request(request);
-        let mut response = std::pin::pin!(response);
-        let result = std::future::poll_fn(|cx| {
-            if let Poll::Ready(result) = response.as_mut().poll(cx) {
-                return Poll::Ready(result);
+    /// Write one request (head and body in `request`) and read until the response head has
+    /// arrived.
+    async fn send(&mut self, request: &[u8], method: &Method) -> Result<ResponseHead, SendError> {
+        let stale = |e: String| {
+            if self.fresh {
+                SendError::Failed(e)
+            } else {
+                SendError::Stale(e)
             }
-            self.drive(cx);
-            if self.done {
-                // The dispatcher has answered the request by now, or never will.
-                return match response.as_mut().poll(cx) {
-                    Poll::Ready(result) => Poll::Ready(result),
-                    Poll::Pending => Poll::Pending,
-                };
+        };
+        if let Err(e) = self.io.write_all(request).await {
+            return Err(stale(e.to_string()));
+        }
+        if let Err(e) = self.io.flush().await {
+            return Err(stale(e.to_string()));
+        }
+        loop {
+            match http1::parse_response(&self.buf, method) {
+                Ok(Some((head, used))) => {
+                    let _ = self.buf.split_to(used);
+                    return Ok(head);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(SendError::Failed(e.to_string())),
             }
-            Poll::Pending
-        })
-        .await;
-        result.map_err(|mut e| match e.take_message() {
-            Some(request) => SendError::Unsent(Box::new(request), e.into_error()),
-            None => SendError::Failed(e.into_error().to_string()),
-        })
+            let before = self.buf.len();
+            match read_more(&mut self.io, &mut self.buf).await {
+                Ok(0) if before == 0 && !self.fresh => {
+                    return Err(SendError::Stale("closed before answering".into()));
+                }
+                Ok(0) => return Err(SendError::Failed("closed before a whole answer".into())),
+                Ok(_) => {}
+                Err(e) if before == 0 => return Err(stale(e.to_string())),
+                Err(e) => return Err(SendError::Failed(e.to_string())),
+            }
+        }
+    }
+
+    /// Send one request and take its response: the body from memory when it is all here
+    /// already (the connection then goes back to `pool` at once), else streamed.
+    pub(super) async fn exchange(
+        mut self,
+        request: &[u8],
+        method: &Method,
+        pool: &Arc<Pool>,
+    ) -> Result<Answer, (Self, SendError)> {
+        let head = match self.send(request, method).await {
+            Ok(head) => head,
+            Err(e) => return Err((self, e)),
+        };
+        let state = match head.framing {
+            Framing::Empty => State::Length(0),
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunked::new()),
+            Framing::UntilClose => State::UntilClose,
+        };
+        let mut body = Relayed {
+            inner: Inner::Node {
+                upstream: Some(self),
+                state,
+                reusable: head.reusable,
+                pool: pool.clone(),
+            },
+        };
+        body.take_buffered();
+        Ok(Answer { head, body })
     }
 
     pub(super) fn is_fresh(&self) -> bool {
@@ -148,21 +199,29 @@ impl Upstream {
     }
 }
 
-/// A relay stream to the route's first answering upstream, with an HTTP/1.1 client on it.
-async fn handshake(
-    shared: &Shared,
-    slot: &RouteSlot,
-) -> Result<(SendRequest<Full<Bytes>>, Conn), NoUpstream> {
+/// Read what the stream has (at most [`READ_SIZE`]) onto `buf`; 0 at its end.
+async fn read_more(io: &mut TunnelStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_more(io, buf, cx)).await
+}
+
+fn poll_read_more(
+    io: &mut TunnelStream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    buf.reserve(READ_SIZE);
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// A relay stream to the route's first answering upstream.
+async fn stream(shared: &Shared, slot: &RouteSlot) -> Result<TunnelStream, NoUpstream> {
     let route = slot.route.load_full();
     // A pooled stream serves many clients: the header names the route's own address.
     let Some((_, stream)) = connect_upstream(shared, &route, slot.local, None).await else {
         slot.no_upstream.fetch_add(1, Ordering::Relaxed);
         return Err(NoUpstream);
     };
-    http1::Builder::new()
-        .handshake(TokioIo::new(TunnelIo(stream)))
-        .await
-        .map_err(|_| NoUpstream)
+    Ok(stream)
 }
 
 /// A route's idle upstream connections.
@@ -219,75 +278,222 @@ impl Pool {
     }
 }
 
-/// A node's response body, streamed to the client by the client connection's task, which
-/// drives the upstream connection while it polls the body. Read to the end, the upstream
-/// connection goes back to the pool at once (the next request, of this client or another,
-/// takes it); dropped before, it is closed.
+/// A node's response body as the client gets it. Read to the end by its framing, its
+/// upstream connection goes back to the pool at once (the next request, of this client or
+/// another, takes it); dropped before, the connection is closed.
 pub(super) struct Relayed {
-    inner: Incoming,
-    upstream: Option<Upstream>,
-    home: Option<Arc<Pool>>,
+    inner: Inner,
+}
+
+enum Inner {
+    /// Read from an upstream connection by the client connection's task.
+    Node {
+        /// `None` once the body ended (or failed).
+        upstream: Option<Upstream>,
+        state: State,
+        reusable: bool,
+        pool: Arc<Pool>,
+    },
+    /// Whole, from memory.
+    Whole(Option<Bytes>),
+    /// A response read by hyper's client (a refused WebSocket upgrade).
+    Incoming(Incoming),
+}
+
+/// Where a node's body stands.
+enum State {
+    /// This many bytes left.
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the node closes.
+    UntilClose,
 }
 
 impl Relayed {
-    /// The body of a response whose connection `upstream` must be driven to read it.
-    pub(super) fn driven(inner: Incoming, upstream: Upstream, pool: Arc<Pool>) -> Self {
-        Self {
-            inner,
-            upstream: Some(upstream),
-            home: Some(pool),
-        }
-    }
-
-    /// The body of a response whose connection runs in its own task.
+    /// The body of a response read by hyper's client.
     pub(super) fn plain(inner: Incoming) -> Self {
         Self {
-            inner,
-            upstream: None,
-            home: None,
+            inner: Inner::Incoming(inner),
         }
     }
 
-    fn go_home(&mut self) {
-        if let (Some(upstream), Some(pool)) = (self.upstream.take(), &self.home) {
+    /// Take the whole body from what was read with the head, if it is all there: it is then
+    /// answered from memory and the connection goes home now.
+    fn take_buffered(&mut self) {
+        let Inner::Node {
+            upstream: Some(upstream),
+            state,
+            ..
+        } = &mut self.inner
+        else {
+            return;
+        };
+        let whole = match state {
+            State::Length(n) => {
+                let n = usize::try_from(*n).unwrap_or(usize::MAX);
+                if upstream.buf.len() < n {
+                    return;
+                }
+                upstream.buf.split_to(n).freeze()
+            }
+            State::Chunked(_) => {
+                // Only when the last chunk is here (trailers stream): decoded on a copy, so
+                // nothing is taken unless all is.
+                if !upstream.buf.ends_with(b"0\r\n\r\n") {
+                    return;
+                }
+                let mut rest = upstream.buf.clone();
+                let mut chunked = Chunked::new();
+                let mut whole = BytesMut::new();
+                loop {
+                    match chunked.decode(&mut rest) {
+                        Ok(Decoded::Data(data)) => whole.extend_from_slice(&data),
+                        Ok(Decoded::Done) => break,
+                        Ok(Decoded::More) | Err(_) => return,
+                    }
+                }
+                upstream.buf = rest;
+                whole.freeze()
+            }
+            State::UntilClose => return,
+        };
+        self.finish();
+        self.inner = Inner::Whole(Some(whole));
+    }
+
+    /// The body ended by its framing: the connection goes home if it can serve again.
+    fn finish(&mut self) {
+        if let Inner::Node {
+            upstream,
+            reusable,
+            pool,
+            ..
+        } = &mut self.inner
+            && let Some(upstream) = upstream.take()
+            && *reusable
+        {
             pool.put(upstream);
         }
     }
 }
 
+/// A node body that broke off or broke its framing.
+fn broken(what: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("the node's response body: {what}"))
+}
+
 impl Body for Relayed {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        if let Some(upstream) = &mut this.upstream {
-            upstream.drive(cx);
+        let (upstream, state) = match &mut this.inner {
+            Inner::Whole(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Inner::Incoming(inner) => {
+                return Pin::new(inner).poll_frame(cx).map_err(Into::into);
+            }
+            Inner::Node {
+                upstream: None, ..
+            } => return Poll::Ready(None),
+            Inner::Node {
+                upstream: Some(upstream),
+                state,
+                ..
+            } => (upstream, state),
+        };
+        loop {
+            // What the buffer already holds first.
+            let frame = match state {
+                State::Length(0) => None,
+                State::Length(left) if !upstream.buf.is_empty() => {
+                    let take = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(upstream.buf.len());
+                    *left -= take as u64;
+                    Some(Some(upstream.buf.split_to(take).freeze()))
+                }
+                State::Chunked(chunked) => match chunked.decode(&mut upstream.buf) {
+                    Ok(Decoded::Data(data)) => Some(Some(data)),
+                    Ok(Decoded::Done) => None,
+                    Ok(Decoded::More) => Some(None),
+                    Err(e) => {
+                        this.inner = Inner::Whole(None);
+                        return Poll::Ready(Some(Err(broken(e).into())));
+                    }
+                },
+                State::UntilClose if !upstream.buf.is_empty() => {
+                    Some(Some(upstream.buf.split().freeze()))
+                }
+                State::Length(_) | State::UntilClose => Some(None),
+            };
+            match frame {
+                // The end, by the framing.
+                None => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Some(Some(data)) => {
+                    if matches!(state, State::Length(0)) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(None) => {}
+            }
+            // More from the node.
+            match poll_read_more(&mut upstream.io, &mut upstream.buf, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if matches!(state, State::UntilClose) => {
+                    this.inner = Inner::Whole(None);
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => {
+                    this.inner = Inner::Whole(None);
+                    return Poll::Ready(Some(Err(broken("closed before its end").into())));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.inner = Inner::Whole(None);
+                    return Poll::Ready(Some(Err(broken(e).into())));
+                }
+            }
         }
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
-            this.go_home();
-        }
-        frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Whole(data) => data.is_none(),
+            Inner::Incoming(inner) => inner.is_end_stream(),
+            Inner::Node {
+                upstream: None, ..
+            } => true,
+            Inner::Node { state, .. } => matches!(state, State::Length(0)),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Whole(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Incoming(inner) => inner.size_hint(),
+            Inner::Node {
+                upstream: Some(_),
+                state: State::Length(n),
+                ..
+            } => SizeHint::with_exact(*n),
+            Inner::Node { .. } => SizeHint::default(),
+        }
     }
 }
 
 impl Drop for Relayed {
     fn drop(&mut self) {
         // An empty body may never be polled; it was still read to the end.
-        if self.inner.is_end_stream() {
-            self.go_home();
+        if self.is_end_stream() {
+            self.finish();
         }
     }
 }
