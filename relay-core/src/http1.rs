@@ -100,7 +100,8 @@ pub fn parse_response(
             return Err(Error::HeadTooLarge);
         }
         let code = response.code.unwrap_or(0);
-        let status = StatusCode::from_u16(code).map_err(|_| Error::Head(httparse::Error::Status))?;
+        let status =
+            StatusCode::from_u16(code).map_err(|_| Error::Head(httparse::Error::Status))?;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(Error::Upgrade);
         }
@@ -345,7 +346,11 @@ pub fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| tokens(v.as_bytes()).map(str::to_ascii_lowercase).collect::<Vec<_>>())
+        .flat_map(|v| {
+            tokens(v.as_bytes())
+                .map(str::to_ascii_lowercase)
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -372,9 +377,11 @@ mod tests {
 
     #[test]
     fn heads_are_framed_as_rfc_9112_says() {
-        let (head, used) = parse("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\n\r\nhello")
-            .unwrap()
-            .unwrap();
+        let (head, used) = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: application/json\r\n\r\nhello",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(used, 70);
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.reusable);
@@ -392,7 +399,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!head.reusable);
-        let (head, _) = parse("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n").unwrap().unwrap();
+        let (head, _) = parse("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!head.reusable, "HTTP/1.0 is not kept alive");
         let (head, _) = parse("HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
         assert_eq!(head.framing, Framing::UntilClose);
@@ -401,11 +410,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(head.framing, Framing::Empty);
-        let (head, _) = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", &Method::HEAD)
+        let (head, _) = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.framing, Framing::Empty);
+        let (head, _) = parse("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(head.framing, Framing::Empty);
-        let (head, _) = parse("HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n").unwrap().unwrap();
         assert_eq!(head.framing, Framing::Length(3));
     }
 
@@ -416,7 +430,11 @@ mod tests {
         assert_eq!(head.status, StatusCode::OK);
         assert_eq!(&text[used..], "x");
         assert!(parse("HTTP/1.1 200 OK\r\nContent-Len").unwrap().is_none());
-        assert!(parse("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2").unwrap().is_none());
+        assert!(
+            parse("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 2")
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -445,18 +463,18 @@ mod tests {
     fn chunked_bodies_decode_in_any_split() {
         let text = "5\r\nhello\r\n1;ext=1\r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: t\r\n\r\nNEXT";
         let (out, done, left) = body(text).unwrap();
-        assert_eq!((out.as_slice(), done, left), (&b"hello world!"[..], true, 4));
+        assert_eq!(
+            (out.as_slice(), done, left),
+            (&b"hello world!"[..], true, 4)
+        );
         // Fed one byte at a time, the same body.
         let mut chunked = Chunked::new();
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         for byte in text.bytes() {
             buf.extend_from_slice(&[byte]);
-            loop {
-                match chunked.decode(&mut buf).unwrap() {
-                    Decoded::Data(data) => out.extend_from_slice(&data),
-                    Decoded::More | Decoded::Done => break,
-                }
+            while let Decoded::Data(data) = chunked.decode(&mut buf).unwrap() {
+                out.extend_from_slice(&data);
             }
         }
         assert_eq!(out, b"hello world!");
@@ -466,7 +484,12 @@ mod tests {
 
     #[test]
     fn malformed_chunks_are_errors_not_buffering() {
-        for text in ["5\r\nhelloXX", "zz\r\n", "5 6\r\n", "ffffffffffffffffff\r\n"] {
+        for text in [
+            "5\r\nhelloXX",
+            "zz\r\n",
+            "5 6\r\n",
+            "ffffffffffffffffff\r\n",
+        ] {
             assert_eq!(body(text).unwrap_err(), Error::Chunk, "{text:?}");
         }
         let long = format!("5;{}", "e".repeat(MAX_LINE + 1));

@@ -39,8 +39,8 @@ use super::pool::{Answer, NoUpstream, Pool, Relayed, SendError, Upstream};
 use super::{RouteSlot, Shared};
 use crate::admission::{CallRate, PerClientCap, Permit};
 use crate::config::{ForwardedHeader, JsonRpc};
-use crate::jsonrpc::{Forwarded, Kind, Refusal, Verdict, merge_batch};
 use crate::http1 as wire;
+use crate::jsonrpc::{Forwarded, Kind, Refusal, Verdict, merge_batch};
 use crate::log_limit::LogLimit;
 use crate::{clock, lock};
 
@@ -441,7 +441,11 @@ impl Ctx {
     }
 
     /// Send to the node over an upstream connection; the response body drives it.
-    async fn send_upstream(&self, request: &[u8], method: &Method) -> Result<Answer, Response<Body>> {
+    async fn send_upstream(
+        &self,
+        request: &[u8],
+        method: &Method,
+    ) -> Result<Answer, Response<Body>> {
         let pool = &self.gateway.pool;
         let exchange = async {
             let mut upstream = self.upstream().await?;
@@ -451,7 +455,8 @@ impl Ctx {
                     // A pooled connection the node closed meanwhile: once more on a new one.
                     Err((stale, SendError::Stale(e))) if !stale.is_fresh() => {
                         debug!(client = %self.client, "pooled upstream connection closed ({e}); opening another");
-                        upstream = Upstream::open(&self.shared, &self.slot, pool.generation()).await?;
+                        upstream =
+                            Upstream::open(&self.shared, &self.slot, pool.generation()).await?;
                     }
                     Err((_, SendError::Stale(e) | SendError::Failed(e))) => {
                         return Err(Failure::Node(e));

@@ -30,9 +30,9 @@ use crate::http1::{self, Chunked, Decoded, Framing, ResponseHead};
 use crate::transport::TunnelStream;
 use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
+use hyper::Method;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
-use hyper::Method;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -396,9 +396,7 @@ impl Body for Relayed {
             Inner::Incoming(inner) => {
                 return Pin::new(inner).poll_frame(cx).map_err(Into::into);
             }
-            Inner::Node {
-                upstream: None, ..
-            } => return Poll::Ready(None),
+            Inner::Node { upstream: None, .. } => return Poll::Ready(None),
             Inner::Node {
                 upstream: Some(upstream),
                 state,
@@ -468,9 +466,7 @@ impl Body for Relayed {
         match &self.inner {
             Inner::Whole(data) => data.is_none(),
             Inner::Incoming(inner) => inner.is_end_stream(),
-            Inner::Node {
-                upstream: None, ..
-            } => true,
+            Inner::Node { upstream: None, .. } => true,
             Inner::Node { state, .. } => matches!(state, State::Length(0)),
         }
     }
