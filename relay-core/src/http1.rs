@@ -86,9 +86,13 @@ pub fn parse_response(
     let mut offset = 0;
     loop {
         let rest = &buf[offset..];
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let used = match response.parse(rest) {
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let used = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            rest,
+            &mut fields,
+        ) {
             Ok(httparse::Status::Complete(used)) => used,
             Ok(httparse::Status::Partial) if rest.len() > MAX_HEAD => {
                 return Err(Error::HeadTooLarge);
@@ -182,14 +186,14 @@ fn head(
     };
     let mut headers = HeaderMap::with_capacity(fields.len());
     for field in fields {
-        let lower = field.name.to_ascii_lowercase();
-        if HOP_BY_HOP.contains(&lower.as_str()) || named.contains(&lower) {
+        let is = |n: &str| field.name.eq_ignore_ascii_case(n);
+        if HOP_BY_HOP.iter().any(|n| is(n)) || named.iter().any(|n| is(n)) {
             continue;
         }
-        if lower == "content-length" && !matches!(framing, Framing::Length(_) | Framing::Empty) {
+        if is("content-length") && !matches!(framing, Framing::Length(_) | Framing::Empty) {
             continue;
         }
-        let name = HeaderName::from_bytes(lower.as_bytes()).map_err(|_| Error::Header)?;
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Error::Header)?;
         let value = HeaderValue::from_bytes(field.value).map_err(|_| Error::Header)?;
         headers.append(name, value);
     }

@@ -43,6 +43,8 @@ use crate::{clock, lock};
 pub(super) const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle upstream connections kept per route.
 pub(super) const POOL_MAX_IDLE: usize = 64;
+/// A pooled connection idle longer than this is checked for a close before it is used.
+const PROBE_AFTER: Duration = Duration::from_millis(250);
 /// Bytes asked of the tunnel stream per read.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -243,24 +245,30 @@ impl Pool {
         lock(&self.idle).clear();
     }
 
-    /// An idle connection that is still usable, if any.
+    /// An idle connection that is still usable, if any. One idle for longer than
+    /// [`PROBE_AFTER`] is first checked for a close by the node (one that closed sooner is
+    /// caught by the retry of [`SendError::Stale`]).
     pub(super) fn take(&self) -> Option<Upstream> {
         let now = clock::now();
         let generation = self.generation();
-        let mut idle = lock(&self.idle);
-        while let Some(mut upstream) = idle.pop() {
-            let fresh_enough = now.duration_since(upstream.idle_since) < POOL_IDLE;
-            if fresh_enough && upstream.generation == generation && upstream.usable() {
+        loop {
+            let mut upstream = lock(&self.idle).pop()?;
+            let idle = now.duration_since(upstream.idle_since);
+            if idle < POOL_IDLE
+                && upstream.generation == generation
+                && (idle < PROBE_AFTER || upstream.usable())
+            {
                 upstream.fresh = false;
                 return Some(upstream);
             }
         }
-        None
     }
 
     /// Give back a connection; it is kept only if it can serve again.
     pub(super) fn put(&self, mut upstream: Upstream) {
-        if upstream.generation != self.generation() || !upstream.usable() {
+        // Its response just ended by its framing: whether the node closed it since is
+        // checked when it is taken again.
+        if upstream.generation != self.generation() || !upstream.buf.is_empty() {
             return;
         }
         upstream.idle_since = clock::now();
