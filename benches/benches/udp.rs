@@ -5,7 +5,8 @@
 //! socket). Blocks of each path are interleaved; medians and p99 are printed.
 //!
 //! Reproduce: `cargo bench -p benches --bench udp`
-//! (`BENCH_ROUND_TRIPS` per path and repetition, default 2000; `BENCH_REPS`, default 5; new
+//! (`BENCH_ROUND_TRIPS` per path and repetition, default 2000; `BENCH_REPS`, default 5;
+//! `BENCH_ONLY=WireGuard` keeps only the tunnel paths whose name contains it; new
 //! flows per path and repetition: a tenth of the round trips).
 
 use std::net::SocketAddr;
@@ -27,11 +28,16 @@ fn main() {
             ("direct", echo),
             ("plain UDP relay", plain_relay(echo).await),
         ];
+        // `BENCH_ONLY=WireGuard` measures only the tunnel paths whose name contains it.
+        let only = std::env::var("BENCH_ONLY").ok();
         for (name, transport) in [
             ("sentry+agent (QUIC)", "quic"),
             ("sentry+agent (WireGuard)", "wireguard"),
             ("sentry+agent (TLS)", "tls"),
         ] {
+            if only.as_deref().is_some_and(|o| !name.contains(o)) {
+                continue;
+            }
             let handle = deployment(
                 transport,
                 &[Export {
