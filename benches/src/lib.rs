@@ -4,6 +4,7 @@
 //! in the same process and interleaves repetitions, so machine noise hits all paths alike.
 #![forbid(unsafe_code)]
 
+pub mod delay;
 pub mod load;
 pub mod site;
 
@@ -209,6 +210,19 @@ pub async fn deployment(
     transport: &str,
     exports: &[Export<'_>],
 ) -> relay_core::sentry::SentryHandle {
+    deployment_over(transport, exports, None).await
+}
+
+/// [`deployment`], with the agent's tunnel through a [`delay::delay_line`] of `one_way` each
+/// way when one is given (QUIC and WireGuard: the line carries UDP).
+///
+/// # Panics
+/// As [`deployment`]; or a delay asked of the TLS transport.
+pub async fn deployment_over(
+    transport: &str,
+    exports: &[Export<'_>],
+    one_way: Option<Duration>,
+) -> relay_core::sentry::SentryHandle {
     use relay_core::config;
     use relay_core::keys::PrivateKey;
     use std::path::Path;
@@ -267,6 +281,13 @@ pub async fn deployment(
         ),
         "tls" => (handle.tls_addr().expect("tls listener"), ""),
         _ => (handle.quic_addr(), ""),
+    };
+    let dial = match one_way {
+        Some(one_way) => {
+            assert_ne!(transport, "tls", "the delay line carries UDP");
+            delay::delay_line(dial, one_way).await
+        }
+        None => dial,
     };
     let agent_toml = format!(
         "[agent]\nname = \"v\"\nprivate_key = \"unused\"\n\
