@@ -29,8 +29,12 @@ fn main() {
         for &rtt in &rtts {
             let one_way = Duration::from_millis(rtt) / 2;
             let mut paths = Vec::new();
-            for transport in ["quic", "wireguard"] {
-                paths.push((transport, tunnel(sink, source, transport, one_way).await));
+            for (name, transport, window) in [
+                ("quic", "quic", None),
+                ("wireguard", "wireguard", None),
+                ("wg 4MiB", "wireguard", Some("4MiB")),
+            ] {
+                paths.push((name, tunnel(sink, source, transport, one_way, window).await));
             }
             let mut up = vec![Vec::new(); paths.len()];
             let mut down = vec![Vec::new(); paths.len()];
@@ -84,6 +88,7 @@ async fn tunnel(
     source: SocketAddr,
     transport: &str,
     one_way: Duration,
+    wireguard_window: Option<&str>,
 ) -> (SocketAddr, SocketAddr) {
     let export = |name, target| Export {
         name,
@@ -95,6 +100,7 @@ async fn tunnel(
         transport,
         &[export("up", sink), export("down", source)],
         Some(one_way),
+        wireguard_window,
     )
     .await;
     (

@@ -210,11 +210,12 @@ pub async fn deployment(
     transport: &str,
     exports: &[Export<'_>],
 ) -> relay_core::sentry::SentryHandle {
-    deployment_over(transport, exports, None).await
+    deployment_over(transport, exports, None, None).await
 }
 
 /// [`deployment`], with the agent's tunnel through a [`delay::delay_line`] of `one_way` each
-/// way when one is given (QUIC and WireGuard: the line carries UDP).
+/// way when one is given (QUIC and WireGuard: the line carries UDP), and WireGuard's
+/// `wireguard_window` on both ends when one is given (such as `"4MiB"`).
 ///
 /// # Panics
 /// As [`deployment`]; or a delay asked of the TLS transport.
@@ -222,8 +223,11 @@ pub async fn deployment_over(
     transport: &str,
     exports: &[Export<'_>],
     one_way: Option<Duration>,
+    wireguard_window: Option<&str>,
 ) -> relay_core::sentry::SentryHandle {
     use relay_core::config;
+    let window =
+        wireguard_window.map_or(String::new(), |w| format!("wireguard_window = \"{w}\"\n"));
     use relay_core::keys::PrivateKey;
     use std::path::Path;
     let (sentry_key, agent_key) = (
@@ -236,9 +240,11 @@ pub async fn deployment_over(
          tls_listen = \"127.0.0.1:0\"\n{}\
          [[agent]]\nname = \"v\"\npublic_key = \"{}\"\n{}",
         if wireguard {
-            "wireguard_listen = \"127.0.0.1:0\"\nwireguard_address = \"100.64.0.1\"\n"
+            format!(
+                "wireguard_listen = \"127.0.0.1:0\"\nwireguard_address = \"100.64.0.1\"\n{window}"
+            )
         } else {
-            ""
+            String::new()
         },
         agent_key.public_key(),
         if wireguard {
@@ -277,10 +283,12 @@ pub async fn deployment_over(
     let (dial, extra) = match transport {
         "wireguard" => (
             handle.wireguard_addr().expect("wireguard listener"),
-            "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
+            format!(
+                "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n{window}"
+            ),
         ),
-        "tls" => (handle.tls_addr().expect("tls listener"), ""),
-        _ => (handle.quic_addr(), ""),
+        "tls" => (handle.tls_addr().expect("tls listener"), String::new()),
+        _ => (handle.quic_addr(), String::new()),
     };
     let dial = match one_way {
         Some(one_way) => {

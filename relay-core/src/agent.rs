@@ -766,6 +766,7 @@ impl Tunnel {
             keepalive: Some(wireguard::AGENT_KEEPALIVE),
             liveness: wireguard::AGENT_LIVENESS,
             accept: true,
+            window: overlay.window,
         };
         let secret = self.shared.key.wireguard_secret();
         let device = match wireguard::Device::bind(

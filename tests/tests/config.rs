@@ -86,6 +86,18 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "transport = \"wireguard\" needs wireguard_address",
     ),
     (
+        "wireguard-window-out-of-range",
+        "6:20",
+        "sentry.wireguard_window",
+        "must be from 64KiB to 16MiB",
+    ),
+    (
+        "agent-wireguard-window-over-quic",
+        "8:20",
+        "sentry[0].wireguard_window",
+        "applies only with transport = \"wireguard\"",
+    ),
+    (
         "wireguard-listen-without-address",
         "4:20",
         "sentry.wireguard_listen",
@@ -444,4 +456,41 @@ fn an_allow_file_that_lists_nobody_is_refused() {
     assert_eq!(errors.0[0].key, "route[0].allow_file", "{errors}");
     assert_eq!(errors.0[0].position, Some((14, 14)), "{errors}");
     assert!(errors.0[0].message.contains("admit nobody"), "{errors}");
+}
+
+#[test]
+fn the_wireguard_window_is_read_on_both_ends_with_a_default() {
+    let sentry = |extra: &str| {
+        let text = format!(
+            "[sentry]\nprivate_key = \"s.key\"\nquic_listen = \"127.0.0.1:4433\"\n\
+             wireguard_listen = \"127.0.0.1:51820\"\nwireguard_address = \"100.64.0.1\"\n{extra}\
+             [[agent]]\nname = \"v\"\npublic_key = \"oYNIXccxctOPVk3MUs7HyF+TXOmfTOLFhVFRkb9Uels=\"\n\
+             wireguard_address = \"100.64.0.2\"\n"
+        );
+        config::parse_sentry(Path::new("sentry.toml"), &text)
+            .unwrap()
+            .wireguard
+            .unwrap()
+            .window
+    };
+    assert_eq!(sentry(""), 512 * 1024);
+    assert_eq!(sentry("wireguard_window = \"4MiB\"\n"), 4 << 20);
+    let agent = |extra: &str| {
+        let text = format!(
+            "[agent]\nname = \"v\"\nprivate_key = \"a.key\"\n[[sentry]]\n\
+             address = \"sentry.example.org:51820\"\n\
+             public_key = \"oYNIXccxctOPVk3MUs7HyF+TXOmfTOLFhVFRkb9Uels=\"\n\
+             transport = \"wireguard\"\nwireguard_address = \"100.64.0.2\"\n\
+             sentry_wireguard_address = \"100.64.0.1\"\n{extra}\
+             [[service]]\nname = \"p2p\"\ntarget = \"127.0.0.1:7100\"\n"
+        );
+        config::parse_agent(Path::new("agent.toml"), &text)
+            .unwrap()
+            .sentries[0]
+            .wireguard
+            .unwrap()
+            .window
+    };
+    assert_eq!(agent(""), 512 * 1024);
+    assert_eq!(agent("wireguard_window = \"2MiB\"\n"), 2 << 20);
 }

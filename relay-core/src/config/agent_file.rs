@@ -3,7 +3,8 @@
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::units::{Addr, HostPort, HumanDuration, Key, Name};
+use super::sentry_file::wireguard_window;
+use super::units::{Addr, HostPort, HumanDuration, HumanSize, Key, Name};
 use super::{
     AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, Locator, SentryPeer,
     Service, TransportKind, deserialize, overlay_address,
@@ -44,6 +45,7 @@ struct SentryTable {
     transport: Option<Spanned<Transport>>,
     wireguard_address: Option<Spanned<String>>,
     sentry_wireguard_address: Option<Spanned<String>>,
+    wireguard_window: Option<Spanned<HumanSize>>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +75,13 @@ fn wireguard(
         ("sentry_wireguard_address", &table.sentry_wireguard_address),
     ];
     if transport != TransportKind::WireGuard {
+        if let Some(window) = &table.wireguard_window {
+            check.fail(
+                window,
+                format!("sentry[{i}].wireguard_window"),
+                "applies only with transport = \"wireguard\"",
+            );
+        }
         for (field, value) in fields {
             if let Some(value) = value {
                 check.fail(
@@ -112,6 +121,11 @@ fn wireguard(
         [address, sentry_address] if address != sentry_address => Some(AgentWireGuard {
             address,
             sentry_address,
+            window: wireguard_window(
+                check,
+                table.wireguard_window.as_ref(),
+                &format!("sentry[{i}].wireguard_window"),
+            ),
         }),
         [_, _] => {
             if let Some(value) = &table.wireguard_address {

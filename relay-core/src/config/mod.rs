@@ -79,7 +79,14 @@ pub struct WireGuard {
     pub listen: SocketAddr,
     /// The sentry's own address inside the overlay.
     pub address: Ipv4Addr,
+    /// `wireguard_window`: each overlay stream's receive and send buffer, in bytes.
+    pub window: usize,
 }
+
+/// Range of `wireguard_window`, and its default (the transport's).
+pub const WIREGUARD_WINDOW: std::ops::RangeInclusive<usize> =
+    crate::transport::wireguard::MIN_WINDOW..=crate::transport::wireguard::MAX_WINDOW;
+pub const DEFAULT_WIREGUARD_WINDOW: usize = crate::transport::wireguard::STREAM_BUFFER;
 
 /// A plain WireGuard peer (kernel `wg`, wireguard-go): routes reach addresses inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -287,6 +294,8 @@ pub struct AgentWireGuard {
     pub address: Ipv4Addr,
     /// The sentry's address inside the overlay.
     pub sentry_address: Ipv4Addr,
+    /// `wireguard_window`: each overlay stream's receive and send buffer, in bytes.
+    pub window: usize,
 }
 
 /// How the agent reaches a sentry.

@@ -1446,6 +1446,9 @@ async fn open(tunnel: &Tunnel, header: &Header) -> Result<TunnelStream, OpenErro
 
 /// The WireGuard peers of a config: agents with an overlay address, and plain peers.
 fn wireguard_peers(config: &SentryConfig) -> Vec<wireguard::PeerSpec> {
+    let window = config
+        .wireguard
+        .map_or(crate::config::DEFAULT_WIREGUARD_WINDOW, |wg| wg.window);
     let agents = config.agents.iter().filter_map(|agent| {
         Some(wireguard::PeerSpec {
             name: agent.name.clone(),
@@ -1455,6 +1458,7 @@ fn wireguard_peers(config: &SentryConfig) -> Vec<wireguard::PeerSpec> {
             keepalive: None,
             liveness: wireguard::AGENT_LIVENESS,
             accept: false,
+            window,
         })
     });
     let plain = config
@@ -1468,6 +1472,7 @@ fn wireguard_peers(config: &SentryConfig) -> Vec<wireguard::PeerSpec> {
             keepalive: None,
             liveness: wireguard::PLAIN_LIVENESS,
             accept: false,
+            window,
         });
     agents.chain(plain).collect()
 }

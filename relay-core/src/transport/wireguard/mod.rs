@@ -69,9 +69,13 @@ pub const AGENT_LIVENESS: Duration = Duration::from_secs(15);
 /// A plain WireGuard peer is reachable while its last packet is younger than this (its
 /// session's lifetime: it may keep no keepalive of its own).
 pub const PLAIN_LIVENESS: Duration = Duration::from_secs(180);
-/// Each stream's receive and send buffer. The receive buffer is the TCP window: 512 KiB
-/// carries 2 Gbit/s at 2 ms of round trip.
+/// Each stream's receive and send buffer unless the peer's [`PeerSpec::window`] says
+/// otherwise. The receive buffer is the TCP window, and a stream carries at most one window
+/// per round trip: 512 KiB is 2 Gbit/s at 2 ms, 0.1 Gbit/s at 40 ms.
 pub const STREAM_BUFFER: usize = 512 * 1024;
+/// Smallest and largest window a peer may be given.
+pub const MIN_WINDOW: usize = 64 * 1024;
+pub const MAX_WINDOW: usize = 16 * 1024 * 1024;
 /// Streams one peer carries at once.
 pub const MAX_STREAMS: usize = 4096;
 /// Requested UDP socket buffers (as for QUIC).
@@ -88,17 +92,23 @@ const LINGER: Duration = Duration::from_secs(30);
 /// How often a stream holding unsent data, with nothing in flight, asks the peer for its
 /// window (see [`PeerState::unstick`]).
 const STALL_PROBE: Duration = Duration::from_secs(1);
-/// One unit of the advertised receive window: 2 to the power of the window scale smoltcp
-/// chooses for [`STREAM_BUFFER`] (the fewest bits that bring it under 64 KiB).
-const WINDOW_UNIT: usize = 1 << (usize::BITS - STREAM_BUFFER.leading_zeros()).saturating_sub(16);
-/// Bytes moved out of a full receive buffer so its window reopens by at least two units of
-/// the window scale.
-const WINDOW_NUDGE: usize = 2 * WINDOW_UNIT;
-/// Closed sockets a peer keeps for its next streams. A new socket's two [`STREAM_BUFFER`]s
-/// cost the allocator a megabyte of zeroing (or of fresh pages faulted in) per stream, which
-/// was a third of the agent's CPU under connection churn; a spare socket brings its buffers,
-/// already in memory. Worst case each spare holds both buffers resident.
+/// One unit of the advertised receive window for a receive buffer of `buffer` bytes: 2 to
+/// the power of the window scale smoltcp chooses for it (the fewest bits that bring it under
+/// 64 KiB).
+const fn window_unit(buffer: usize) -> usize {
+    1 << (usize::BITS - buffer.leading_zeros()).saturating_sub(16)
+}
+/// The window unit of the default [`STREAM_BUFFER`].
+#[cfg(test)]
+const WINDOW_UNIT: usize = window_unit(STREAM_BUFFER);
+/// Closed sockets a peer keeps for its next streams, at most. A new socket's two buffers
+/// cost the allocator a megabyte of zeroing (or of fresh pages faulted in) per stream at the
+/// default window, which was a third of the agent's CPU under connection churn; a spare socket
+/// brings its buffers, already in memory. Worst case each spare holds both buffers resident,
+/// so with larger windows fewer are kept (see [`SPARE_BUDGET`]).
 const SPARE_SOCKETS: usize = 64;
+/// Bytes of buffers the spare sockets of one peer may hold.
+const SPARE_BUDGET: usize = 64 * 1024 * 1024;
 /// Bytes a stream's stash holds at most (see [`PeerState::align_windows`]).
 const STASH_MAX: usize = 8 * 1024;
 /// A stream with data to send whose peer sends nothing this long is reset (the peer is gone).
@@ -143,6 +153,9 @@ pub struct PeerSpec {
     pub liveness: Duration,
     /// Accept relayed streams from it on [`RELAY_PORT`] (an agent, from its sentry).
     pub accept: bool,
+    /// Each stream's receive and send buffer, in bytes ([`MIN_WINDOW`] to [`MAX_WINDOW`];
+    /// [`STREAM_BUFFER`] by default): the most one stream carries per round trip.
+    pub window: usize,
 }
 
 /// A peer went up or down (called outside any lock).
@@ -218,6 +231,10 @@ struct PeerState {
     stash: HashMap<SocketHandle, Vec<u8>>,
     /// Closed sockets kept for the next streams, with their buffers (see [`SPARE_SOCKETS`]).
     spare: Vec<tcp::Socket<'static>>,
+    /// Each stream's buffers, its window unit, and how many spares are kept.
+    window: usize,
+    unit: usize,
+    spares: usize,
     /// Smoothed round trip from the setup of the streams this end opened (SYN to SYN-ACK).
     rtt: Option<Duration>,
     next_port: u16,
@@ -561,6 +578,10 @@ impl Peer {
                 port_of: HashMap::new(),
                 stash: HashMap::new(),
                 spare: Vec::new(),
+                window: spec.window.clamp(MIN_WINDOW, MAX_WINDOW),
+                unit: window_unit(spec.window.clamp(MIN_WINDOW, MAX_WINDOW)),
+                spares: (SPARE_BUDGET / (2 * spec.window.clamp(MIN_WINDOW, MAX_WINDOW)))
+                    .clamp(2, SPARE_SOCKETS),
                 rtt: None,
                 next_port,
                 streams: 0,
@@ -678,8 +699,8 @@ impl PeerState {
     fn new_socket(&mut self) -> tcp::Socket<'static> {
         let mut socket = self.spare.pop().unwrap_or_else(|| {
             tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; STREAM_BUFFER]),
-                tcp::SocketBuffer::new(vec![0; STREAM_BUFFER]),
+                tcp::SocketBuffer::new(vec![0; self.window]),
+                tcp::SocketBuffer::new(vec![0; self.window]),
             )
         });
         // `connect` and `listen` reset a socket's connection state, not these: set them all,
@@ -742,7 +763,7 @@ impl PeerState {
     /// acknowledgments.
     ///
     /// smoltcp (0.14) advertises its free receive space rounded down to the window scale
-    /// ([`WINDOW_UNIT`] bytes), and refuses any byte past the edge it last advertised. When a
+    /// (`unit` bytes, see [`window_unit`]), and refuses any byte past the edge it last advertised. When a
     /// segment of a length that is not a whole number of units arrives, the rounding can move
     /// the edge up to one unit to the left of where it was. A sender that already sent up to the
     /// old edge then has its last bytes refused. In the middle of a transfer the segments after
@@ -756,10 +777,11 @@ impl PeerState {
     /// advertised edge is the buffer's true end and never moves left. The stash is bounded by
     /// [`STASH_MAX`]; past it (a reader far behind) the rounding is left as it was.
     fn align_windows(&mut self) {
+        let unit = self.unit;
         for (handle, socket) in self.sockets.iter_mut() {
             let smoltcp::socket::Socket::Tcp(socket) = socket;
             let free = socket.recv_capacity() - socket.recv_queue();
-            let short = (WINDOW_UNIT - free % WINDOW_UNIT) % WINDOW_UNIT;
+            let short = (unit - free % unit) % unit;
             if short == 0 || socket.recv_queue() == 0 {
                 continue;
             }
@@ -786,7 +808,7 @@ impl PeerState {
     ///   refuses every later segment of the sender (acknowledgments included, as their sequence
     ///   number is past its own), so it never learns that its own data was acknowledged. The
     ///   sender meanwhile probes with bytes past the refused ones and never rewinds. Taking
-    ///   [`WINDOW_NUDGE`] bytes out of a full receive buffer into the stream's stash reopens the
+    ///   two window units of bytes out of a full receive buffer into the stream's stash reopens the
     ///   window past the sender's edge; the sender's next segment is accepted and both ends
     ///   resume. The nudge is taken only while the stream's stash is empty.
     ///   (`an_echo_resumes_after_both_directions_fill_up` stalls without this.)
@@ -800,6 +822,8 @@ impl PeerState {
     /// timeout counts from the peer's last packet, so on a quiet stream it would reset a
     /// healthy connection.
     fn unstick(&mut self) {
+        // Bytes moved out of a full receive buffer so its window reopens by two units.
+        let nudge = 2 * self.unit;
         for (handle, socket) in self.sockets.iter_mut() {
             let smoltcp::socket::Socket::Tcp(socket) = socket;
             let busy = socket.send_queue() > 0;
@@ -812,8 +836,8 @@ impl PeerState {
                 socket.set_timeout(timeout);
             }
             let free = socket.recv_capacity() - socket.recv_queue();
-            if free < WINDOW_NUDGE / 2 && socket.may_recv() && !self.stash.contains_key(&handle) {
-                let mut taken = vec![0; WINDOW_NUDGE];
+            if free < nudge / 2 && socket.may_recv() && !self.stash.contains_key(&handle) {
+                let mut taken = vec![0; nudge];
                 if let Ok(n) = socket.recv_slice(&mut taken) {
                     taken.truncate(n);
                     self.stash.insert(handle, taken);
@@ -853,7 +877,7 @@ impl PeerState {
     /// Forget a stream's socket.
     fn release(&mut self, handle: SocketHandle) {
         let socket = self.sockets.remove(handle);
-        if self.spare.len() < SPARE_SOCKETS
+        if self.spare.len() < self.spares
             && let smoltcp::socket::Socket::Tcp(socket) = socket
             && !socket.is_open()
         {

@@ -26,6 +26,11 @@ fn quiet() -> PeerEvents {
 }
 
 async fn pair() -> Pair {
+    pair_with(STREAM_BUFFER).await
+}
+
+/// Two devices whose peers give each stream `window` bytes of buffer each way.
+async fn pair_with(window: usize) -> Pair {
     let stop = CancellationToken::new();
     let sentry_key = PrivateKey::generate().unwrap();
     let agent_key = PrivateKey::generate().unwrap();
@@ -41,6 +46,7 @@ async fn pair() -> Pair {
             keepalive: None,
             liveness: AGENT_LIVENESS,
             accept: false,
+            window,
         }],
         quiet(),
         stop.clone(),
@@ -59,6 +65,7 @@ async fn pair() -> Pair {
             keepalive: Some(AGENT_KEEPALIVE),
             liveness: AGENT_LIVENESS,
             accept: true,
+            window,
         }],
         quiet(),
         stop.clone(),
@@ -131,6 +138,49 @@ fn the_window_unit_is_the_scale_smoltcp_chooses() {
     // 512 KiB needs 20 bits; smoltcp shifts the window by the bits past 16.
     assert_eq!(STREAM_BUFFER, 1 << 19);
     assert_eq!(WINDOW_UNIT, 16);
+}
+
+/// What one stream holds in flight before its writer must wait, with a reader that reads
+/// nothing: the receiver's window and the sender's buffer.
+async fn held_before_backpressure(window: usize) -> usize {
+    let pair = pair_with(window).await;
+    let mut accepted = pair.agent.peer("sentry").unwrap().take_accepted().unwrap();
+    let to_agent = pair.sentry.peer("agent").unwrap();
+    wait_up(&to_agent).await;
+    let mut stream = to_agent
+        .connect(SocketAddrV4::new(AGENT_IP, RELAY_PORT))
+        .await
+        .unwrap();
+    let _idle_reader = accepted.recv().await.unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    let mut written = 0;
+    // Bounded: at most 64 MiB, and over once a write waits 500 ms.
+    while written < 64 << 20 {
+        match tokio::time::timeout(Duration::from_millis(500), stream.write(&chunk)).await {
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    pair.stop.cancel();
+    written
+}
+
+/// The window a peer is given (`wireguard_window`) is what one stream holds in flight: the
+/// receiver's buffer and the sender's, each that size. The default holds 1 MiB; 4 MiB
+/// windows hold four times as much (what a stream needs across a long round trip).
+#[tokio::test]
+async fn a_peers_window_sets_what_one_stream_holds_in_flight() {
+    let default = held_before_backpressure(STREAM_BUFFER).await;
+    let large = held_before_backpressure(4 << 20).await;
+    let near = |held: usize, window: usize| {
+        held >= 2 * window - 2 * STASH_MAX && held <= 2 * window + 2 * STASH_MAX + (64 << 10)
+    };
+    assert!(
+        near(default, STREAM_BUFFER),
+        "default window held {default}"
+    );
+    assert!(near(large, 4 << 20), "4 MiB window held {large}");
 }
 
 #[tokio::test]
@@ -243,6 +293,7 @@ async fn a_wrong_key_gets_no_answer() {
             keepalive: Some(1),
             liveness: AGENT_LIVENESS,
             accept: true,
+            window: STREAM_BUFFER,
         }],
         quiet(),
         stop.clone(),
