@@ -109,6 +109,19 @@ const WINDOW_UNIT: usize = window_unit(STREAM_BUFFER);
 const SPARE_SOCKETS: usize = 64;
 /// Bytes of buffers the spare sockets of one peer may hold.
 const SPARE_BUDGET: usize = 64 * 1024 * 1024;
+/// Packets the stack takes in before its acknowledgments go out. A receiver acknowledges
+/// every second full-sized segment (RFC 5681 section 4.2), and smoltcp's receiver does, but
+/// only when its egress runs: run once per batch of up to [`BATCH`] datagrams (a GRO burst, a
+/// router's queue), it sent one acknowledgment for the whole batch. smoltcp's congestion
+/// control grows the window by one segment per acknowledgment in slow start, so it then grew
+/// by one segment per batch, not per two segments: across a 40 ms round trip one stream with
+/// 4 MiB windows reached 0.16 Gbit/s; acknowledging every two segments, 0.47. (Loopback bulk
+/// throughput did not change measurably.) The acknowledgments of one poll still leave in one
+/// GSO send.
+const ACK_EVERY: usize = 2;
+/// With many sockets (each pass of egress walks them all) the chunk grows, to at most this
+/// many socket visits per packet taken in.
+const SOCKETS_PER_PASS: usize = 32;
 /// Bytes a stream's stash holds at most (see [`PeerState::align_windows`]).
 const STASH_MAX: usize = 8 * 1024;
 /// A stream with data to send whose peer sends nothing this long is reset (the peer is gone).
@@ -666,17 +679,29 @@ impl PeerState {
         let at = stamp(epoch, now);
         // `Interface::poll`, with the receive windows aligned between ingress and egress.
         self.iface.poll_maintenance(at);
-        while self
-            .iface
-            .poll_ingress_single(at, &mut self.link, &mut self.sockets)
-            != smoltcp::iface::PollIngressSingleResult::None
-        {}
-        self.align_windows();
-        while self
-            .iface
-            .poll_egress(at, &mut self.link, &mut self.sockets)
-            != smoltcp::iface::PollResult::None
-        {}
+        // Acknowledgments leave after every few segments taken in, not once per batch (see
+        // [`ACK_EVERY`]); each pass walks every socket, so more sockets make longer chunks.
+        let chunk = ACK_EVERY.max(self.sockets.iter().count() / SOCKETS_PER_PASS);
+        loop {
+            let mut taken = 0;
+            while taken < chunk
+                && self
+                    .iface
+                    .poll_ingress_single(at, &mut self.link, &mut self.sockets)
+                    != smoltcp::iface::PollIngressSingleResult::None
+            {
+                taken += 1;
+            }
+            self.align_windows();
+            while self
+                .iface
+                .poll_egress(at, &mut self.link, &mut self.sockets)
+                != smoltcp::iface::PollResult::None
+            {}
+            if taken < chunk {
+                break;
+            }
+        }
         self.link.wire.flush();
         // Closed streams leave at once: every poll walks every socket, and a spare socket
         // saves the next stream its buffers.
