@@ -154,9 +154,10 @@ async fn held_before_backpressure(window: usize) -> usize {
     let _idle_reader = accepted.recv().await.unwrap();
     let chunk = vec![7u8; 64 * 1024];
     let mut written = 0;
-    // Bounded: at most 64 MiB, and over once a write waits 500 ms.
+    // Bounded: at most 64 MiB, and over once a write waits 1.5 s (a loaded machine may
+    // pause a flowing stream for less).
     while written < 64 << 20 {
-        match tokio::time::timeout(Duration::from_millis(500), stream.write(&chunk)).await {
+        match tokio::time::timeout(Duration::from_millis(1500), stream.write(&chunk)).await {
             Ok(Ok(n)) => written += n,
             Ok(Err(e)) => panic!("write failed: {e}"),
             Err(_) => break,
