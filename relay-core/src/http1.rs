@@ -94,7 +94,8 @@ pub fn parse_response(
             &mut fields,
         ) {
             Ok(httparse::Status::Complete(used)) => used,
-            Ok(httparse::Status::Partial) if rest.len() > MAX_HEAD => {
+            // The whole buffer counts: endless interim responses are bounded too.
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
                 return Err(Error::HeadTooLarge);
             }
             Ok(httparse::Status::Partial) => return Ok(None),
@@ -461,6 +462,8 @@ mod tests {
         }
         let huge = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_HEAD + 1));
         assert_eq!(parse(&huge).unwrap_err(), Error::HeadTooLarge);
+        let interims = "HTTP/1.1 100 Continue\r\n\r\n".repeat(MAX_HEAD / 25 + 1) + "HTTP/1.1 2";
+        assert_eq!(parse(&interims).unwrap_err(), Error::HeadTooLarge);
     }
 
     #[test]
