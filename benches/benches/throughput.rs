@@ -9,8 +9,7 @@
 use std::net::SocketAddr;
 
 use benches::{
-    Export, deployment, download, gbits, plain_relay, runtime, settings, sink, source, summary,
-    upload,
+    Export, deployment, plain_relay, runtime, settings, sink, source, summary, up_and_down,
 };
 
 fn main() {
@@ -35,11 +34,9 @@ fn main() {
         let mut down = vec![Vec::new(); paths.len()];
         for rep in 0..reps {
             for (i, (name, up_addr, down_addr)) in paths.iter().enumerate() {
-                let time = upload(*up_addr, bytes).await.expect("upload");
-                up[i].push(gbits(bytes, time));
-                let (time, got) = download(*down_addr).await.expect("download");
-                assert_eq!(got, bytes, "{name}: short download");
-                down[i].push(gbits(bytes, time));
+                let (u, d) = up_and_down(name, *up_addr, *down_addr, bytes).await;
+                up[i].push(u);
+                down[i].push(d);
                 eprintln!(
                     "rep {}/{reps} {name}: up {:.2} down {:.2} Gbit/s",
                     rep + 1,

@@ -11,9 +11,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use benches::{
-    Export, deployment_over, download, gbits, read_env, runtime, sink, source, summary, upload,
-};
+use benches::{Export, deployment_over, read_env, runtime, sink, source, summary, up_and_down};
 
 fn main() {
     let bytes = read_env("BENCH_BYTES", 64 << 20);
@@ -40,11 +38,9 @@ fn main() {
             let mut down = vec![Vec::new(); paths.len()];
             for rep in 0..reps {
                 for (i, (name, (up_addr, down_addr))) in paths.iter().enumerate() {
-                    let time = upload(*up_addr, bytes).await.expect("upload");
-                    up[i].push(gbits(bytes, time));
-                    let (time, got) = download(*down_addr).await.expect("download");
-                    assert_eq!(got, bytes, "{name}: short download");
-                    down[i].push(gbits(bytes, time));
+                    let (u, d) = up_and_down(name, *up_addr, *down_addr, bytes).await;
+                    up[i].push(u);
+                    down[i].push(d);
                     eprintln!(
                         "rtt {rtt} ms rep {}/{reps} {name}: up {:.3} down {:.3} Gbit/s",
                         rep + 1,

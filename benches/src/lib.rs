@@ -163,6 +163,19 @@ async fn download_inner(addr: SocketAddr) -> std::io::Result<(Duration, usize)> 
     }
 }
 
+/// One upload of `bytes` to `up` and one download from `down` (a [`source`] of `bytes`), in
+/// Gbit/s each.
+///
+/// # Panics
+/// A transfer fails or the download comes short.
+pub async fn up_and_down(name: &str, up: SocketAddr, down: SocketAddr, bytes: usize) -> (f64, f64) {
+    let time = upload(up, bytes).await.expect("upload");
+    let up = gbits(bytes, time);
+    let (time, got) = download(down).await.expect("download");
+    assert_eq!(got, bytes, "{name}: short download");
+    (up, gbits(bytes, time))
+}
+
 /// Gbit/s of `bytes` in `time`.
 #[must_use]
 pub fn gbits(bytes: usize, time: Duration) -> f64 {
