@@ -257,6 +257,10 @@ impl Chunked {
         loop {
             match self.state {
                 ChunkState::Size => match httparse::parse_chunk_size(buf) {
+                    // The bound holds however the line arrived: whole or in pieces.
+                    Ok(httparse::Status::Complete((used, _))) if used > MAX_LINE => {
+                        return Err(Error::Chunk);
+                    }
                     Ok(httparse::Status::Complete((used, size))) => {
                         buf.advance(used);
                         self.state = if size == 0 {
@@ -298,6 +302,9 @@ impl Chunked {
                 ChunkState::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((used, _))) if used > MAX_HEAD => {
+                            return Err(Error::Chunk);
+                        }
                         Ok(httparse::Status::Complete((used, _))) => {
                             buf.advance(used);
                             self.state = ChunkState::Done;
@@ -501,6 +508,9 @@ mod tests {
         }
         let long = format!("5;{}", "e".repeat(MAX_LINE + 1));
         assert_eq!(body(&long).unwrap_err(), Error::Chunk);
+        // Over the bound even when the whole line is there (as it could be fed in pieces).
+        let whole_line = format!("5;{}\r\nhello\r\n", "e".repeat(MAX_LINE + 1));
+        assert_eq!(body(&whole_line).unwrap_err(), Error::Chunk);
         let trailers = format!("0\r\nX: {}", "t".repeat(MAX_HEAD + 1));
         assert_eq!(body(&trailers).unwrap_err(), Error::Chunk);
         assert_eq!(body("3\r\nab").unwrap(), (b"ab".to_vec(), false, 0));
