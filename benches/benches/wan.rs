@@ -6,7 +6,9 @@
 //!
 //! Reproduce: `cargo bench -p benches --bench wan`
 //! (`BENCH_RTTS` in ms, default `0,10,40`; `BENCH_BYTES` per transfer, default 64 MiB;
-//! `BENCH_REPS`, default 3, interleaved).
+//! `BENCH_REPS`, default 3, interleaved; `BENCH_WG_WINDOWS`, the larger `wireguard_window`s
+//! measured beside the default (`auto`), default `512KiB`; `BENCH_ONLY` measures only the paths whose name
+//! contains it).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,18 +23,32 @@ fn main() {
         .split(',')
         .filter_map(|v| v.trim().parse().ok())
         .collect();
+    let windows: Vec<String> = std::env::var("BENCH_WG_WINDOWS")
+        .unwrap_or_else(|_| "512KiB".into())
+        .split(',')
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    let only = std::env::var("BENCH_ONLY").ok();
     runtime().block_on(async move {
         let (sink, source) = (sink().await, source(bytes).await);
         let mut rows = Vec::new();
         for &rtt in &rtts {
             let one_way = Duration::from_millis(rtt) / 2;
             let mut paths = Vec::new();
-            for (name, transport, window) in [
-                ("quic", "quic", None),
-                ("wireguard", "wireguard", None),
-                ("wg 4MiB", "wireguard", Some("4MiB")),
-            ] {
-                paths.push((name, tunnel(sink, source, transport, one_way, window).await));
+            let mut variants = vec![
+                ("quic".to_owned(), "quic", None),
+                ("wireguard".to_owned(), "wireguard", None),
+            ];
+            for window in &windows {
+                variants.push((format!("wg {window}"), "wireguard", Some(window.as_str())));
+            }
+            for (name, transport, window) in variants {
+                if only.as_deref().is_some_and(|o| !name.contains(o)) {
+                    continue;
+                }
+                let addrs = tunnel(sink, source, transport, one_way, window).await;
+                paths.push((name, addrs));
             }
             let mut up = vec![Vec::new(); paths.len()];
             let mut down = vec![Vec::new(); paths.len()];
@@ -50,7 +66,7 @@ fn main() {
                 }
             }
             for (i, (name, _)) in paths.iter().enumerate() {
-                rows.push((rtt, *name, summary(&up[i]), summary(&down[i])));
+                rows.push((rtt, name.clone(), summary(&up[i]), summary(&down[i])));
             }
         }
         println!(

@@ -89,7 +89,13 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "wireguard-window-out-of-range",
         "6:20",
         "sentry.wireguard_window",
-        "must be from 64KiB to 16MiB",
+        "must be \"auto\" or from 64KiB to 16MiB",
+    ),
+    (
+        "wireguard-window-neither-auto-nor-size",
+        "6:20",
+        "sentry.wireguard_window",
+        "or \"auto\"",
     ),
     (
         "agent-wireguard-window-over-quic",
@@ -459,7 +465,8 @@ fn an_allow_file_that_lists_nobody_is_refused() {
 }
 
 #[test]
-fn the_wireguard_window_is_read_on_both_ends_with_a_default() {
+fn the_wireguard_window_is_read_on_both_ends_and_sized_for_the_round_trip_by_default() {
+    use relay_core::config::Window;
     let sentry = |extra: &str| {
         let text = format!(
             "[sentry]\nprivate_key = \"s.key\"\nquic_listen = \"127.0.0.1:4433\"\n\
@@ -473,8 +480,12 @@ fn the_wireguard_window_is_read_on_both_ends_with_a_default() {
             .unwrap()
             .window
     };
-    assert_eq!(sentry(""), 512 * 1024);
-    assert_eq!(sentry("wireguard_window = \"4MiB\"\n"), 4 << 20);
+    assert_eq!(sentry(""), Window::Auto);
+    assert_eq!(sentry("wireguard_window = \"auto\"\n"), Window::Auto);
+    assert_eq!(
+        sentry("wireguard_window = \"4MiB\"\n"),
+        Window::Fixed(4 << 20)
+    );
     let agent = |extra: &str| {
         let text = format!(
             "[agent]\nname = \"v\"\nprivate_key = \"a.key\"\n[[sentry]]\n\
@@ -491,6 +502,9 @@ fn the_wireguard_window_is_read_on_both_ends_with_a_default() {
             .unwrap()
             .window
     };
-    assert_eq!(agent(""), 512 * 1024);
-    assert_eq!(agent("wireguard_window = \"2MiB\"\n"), 2 << 20);
+    assert_eq!(agent(""), Window::Auto);
+    assert_eq!(
+        agent("wireguard_window = \"2MiB\"\n"),
+        Window::Fixed(2 << 20)
+    );
 }

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::sentry_file::wireguard_window;
-use super::units::{Addr, HostPort, HumanDuration, HumanSize, Key, Name};
+use super::units::{Addr, HostPort, HumanDuration, HumanWindow, Key, Name};
 use super::{
     AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, Locator, SentryPeer,
     Service, TransportKind, deserialize, overlay_address,
@@ -45,7 +45,7 @@ struct SentryTable {
     transport: Option<Spanned<Transport>>,
     wireguard_address: Option<Spanned<String>>,
     sentry_wireguard_address: Option<Spanned<String>>,
-    wireguard_window: Option<Spanned<HumanSize>>,
+    wireguard_window: Option<Spanned<HumanWindow>>,
 }
 
 #[derive(Deserialize)]

@@ -25,6 +25,7 @@ pub use error::{ConfigError, ConfigErrors};
 use crate::cidr::CidrSet;
 use crate::keys::PublicKey;
 use crate::relay::ProxyVersion;
+pub use crate::transport::wireguard::Window;
 
 /// Default `idle_timeout` of a route: a relayed connection silent both ways this long is
 /// closed. P2P links of most chains ping well within it.
@@ -79,14 +80,14 @@ pub struct WireGuard {
     pub listen: SocketAddr,
     /// The sentry's own address inside the overlay.
     pub address: Ipv4Addr,
-    /// `wireguard_window`: each overlay stream's receive and send buffer, in bytes.
-    pub window: usize,
+    /// `wireguard_window`: each overlay stream's receive and send buffer.
+    pub window: Window,
 }
 
-/// Range of `wireguard_window`, and its default (the transport's).
+/// Range of a fixed `wireguard_window`, and the default (sized for the round trip).
 pub const WIREGUARD_WINDOW: std::ops::RangeInclusive<usize> =
     crate::transport::wireguard::MIN_WINDOW..=crate::transport::wireguard::MAX_WINDOW;
-pub const DEFAULT_WIREGUARD_WINDOW: usize = crate::transport::wireguard::STREAM_BUFFER;
+pub const DEFAULT_WIREGUARD_WINDOW: Window = Window::Auto;
 
 /// A plain WireGuard peer (kernel `wg`, wireguard-go): routes reach addresses inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,8 +295,8 @@ pub struct AgentWireGuard {
     pub address: Ipv4Addr,
     /// The sentry's address inside the overlay.
     pub sentry_address: Ipv4Addr,
-    /// `wireguard_window`: each overlay stream's receive and send buffer, in bytes.
-    pub window: usize,
+    /// `wireguard_window`: each overlay stream's receive and send buffer.
+    pub window: Window,
 }
 
 /// How the agent reaches a sentry.

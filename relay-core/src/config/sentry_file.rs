@@ -14,13 +14,15 @@ use crate::relay::ProxyVersion;
 use crate::jsonrpc::glob::{PathError, canonical_path};
 use crate::jsonrpc::{Policy, preset};
 
-use super::units::{Addr, Cidr, HumanDuration, HumanRate, HumanSize, Key, Name, check_name};
+use super::units::{
+    Addr, Cidr, HumanDuration, HumanRate, HumanSize, HumanWindow, Key, Name, check_name,
+};
 use super::{
     AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_CALL_RATE_PER_IP, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_WEBSOCKETS_PER_IP,
     DEFAULT_SENTRY_MAX_CONNECTIONS, DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_WIREGUARD_WINDOW,
     ForwardedHeader, JsonRpc, Limits, Locator, Route, RouteTls, SentryConfig, Upstream,
-    WIREGUARD_WINDOW, WireGuard, WireGuardPeer, deserialize, overlay_address,
+    WIREGUARD_WINDOW, Window, WireGuard, WireGuardPeer, deserialize, overlay_address,
 };
 
 #[derive(Deserialize)]
@@ -50,7 +52,7 @@ struct SentryTable {
     quic_listen: Spanned<Addr>,
     wireguard_listen: Option<Spanned<Addr>>,
     wireguard_address: Option<Spanned<String>>,
-    wireguard_window: Option<Spanned<HumanSize>>,
+    wireguard_window: Option<Spanned<HumanWindow>>,
     tls_listen: Option<Spanned<Addr>>,
     metrics_listen: Option<Spanned<Addr>>,
     max_connections: Option<Spanned<u64>>,
@@ -370,24 +372,26 @@ fn wireguard(check: &mut Checker<'_>, doc: &Doc) -> Option<WireGuard> {
     }
 }
 
-/// `wireguard_window`, checked: within [`WIREGUARD_WINDOW`], the default when absent.
+/// `wireguard_window`, checked: `"auto"` or within [`WIREGUARD_WINDOW`], the default when
+/// absent.
 pub(super) fn wireguard_window(
     check: &mut Checker<'_>,
-    value: Option<&Spanned<HumanSize>>,
+    value: Option<&Spanned<HumanWindow>>,
     key: &str,
-) -> usize {
+) -> Window {
     let Some(value) = value else {
         return DEFAULT_WIREGUARD_WINDOW;
     };
-    match usize::try_from(value.get_ref().0) {
-        Ok(n) if WIREGUARD_WINDOW.contains(&n) => n,
-        _ => {
+    match value.get_ref().0 {
+        Window::Auto => Window::Auto,
+        Window::Fixed(n) if WIREGUARD_WINDOW.contains(&n) => Window::Fixed(n),
+        Window::Fixed(_) => {
             check.fail(
                 value,
                 key,
                 format!(
-                    "must be from {}KiB to {}MiB: each overlay stream holds this much each way \
-                     (one window per round trip: 4MiB carries 0.8 Gbit/s at 40 ms)",
+                    "must be \"auto\" or from {}KiB to {}MiB: each overlay stream holds this \
+                     much each way (one window per round trip: 4MiB carries 0.8 Gbit/s at 40 ms)",
                     WIREGUARD_WINDOW.start() >> 10,
                     WIREGUARD_WINDOW.end() >> 20
                 ),

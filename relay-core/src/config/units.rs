@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::keys::PublicKey;
+use crate::transport::wireguard::Window;
 
 /// Longest accepted name (routes, agents, services). Names travel in the relay header.
 pub const MAX_NAME_LEN: usize = 64;
@@ -323,6 +324,22 @@ string_value!(
     HumanSize(u64),
     "a size such as \"1MiB\" or \"512KiB\"",
     parse_size
+);
+
+/// `wireguard_window`: `"auto"`, or a size.
+pub fn parse_window(text: &str) -> Result<Window, String> {
+    if text.trim() == "auto" {
+        return Ok(Window::Auto);
+    }
+    let bytes = parse_size(text).map_err(|e| format!("{e}, or \"auto\""))?;
+    Ok(Window::Fixed(usize::try_from(bytes).unwrap_or(usize::MAX)))
+}
+
+string_value!(
+    /// A WireGuard stream window: sized for the round trip, or fixed.
+    HumanWindow(Window),
+    "\"auto\" or a size such as \"4MiB\"",
+    parse_window
 );
 
 string_value!(

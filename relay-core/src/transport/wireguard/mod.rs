@@ -70,10 +70,21 @@ pub const AGENT_LIVENESS: Duration = Duration::from_secs(15);
 /// A plain WireGuard peer is reachable while its last packet is younger than this (its
 /// session's lifetime: it may keep no keepalive of its own).
 pub const PLAIN_LIVENESS: Duration = Duration::from_secs(180);
-/// Each stream's receive and send buffer unless the peer's [`PeerSpec::window`] says
-/// otherwise. The receive buffer is the TCP window, and a stream carries at most one window
-/// per round trip: 512 KiB is 2 Gbit/s at 2 ms, 0.1 Gbit/s at 40 ms.
+/// Each stream's receive and send buffer on a short round trip, and the least an automatic
+/// window gives (see [`Window::Auto`]). The receive buffer is the TCP window, and a stream
+/// carries at most one window per round trip: 512 KiB is 2 Gbit/s at 2 ms, 0.1 Gbit/s at
+/// 40 ms.
 pub const STREAM_BUFFER: usize = 512 * 1024;
+/// The rate an automatic window is sized for: the round trip times this, in bytes per
+/// second. One stream uses about four fifths of its window per round trip (measured across
+/// the `wan` bench's 40 ms line: 4 MiB windows carried 0.66 Gbit/s of 0.84), so 200 MB/s
+/// (1.6 Gbit/s) of window keeps a 1 Gbit/s link full.
+const AUTO_RATE: u64 = 200_000_000;
+/// Bytes of buffers, both ways, the streams of one peer may hold beyond [`STREAM_BUFFER`]
+/// each through automatic windows. A new stream gets the largest window within it, at least
+/// [`STREAM_BUFFER`]. Like QUIC's connection window, this bounds what many busy streams across
+/// a long round trip can pin (smoltcp's buffers stay resident once touched).
+const AUTO_BUDGET: usize = 256 * 1024 * 1024;
 /// Smallest and largest window a peer may be given.
 pub const MIN_WINDOW: usize = 64 * 1024;
 pub const MAX_WINDOW: usize = 16 * 1024 * 1024;
@@ -88,6 +99,9 @@ const HANDSHAKE_RATE: u64 = 200;
 const BATCH: usize = 64;
 /// How often the noise timers run (keepalives, rekeys, handshake retries).
 const NOISE_TICK: Duration = Duration::from_millis(250);
+/// How long a new stream waits, at most, for the round trip to its peer being measured (see
+/// [`PeerState::measure_rtt`]): its window is sized from it.
+const MEASURE_WAIT: Duration = Duration::from_secs(1);
 /// How long a closed stream may linger (finishing its FIN exchange) before it is reset.
 const LINGER: Duration = Duration::from_secs(30);
 /// How often a stream holding unsent data, with nothing in flight, asks the peer for its
@@ -167,9 +181,48 @@ pub struct PeerSpec {
     pub liveness: Duration,
     /// Accept relayed streams from it on [`RELAY_PORT`] (an agent, from its sentry).
     pub accept: bool,
-    /// Each stream's receive and send buffer, in bytes ([`MIN_WINDOW`] to [`MAX_WINDOW`];
-    /// [`STREAM_BUFFER`] by default): the most one stream carries per round trip.
-    pub window: usize,
+    /// Each stream's receive and send buffer: the most one stream carries per round trip.
+    pub window: Window,
+}
+
+/// How large a peer's streams' buffers are (`wireguard_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Sized for the peer's measured round trip (see [`auto_window`]), from
+    /// [`STREAM_BUFFER`] to [`MAX_WINDOW`]; within [`AUTO_BUDGET`] per peer.
+    Auto,
+    /// This many bytes each way ([`MIN_WINDOW`] to [`MAX_WINDOW`]).
+    Fixed(usize),
+}
+
+/// The window for a new stream of a peer whose round trip is `rtt` (unknown: `None`), whose
+/// live streams already hold `grown` bytes of buffers past [`STREAM_BUFFER`] each.
+///
+/// Past [`STREAM_BUFFER`], a whole number of MiB: a whole number of window units (see
+/// [`window_unit`]), and spare sockets fit the next streams while the estimate moves within
+/// a step.
+#[must_use]
+pub fn auto_window(rtt: Option<Duration>, grown: usize) -> usize {
+    const STEP: usize = 1 << 20;
+    let Some(rtt) = rtt else {
+        return STREAM_BUFFER;
+    };
+    let wanted = u64::try_from(rtt.as_micros())
+        .unwrap_or(u64::MAX)
+        .saturating_mul(AUTO_RATE)
+        / 1_000_000;
+    let wanted = usize::try_from(wanted).unwrap_or(MAX_WINDOW);
+    if wanted <= STREAM_BUFFER {
+        return STREAM_BUFFER;
+    }
+    // Past the budget, the largest window that still fits it.
+    let room = AUTO_BUDGET.saturating_sub(grown) / 2 + STREAM_BUFFER;
+    wanted
+        .min(MAX_WINDOW)
+        .div_ceil(STEP)
+        .saturating_mul(STEP)
+        .min(room / STEP * STEP)
+        .max(STREAM_BUFFER)
 }
 
 /// A peer went up or down (called outside any lock).
@@ -214,6 +267,8 @@ pub struct Peer {
     state: Mutex<PeerState>,
     /// Wakes the timer task when a deadline moved earlier.
     timer: Notify,
+    /// Wakes streams waiting for the round trip (see [`PeerState::measure_rtt`]).
+    measured: Notify,
     /// Streams the peer opened to us (when `spec.accept`).
     accepted: Mutex<Option<mpsc::Receiver<OverlayStream>>>,
     accept_tx: Option<mpsc::Sender<OverlayStream>>,
@@ -245,10 +300,8 @@ struct PeerState {
     stash: HashMap<SocketHandle, Vec<u8>>,
     /// Closed sockets kept for the next streams, with their buffers (see [`SPARE_SOCKETS`]).
     spare: Vec<tcp::Socket<'static>>,
-    /// Each stream's buffers, its window unit, and how many spares are kept.
-    window: usize,
-    unit: usize,
-    spares: usize,
+    /// How each new stream's buffers are sized.
+    window: Window,
     /// Smoothed round trip from the setup of the streams this end opened (SYN to SYN-ACK).
     rtt: Option<Duration>,
     next_port: u16,
@@ -257,6 +310,9 @@ struct PeerState {
     up: bool,
     /// When the timer task will next run.
     deadline: Instant,
+    /// When this end started a handshake to measure the round trip (see
+    /// [`PeerState::measure_rtt`]), until it is measured.
+    measuring: Option<Instant>,
     /// Counters for metrics.
     handshakes: u64,
 }
@@ -592,10 +648,10 @@ impl Peer {
                 port_of: HashMap::new(),
                 stash: HashMap::new(),
                 spare: Vec::new(),
-                window: spec.window.clamp(MIN_WINDOW, MAX_WINDOW),
-                unit: window_unit(spec.window.clamp(MIN_WINDOW, MAX_WINDOW)),
-                spares: (SPARE_BUDGET / (2 * spec.window.clamp(MIN_WINDOW, MAX_WINDOW)))
-                    .clamp(2, SPARE_SOCKETS),
+                window: match spec.window {
+                    Window::Fixed(bytes) => Window::Fixed(bytes.clamp(MIN_WINDOW, MAX_WINDOW)),
+                    Window::Auto => Window::Auto,
+                },
                 rtt: None,
                 next_port,
                 streams: 0,
@@ -603,8 +659,10 @@ impl Peer {
                 up: false,
                 deadline: now,
                 handshakes: 0,
+                measuring: None,
             }),
             timer: Notify::new(),
+            measured: Notify::new(),
             accepted: Mutex::new(accepted),
             accept_tx,
             epoch: inner.epoch,
@@ -720,15 +778,83 @@ impl PeerState {
         }
     }
 
-    /// A socket for a new stream: a spare one when there is one (see [`SPARE_SOCKETS`]), else
-    /// a new one with its buffers.
+    /// The round trip to the peer: from the streams this end opened, else from the noise
+    /// handshakes this end initiated (milliseconds).
+    fn link_rtt(&self) -> Option<Duration> {
+        let (_, _, _, _, handshake) = self.link.wire.tunn.stats();
+        self.rtt
+            .or_else(|| handshake.map(|ms| Duration::from_millis(u64::from(ms))))
+    }
+
+    /// Start one handshake of our own when the peer came up and this end knows no round trip
+    /// to it: a sentry answers its agents' handshakes and learns none there, and its first
+    /// stream would get the short round trip's window. The handshake's answer measures it
+    /// (a new session; the peer keeps the old one's packets coming meanwhile).
+    fn measure_rtt(&mut self) {
+        if self.window != Window::Auto || self.link_rtt().is_some() {
+            return;
+        }
+        let Some(endpoint) = self.link.wire.endpoint else {
+            return;
+        };
+        let mut out = [0u8; 256];
+        if let TunnResult::WriteToNetwork(datagram) = self
+            .link
+            .wire
+            .tunn
+            .format_handshake_initiation(&mut out, false)
+            && self.link.wire.udp.try_send_to(datagram, endpoint).is_ok()
+        {
+            self.measuring = Some(clock::now());
+        }
+    }
+
+    /// Whether a new stream should wait for the round trip: it is being measured, for less
+    /// than [`MEASURE_WAIT`]. Clears the measurement once done; returns `None` then.
+    fn awaiting_rtt(&mut self, now: Instant) -> Option<Instant> {
+        let started = self.measuring?;
+        if self.link_rtt().is_some() || now.duration_since(started) >= MEASURE_WAIT {
+            self.measuring = None;
+            return None;
+        }
+        Some(started + MEASURE_WAIT)
+    }
+
+    /// Each new stream's buffers, each way.
+    fn stream_window(&self) -> usize {
+        match self.window {
+            Window::Fixed(bytes) => bytes,
+            Window::Auto => {
+                let grown = self
+                    .sockets
+                    .iter()
+                    .map(|(_, socket)| {
+                        let smoltcp::socket::Socket::Tcp(socket) = socket;
+                        let both = socket.recv_capacity() + socket.send_capacity();
+                        both.saturating_sub(2 * STREAM_BUFFER)
+                    })
+                    .sum();
+                auto_window(self.link_rtt(), grown)
+            }
+        }
+    }
+
+    /// A socket for a new stream: a spare one of the right size when there is one (see
+    /// [`SPARE_SOCKETS`]), else a new one with its buffers (and a spare of another size, if
+    /// any, is let go: the window moved with the round trip).
     fn new_socket(&mut self) -> tcp::Socket<'static> {
-        let mut socket = self.spare.pop().unwrap_or_else(|| {
-            tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; self.window]),
-                tcp::SocketBuffer::new(vec![0; self.window]),
-            )
-        });
+        let window = self.stream_window();
+        let fits = self.spare.iter().position(|s| s.recv_capacity() == window);
+        let mut socket = match fits {
+            Some(i) => self.spare.swap_remove(i),
+            None => {
+                self.spare.pop();
+                tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; window]),
+                    tcp::SocketBuffer::new(vec![0; window]),
+                )
+            }
+        };
         // `connect` and `listen` reset a socket's connection state, not these: set them all,
         // so a spare socket starts as a new one does (a fresh congestion controller too).
         socket.set_nagle_enabled(false);
@@ -803,9 +929,9 @@ impl PeerState {
     /// advertised edge is the buffer's true end and never moves left. The stash is bounded by
     /// [`STASH_MAX`]; past it (a reader far behind) the rounding is left as it was.
     fn align_windows(&mut self) {
-        let unit = self.unit;
         for (handle, socket) in self.sockets.iter_mut() {
             let smoltcp::socket::Socket::Tcp(socket) = socket;
+            let unit = window_unit(socket.recv_capacity());
             let free = socket.recv_capacity() - socket.recv_queue();
             let short = (unit - free % unit) % unit;
             if short == 0 || socket.recv_queue() == 0 {
@@ -848,10 +974,10 @@ impl PeerState {
     /// timeout counts from the peer's last packet, so on a quiet stream it would reset a
     /// healthy connection.
     fn unstick(&mut self) {
-        // Bytes moved out of a full receive buffer so its window reopens by two units.
-        let nudge = 2 * self.unit;
         for (handle, socket) in self.sockets.iter_mut() {
             let smoltcp::socket::Socket::Tcp(socket) = socket;
+            // Bytes moved out of a full receive buffer so its window reopens by two units.
+            let nudge = 2 * window_unit(socket.recv_capacity());
             let busy = socket.send_queue() > 0;
             let probe = busy.then(|| STALL_PROBE.into());
             if socket.keep_alive() != probe {
@@ -903,9 +1029,15 @@ impl PeerState {
     /// Forget a stream's socket.
     fn release(&mut self, handle: SocketHandle) {
         let socket = self.sockets.remove(handle);
-        if self.spare.len() < self.spares
+        let spare_bytes: usize = self
+            .spare
+            .iter()
+            .map(|s| s.recv_capacity() + s.send_capacity())
+            .sum();
+        if self.spare.len() < SPARE_SOCKETS
             && let smoltcp::socket::Socket::Tcp(socket) = socket
             && !socket.is_open()
+            && spare_bytes + socket.recv_capacity() + socket.send_capacity() <= SPARE_BUDGET
         {
             self.spare.push(socket);
         }
@@ -1057,6 +1189,10 @@ fn after_batch(inner: &Inner, peer: &Arc<Peer>, now: Instant) {
     let (wake, accepted, came_up) = {
         let mut state = lock(&peer.state);
         let wake = state.poll(peer.epoch, now);
+        if state.measuring.is_some() && state.link_rtt().is_some() {
+            state.measuring = None;
+            peer.measured.notify_waiters();
+        }
         let accepted = if peer.spec.accept {
             state.take_accepted()
         } else {
@@ -1068,6 +1204,7 @@ fn after_batch(inner: &Inner, peer: &Arc<Peer>, now: Instant) {
                 .is_some_and(|t| now.duration_since(t) < peer.spec.liveness);
         if came_up {
             state.up = true;
+            state.measure_rtt();
         }
         (wake, accepted, came_up)
     };

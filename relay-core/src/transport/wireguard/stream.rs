@@ -44,6 +44,14 @@ impl OverlayStream {
     /// Open a connection to `to` through `peer` and wait until it is established (the caller
     /// bounds the wait).
     pub(super) async fn connect(peer: Arc<Peer>, to: SocketAddrV4) -> io::Result<Self> {
+        // A window sized for the round trip needs it: wait while it is being measured.
+        loop {
+            let measured = peer.measured.notified();
+            let Some(until) = lock(&peer.state).awaiting_rtt(clock::now()) else {
+                break;
+            };
+            let _ = tokio::time::timeout_at(until.into(), measured).await;
+        }
         let started = clock::now();
         let wake = {
             let mut guard = lock(&peer.state);

@@ -26,11 +26,11 @@ fn quiet() -> PeerEvents {
 }
 
 async fn pair() -> Pair {
-    pair_with(STREAM_BUFFER).await
+    pair_with(Window::Fixed(STREAM_BUFFER)).await
 }
 
-/// Two devices whose peers give each stream `window` bytes of buffer each way.
-async fn pair_with(window: usize) -> Pair {
+/// Two devices whose peers size each stream's buffers by `window`.
+async fn pair_with(window: Window) -> Pair {
     let stop = CancellationToken::new();
     let sentry_key = PrivateKey::generate().unwrap();
     let agent_key = PrivateKey::generate().unwrap();
@@ -142,11 +142,17 @@ fn the_window_unit_is_the_scale_smoltcp_chooses() {
 
 /// What one stream holds in flight before its writer must wait, with a reader that reads
 /// nothing: the receiver's window and the sender's buffer.
-async fn held_before_backpressure(window: usize) -> usize {
+async fn held_before_backpressure(window: Window, rtt: Option<Duration>) -> usize {
     let pair = pair_with(window).await;
-    let mut accepted = pair.agent.peer("sentry").unwrap().take_accepted().unwrap();
+    let to_sentry = pair.agent.peer("sentry").unwrap();
+    let mut accepted = to_sentry.take_accepted().unwrap();
     let to_agent = pair.sentry.peer("agent").unwrap();
     wait_up(&to_agent).await;
+    // What the ends would have measured across a long path (loopback measures microseconds).
+    if let Some(rtt) = rtt {
+        lock(&to_agent.state).rtt = Some(rtt);
+        lock(&to_sentry.state).rtt = Some(rtt);
+    }
     let mut stream = to_agent
         .connect(SocketAddrV4::new(AGENT_IP, RELAY_PORT))
         .await
@@ -172,8 +178,8 @@ async fn held_before_backpressure(window: usize) -> usize {
 /// windows hold four times as much (what a stream needs across a long round trip).
 #[tokio::test]
 async fn a_peers_window_sets_what_one_stream_holds_in_flight() {
-    let default = held_before_backpressure(STREAM_BUFFER).await;
-    let large = held_before_backpressure(4 << 20).await;
+    let default = held_before_backpressure(Window::Fixed(STREAM_BUFFER), None).await;
+    let large = held_before_backpressure(Window::Fixed(4 << 20), None).await;
     let near = |held: usize, window: usize| {
         held >= 2 * window - 2 * STASH_MAX && held <= 2 * window + 2 * STASH_MAX + (64 << 10)
     };
@@ -182,6 +188,45 @@ async fn a_peers_window_sets_what_one_stream_holds_in_flight() {
         "default window held {default}"
     );
     assert!(near(large, 4 << 20), "4 MiB window held {large}");
+}
+
+/// An automatic window is what the round trip needs for about 1 Gbit/s, within the peer's
+/// budget: the default on loopback (and before anything is measured), 8 MiB across 40 ms.
+#[test]
+fn an_automatic_window_is_sized_for_the_round_trip_within_the_budget() {
+    let ms = Duration::from_millis;
+    assert_eq!(auto_window(None, 0), STREAM_BUFFER);
+    assert_eq!(
+        auto_window(Some(Duration::from_micros(80)), 0),
+        STREAM_BUFFER
+    );
+    assert_eq!(auto_window(Some(ms(2)), 0), STREAM_BUFFER);
+    assert_eq!(auto_window(Some(ms(5)), 0), 1 << 20);
+    assert_eq!(auto_window(Some(ms(10)), 0), 2 << 20);
+    assert_eq!(auto_window(Some(ms(40)), 0), 8 << 20);
+    assert_eq!(auto_window(Some(ms(43)), 0), 9 << 20);
+    assert_eq!(auto_window(Some(ms(300)), 0), MAX_WINDOW);
+    assert_eq!(auto_window(Some(Duration::MAX), 0), MAX_WINDOW);
+    // Streams already holding most of the budget: the largest window that still fits, and
+    // never less than the default.
+    let budget = AUTO_BUDGET;
+    assert_eq!(auto_window(Some(ms(40)), budget - (8 << 20)), 4 << 20);
+    assert_eq!(auto_window(Some(ms(40)), budget), STREAM_BUFFER);
+    assert_eq!(auto_window(Some(ms(40)), usize::MAX / 2), STREAM_BUFFER);
+}
+
+/// With automatic windows, what one stream holds in flight follows the round trip the ends
+/// measured: the default's at 0.2 ms, eight times more at 20 ms (4 MiB each way).
+#[tokio::test]
+async fn an_automatic_window_follows_the_measured_round_trip() {
+    let near = |held: usize, window: usize| {
+        held >= 2 * window - 2 * STASH_MAX && held <= 2 * window + 2 * STASH_MAX + (64 << 10)
+    };
+    // (Set, not measured: a debug build's handshake takes milliseconds even on loopback.)
+    let short = held_before_backpressure(Window::Auto, Some(Duration::from_micros(200))).await;
+    assert!(near(short, STREAM_BUFFER), "0.2 ms held {short}");
+    let long = held_before_backpressure(Window::Auto, Some(Duration::from_millis(20))).await;
+    assert!(near(long, 4 << 20), "20 ms held {long}");
 }
 
 #[tokio::test]
@@ -294,7 +339,7 @@ async fn a_wrong_key_gets_no_answer() {
             keepalive: Some(1),
             liveness: AGENT_LIVENESS,
             accept: true,
-            window: STREAM_BUFFER,
+            window: Window::Fixed(STREAM_BUFFER),
         }],
         quiet(),
         stop.clone(),
