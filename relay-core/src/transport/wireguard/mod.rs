@@ -20,10 +20,11 @@
 //! `sendmsg`, and the reader takes many per `recvmmsg`, with GRO where the kernel offers it.
 //!
 //! Memory is bounded: a peer's receive queue holds at most two batches of datagrams (the stack
-//! runs when one batch is queued), each stream's buffers are fixed at the peer's window each
-//! way ([`PeerSpec::window`], [`STREAM_BUFFER`] by default; plus a stash of at most
-//! [`STASH_MAX`] bytes taken out of the receive buffer, see [`PeerState::align_windows`]), and
-//! a peer carries at most [`MAX_STREAMS`] streams.
+//! runs when one batch is queued), each stream's buffers are fixed at its creation each way
+//! ([`PeerSpec::window`]: a size, or sized for the peer's round trip by [`auto_window`] within
+//! [`AUTO_BUDGET`] per peer; plus a stash of at most [`STASH_MAX`] bytes taken out of the
+//! receive buffer, see [`PeerState::align_windows`]), and a peer carries at most
+//! [`MAX_STREAMS`] streams.
 
 mod stream;
 #[cfg(test)]

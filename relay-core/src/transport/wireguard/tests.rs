@@ -229,6 +229,28 @@ async fn an_automatic_window_follows_the_measured_round_trip() {
     assert!(near(long, 4 << 20), "20 ms held {long}");
 }
 
+/// With automatic windows a sentry, which only answers its agent's handshakes, starts one of
+/// its own when the agent comes up: it knows the round trip before its first stream needs a
+/// window. With a fixed window it has no reason to.
+#[tokio::test]
+async fn a_responder_measures_the_round_trip_itself_when_windows_are_automatic() {
+    for (window, measures) in [(Window::Auto, true), (Window::Fixed(STREAM_BUFFER), false)] {
+        let pair = pair_with(window).await;
+        let to_agent = pair.sentry.peer("agent").unwrap();
+        wait_up(&to_agent).await;
+        let mut measured = to_agent.session().1.is_some();
+        for _ in 0..100 {
+            if measured {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            measured = to_agent.session().1.is_some();
+        }
+        assert_eq!(measured, measures, "{window:?}");
+        pair.stop.cancel();
+    }
+}
+
 #[tokio::test]
 async fn a_stream_crosses_the_overlay_both_ways() {
     let pair = pair().await;
