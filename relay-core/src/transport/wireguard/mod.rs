@@ -103,6 +103,8 @@ const NOISE_TICK: Duration = Duration::from_millis(250);
 /// How long a new stream waits, at most, for the round trip to its peer being measured (see
 /// [`PeerState::measure_rtt`]): its window is sized from it.
 const MEASURE_WAIT: Duration = Duration::from_secs(1);
+/// How long the least round trip measured stays the one windows are sized from.
+const RTT_FLOOR_AGE: Duration = Duration::from_secs(300);
 /// How long a closed stream may linger (finishing its FIN exchange) before it is reset.
 const LINGER: Duration = Duration::from_secs(30);
 /// How often a stream holding unsent data, with nothing in flight, asks the peer for its
@@ -305,6 +307,10 @@ struct PeerState {
     window: Window,
     /// Smoothed round trip from the setup of the streams this end opened (SYN to SYN-ACK).
     rtt: Option<Duration>,
+    /// The least of those samples, and when it was taken: what windows are sized from (a
+    /// sample taken under load counts the queues too). Replaced by the next sample once older
+    /// than [`RTT_FLOOR_AGE`], so a path that got longer is learnt.
+    rtt_floor: Option<(Duration, Instant)>,
     next_port: u16,
     streams: usize,
     last_rx: Option<Instant>,
@@ -654,6 +660,7 @@ impl Peer {
                     Window::Auto => Window::Auto,
                 },
                 rtt: None,
+                rtt_floor: None,
                 next_port,
                 streams: 0,
                 last_rx: None,
@@ -779,11 +786,13 @@ impl PeerState {
         }
     }
 
-    /// The round trip to the peer: from the streams this end opened, else from the noise
-    /// handshakes this end initiated (milliseconds).
+    /// The round trip to the peer that windows are sized from: the least one measured by the
+    /// streams this end opened lately, else the last noise handshake this end initiated
+    /// (milliseconds, rounded down).
     fn link_rtt(&self) -> Option<Duration> {
         let (_, _, _, _, handshake) = self.link.wire.tunn.stats();
-        self.rtt
+        self.rtt_floor
+            .map(|(floor, _)| floor)
             .or_else(|| handshake.map(|ms| Duration::from_millis(u64::from(ms))))
     }
 
@@ -1018,9 +1027,15 @@ impl PeerState {
         }
     }
 
-    /// One round trip measured by a stream's setup, folded into the smoothed value as TCP
-    /// does (RFC 6298: 7/8 old, 1/8 new).
-    fn observe_rtt(&mut self, sample: Duration) {
+    /// One round trip measured by a stream's setup: folded into the smoothed value as TCP
+    /// does (RFC 6298: 7/8 old, 1/8 new), and into the floor windows are sized from.
+    fn observe_rtt(&mut self, sample: Duration, now: Instant) {
+        self.rtt_floor = Some(match self.rtt_floor {
+            Some((floor, at)) if floor <= sample && now.duration_since(at) < RTT_FLOOR_AGE => {
+                (floor, at)
+            }
+            _ => (sample, now),
+        });
         self.rtt = Some(match self.rtt {
             Some(smoothed) => (smoothed * 7 + sample) / 8,
             None => sample,

@@ -84,7 +84,8 @@ impl OverlayStream {
         let stream = Self { peer, handle };
         poll_fn(|cx| stream.poll_established(cx)).await?;
         // SYN out, SYN-ACK back: one round trip of the overlay.
-        lock(&stream.peer.state).observe_rtt(clock::now().duration_since(started));
+        let now = clock::now();
+        lock(&stream.peer.state).observe_rtt(now.duration_since(started), now);
         Ok(stream)
     }
 

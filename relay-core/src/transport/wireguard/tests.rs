@@ -150,8 +150,8 @@ async fn held_before_backpressure(window: Window, rtt: Option<Duration>) -> usiz
     wait_up(&to_agent).await;
     // What the ends would have measured across a long path (loopback measures microseconds).
     if let Some(rtt) = rtt {
-        lock(&to_agent.state).rtt = Some(rtt);
-        lock(&to_sentry.state).rtt = Some(rtt);
+        lock(&to_agent.state).observe_rtt(rtt, clock::now());
+        lock(&to_sentry.state).observe_rtt(rtt, clock::now());
     }
     let mut stream = to_agent
         .connect(SocketAddrV4::new(AGENT_IP, RELAY_PORT))
@@ -213,6 +213,27 @@ fn an_automatic_window_is_sized_for_the_round_trip_within_the_budget() {
     assert_eq!(auto_window(Some(ms(40)), budget - (8 << 20)), 4 << 20);
     assert_eq!(auto_window(Some(ms(40)), budget), STREAM_BUFFER);
     assert_eq!(auto_window(Some(ms(40)), usize::MAX / 2), STREAM_BUFFER);
+}
+
+/// Windows are sized from the least round trip measured lately, not from one that counted
+/// the queues of a loaded moment; a floor older than five minutes gives way to the next sample.
+#[tokio::test]
+async fn windows_are_sized_from_the_least_recent_round_trip() {
+    let pair = pair_with(Window::Auto).await;
+    let peer = pair.sentry.peer("agent").unwrap();
+    let mut state = lock(&peer.state);
+    let ms = Duration::from_millis;
+    let start = clock::now();
+    state.observe_rtt(ms(40), start);
+    state.observe_rtt(ms(30), start + ms(10));
+    state.observe_rtt(ms(90), start + ms(20));
+    assert_eq!(state.link_rtt(), Some(ms(30)));
+    assert_eq!(state.stream_window(), 6 << 20);
+    state.observe_rtt(ms(50), start + RTT_FLOOR_AGE + ms(11));
+    assert_eq!(state.link_rtt(), Some(ms(50)));
+    assert_eq!(state.stream_window(), 10 << 20);
+    drop(state);
+    pair.stop.cancel();
 }
 
 /// With automatic windows, what one stream holds in flight follows the round trip the ends
