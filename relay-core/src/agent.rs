@@ -454,19 +454,28 @@ impl Observe for AgentHandle {
     fn collect(&self, out: &mut Families<'_>) -> std::fmt::Result {
         let shared = &self.shared;
         let tunnels: Vec<Arc<TunnelState>> = shared.entries();
-        // (sentry, (rtt, age) while up, tunnels established)
-        type Row = (String, &'static str, Option<(Duration, Duration)>, u64);
+        // (sentry, (rtt, age) while up, tunnels established, a WireGuard stream's window)
+        type Row = (
+            String,
+            &'static str,
+            Option<(Duration, Duration)>,
+            u64,
+            Option<usize>,
+        );
         let live: Vec<Row> = tunnels
             .iter()
             .map(|t| {
-                let up = lock(&t.live)
+                let live = lock(&t.live);
+                let up = live
                     .as_ref()
                     .map(|(tunnel, since)| (tunnel.rtt(), clock::now().duration_since(*since)));
+                let window = live.as_ref().and_then(|(tunnel, _)| tunnel.stream_window());
                 (
                     t.peer.address.clone(),
                     t.peer.transport.as_str(),
                     up,
                     t.connects.load(Ordering::Relaxed),
+                    window,
                 )
             })
             .collect();
@@ -482,19 +491,28 @@ impl Observe for AgentHandle {
             "agent_tunnel_up",
             "1 while the tunnel to this sentry is established, else 0.",
             live.iter()
-                .map(|(a, t, up, _)| (sentry_label(a, t), i64::from(up.is_some()))),
+                .map(|(a, t, up, _, _)| (sentry_label(a, t), i64::from(up.is_some()))),
         )?;
         out.gauges(
             "agent_tunnel_rtt_seconds",
             "Smoothed round-trip time of the tunnel to this sentry.",
-            live.iter().filter_map(|(a, t, up, _)| {
+            live.iter().filter_map(|(a, t, up, _, _)| {
                 up.map(|(rtt, _)| (sentry_label(a, t), rtt.as_secs_f64()))
+            }),
+        )?;
+        out.gauges(
+            "agent_wireguard_stream_window_bytes",
+            "Buffer each way, so the most in flight per round trip, that a new relayed stream \
+             from this sentry gets now over WireGuard: wireguard_window, or with \"auto\" \
+             sized for the round trip measured.",
+            live.iter().filter_map(|(a, t, _, _, window)| {
+                window.map(|w| (sentry_label(a, t), i64::try_from(w).unwrap_or(i64::MAX)))
             }),
         )?;
         out.gauges(
             "agent_tunnel_handshake_age_seconds",
             "Time since the current tunnel to this sentry was established.",
-            live.iter().filter_map(|(a, t, up, _)| {
+            live.iter().filter_map(|(a, t, up, _, _)| {
                 up.map(|(_, age)| (sentry_label(a, t), age.as_secs_f64()))
             }),
         )?;
@@ -502,7 +520,7 @@ impl Observe for AgentHandle {
             "agent_tunnel_reconnects",
             "Tunnels established to this sentry after the first one since start.",
             live.iter()
-                .map(|(a, t, _, n)| (sentry_label(a, t), n.saturating_sub(1))),
+                .map(|(a, t, _, n, _)| (sentry_label(a, t), n.saturating_sub(1))),
         )?;
         out.counters(
             "agent_streams",
@@ -590,6 +608,13 @@ impl LiveTunnel {
             Self::Quic(conn) => conn.rtt(),
             Self::WireGuard(peer) => peer.session().1.unwrap_or_default(),
             Self::Tls(control) => control.rtt(),
+        }
+    }
+
+    fn stream_window(&self) -> Option<usize> {
+        match self {
+            Self::WireGuard(peer) => Some(peer.stream_window()),
+            Self::Quic(_) | Self::Tls(_) => None,
         }
     }
 }

@@ -62,6 +62,54 @@ async fn bulk_upload_hash_checked_over_wireguard() {
     upload_hash_checked(sentry.route("p2p"), 7, BULK).await;
 }
 
+/// What window a new stream gets is a metric on each end: here fixed by `wireguard_window`
+/// (with `"auto"` it follows the round trip, which loopback makes too small to read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_end_reports_the_window_its_new_streams_get() {
+    let (sentry_key, agent_key) = (key(), key());
+    let mut sentry_config = wg_sentry_config(&agent_key, "");
+    sentry_config.wireguard.as_mut().unwrap().window = config::Window::Fixed(2 * MIB);
+    let sentry = start_sentry(&sentry_config, &sentry_key).await;
+    let wg = sentry.handle.wireguard_addr().unwrap();
+    let mut agent_config = wg_agent_config(wg, &sentry_key, echo_service().await);
+    agent_config.sentries[0].wireguard.as_mut().unwrap().window = config::Window::Fixed(3 * MIB);
+    let agent = relay_core::agent::Agent::new(&agent_config, &agent_key).unwrap();
+    let agent_handle = agent.handle();
+    let agent_task = tokio::spawn(agent.run(std::future::pending()));
+    sentry.wait_agent("v1", true).await;
+    let text = sentry.handle.render_metrics();
+    assert_eq!(
+        metric(
+            &text,
+            "sentry_wireguard_stream_window_bytes",
+            &[("agent", "v1")]
+        ),
+        Some((2 * MIB) as f64),
+        "{text}"
+    );
+    // The agent's side is up a moment after the sentry's.
+    let mut window = None;
+    for _ in 0..100 {
+        let text = agent_handle.render_metrics();
+        window = metric(
+            &text,
+            "sentry_agent_wireguard_stream_window_bytes",
+            &[("sentry", &wg.to_string()), ("transport", "wireguard")],
+        );
+        if window.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        window,
+        Some((3 * MIB) as f64),
+        "{}",
+        agent_handle.render_metrics()
+    );
+    agent_task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_download_hash_checked_over_wireguard() {
     let source = service(|mut tcp| async move {

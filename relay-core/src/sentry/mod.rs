@@ -1029,6 +1029,18 @@ impl Observe for SentryHandle {
                     device.dropped(),
                 )],
             )?;
+            out.gauges(
+                "wireguard_stream_window_bytes",
+                "Buffer each way, so the most in flight per round trip, that a new relayed \
+                 stream to this WireGuard peer gets now: wireguard_window, or with \"auto\" \
+                 sized for the round trip measured.",
+                device.peers().iter().map(|peer| {
+                    (
+                        [("agent", peer.name().to_owned())],
+                        i64::try_from(peer.stream_window()).unwrap_or(i64::MAX),
+                    )
+                }),
+            )?;
         }
         out.common(&shared.reloads, "sentry")
     }

@@ -721,6 +721,13 @@ impl Peer {
         (age, state.rtt.or(handshake_rtt))
     }
 
+    /// The buffers, each way, a stream opened to or by this peer now gets (`wireguard_window`:
+    /// fixed, or sized for the round trip measured so far).
+    #[must_use]
+    pub fn stream_window(&self) -> usize {
+        lock(&self.state).stream_window()
+    }
+
     /// Relayed streams open now.
     #[must_use]
     pub fn streams(&self) -> usize {
