@@ -215,7 +215,7 @@ pub struct Export<'a> {
 /// An in-process sentry and agent on loopback over `transport` (`quic`, `wireguard` or `tls`),
 /// with one route per export, named after it, to the agent's service of that name (which
 /// may share its target with another). Returns
-/// once the tunnel is up; the route addresses come from [`SentryHandle::route_addr`].
+/// once the tunnel is up; the route addresses come from [`relay_core::sentry::SentryHandle::route_addr`].
 ///
 /// # Panics
 /// The configs do not parse, a socket cannot be bound, or the tunnel is not up in 10 s.

@@ -124,7 +124,7 @@ pub struct Route {
     /// Who may connect and how much (admission control).
     pub limits: Limits,
     /// `Some` for a `protocol = "jsonrpc"` route: HTTP is served on the listener and every
-    /// request filtered (see [`crate::gateway`]); `None` relays TCP byte for byte.
+    /// request filtered (see [`crate::jsonrpc`]); `None` relays TCP byte for byte.
     pub jsonrpc: Option<JsonRpc>,
     /// `protocol = "udp"`: `listen` is a UDP socket, each client address a flow relayed to
     /// a `udp` service; the limits count flows; `idle_timeout` expires them.

@@ -3,7 +3,7 @@
 //! Every relayed connection is one bidirectional tunnel stream. The sentry writes a
 //! [`Header`] first; the agent answers with one [`Status`] byte before any payload, so the
 //! sentry can fail over or close the client at once when the validator is down. After `Ok`,
-//! both sides [`pump`] bytes until both directions have finished. A UDP flow carries
+//! both sides [`pump()`] bytes until both directions have finished. A UDP flow carries
 //! framed datagrams instead (see [`datagram`]).
 
 pub mod datagram;
