@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 
 use benches::{
-    Export, deployment, plain_relay, runtime, settings, sink, source, summary, up_and_down,
+    Export, deployment, interleaved, plain_relay, runtime, settings, sink, source, summary,
 };
 
 fn main() {
@@ -30,21 +30,7 @@ fn main() {
             ("sentry+agent (WireGuard)", wireguard.0, wireguard.1),
             ("sentry+agent (TLS)", tls.0, tls.1),
         ];
-        let mut up = vec![Vec::new(); paths.len()];
-        let mut down = vec![Vec::new(); paths.len()];
-        for rep in 0..reps {
-            for (i, (name, up_addr, down_addr)) in paths.iter().enumerate() {
-                let (u, d) = up_and_down(name, *up_addr, *down_addr, bytes).await;
-                up[i].push(u);
-                down[i].push(d);
-                eprintln!(
-                    "rep {}/{reps} {name}: up {:.2} down {:.2} Gbit/s",
-                    rep + 1,
-                    up[i][rep],
-                    down[i][rep]
-                );
-            }
-        }
+        let (up, down) = interleaved("", &paths, reps, bytes).await;
         println!(
             "\nsingle-stream throughput, loopback, {} MiB per transfer, {reps} interleaved reps",
             bytes >> 20

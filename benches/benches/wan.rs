@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use benches::{Export, deployment_over, read_env, runtime, sink, source, summary, up_and_down};
+use benches::{Export, deployment_over, interleaved, read_env, runtime, sink, source, summary};
 
 fn main() {
     let bytes = read_env("BENCH_BYTES", 64 << 20);
@@ -47,25 +47,11 @@ fn main() {
                 if only.as_deref().is_some_and(|o| !name.contains(o)) {
                     continue;
                 }
-                let addrs = tunnel(sink, source, transport, one_way, window).await;
-                paths.push((name, addrs));
+                let (up, down) = tunnel(sink, source, transport, one_way, window).await;
+                paths.push((name, up, down));
             }
-            let mut up = vec![Vec::new(); paths.len()];
-            let mut down = vec![Vec::new(); paths.len()];
-            for rep in 0..reps {
-                for (i, (name, (up_addr, down_addr))) in paths.iter().enumerate() {
-                    let (u, d) = up_and_down(name, *up_addr, *down_addr, bytes).await;
-                    up[i].push(u);
-                    down[i].push(d);
-                    eprintln!(
-                        "rtt {rtt} ms rep {}/{reps} {name}: up {:.3} down {:.3} Gbit/s",
-                        rep + 1,
-                        up[i][rep],
-                        down[i][rep]
-                    );
-                }
-            }
-            for (i, (name, _)) in paths.iter().enumerate() {
+            let (up, down) = interleaved(&format!("rtt {rtt} ms "), &paths, reps, bytes).await;
+            for (i, (name, ..)) in paths.iter().enumerate() {
                 rows.push((rtt, name.clone(), summary(&up[i]), summary(&down[i])));
             }
         }

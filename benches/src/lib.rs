@@ -176,6 +176,28 @@ pub async fn up_and_down(name: &str, up: SocketAddr, down: SocketAddr, bytes: us
     (up, gbits(bytes, time))
 }
 
+/// Every path's (name, up address, down address) up and down Gbit/s over `reps` repetitions,
+/// interleaved (each path once, then again), each printed as it comes after `label`.
+pub async fn interleaved<N: AsRef<str>>(
+    label: &str,
+    paths: &[(N, SocketAddr, SocketAddr)],
+    reps: usize,
+    bytes: usize,
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let mut up = vec![Vec::new(); paths.len()];
+    let mut down = vec![Vec::new(); paths.len()];
+    for rep in 1..=reps {
+        for (i, (name, up_addr, down_addr)) in paths.iter().enumerate() {
+            let name = name.as_ref();
+            let (u, d) = up_and_down(name, *up_addr, *down_addr, bytes).await;
+            eprintln!("{label}rep {rep}/{reps} {name}: up {u:.3} down {d:.3} Gbit/s");
+            up[i].push(u);
+            down[i].push(d);
+        }
+    }
+    (up, down)
+}
+
 /// Gbit/s of `bytes` in `time`.
 #[must_use]
 pub fn gbits(bytes: usize, time: Duration) -> f64 {

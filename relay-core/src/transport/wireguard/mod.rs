@@ -712,7 +712,8 @@ impl Peer {
     /// Time since the last completed handshake, and the smoothed round trip, if measured: from
     /// the streams this end opened (connection setup inside the overlay, microseconds), else
     /// from the noise handshakes (milliseconds, and only on the end that initiates them: a
-    /// sentry answering its agents' handshakes learns none there).
+    /// sentry answering its agents' handshakes learns none there, unless its windows are
+    /// automatic: then it starts one when the peer comes up, see [`PeerState::measure_rtt`]).
     #[must_use]
     pub fn session(&self) -> (Option<Duration>, Option<Duration>) {
         let state = lock(&self.state);
