@@ -342,6 +342,13 @@ pub fn header_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Append a `content-length` field.
+pub fn content_length(out: &mut Vec<u8>, length: usize) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Whether `name` is one of the fields the gateway never forwards to the node: hop-by-hop ones
 /// (and those the request's `Connection` names), `Expect` (the body is read already) and the
 /// length (written again for the body sent).

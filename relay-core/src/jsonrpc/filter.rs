@@ -237,10 +237,15 @@ impl Policy {
         if trimmed.starts_with('[') {
             return self.check_batch(text);
         }
-        if serde_json::from_str::<&RawValue>(text).is_err() {
-            return answer(error(None, code::PARSE_ERROR, "parse error"), 1);
-        }
-        match self.check_call(text) {
+        // A body that parses as a call is well-formed JSON: it is read once, not twice.
+        let checked = match serde_json::from_str::<Call<'_>>(text) {
+            Ok(call) => self.check_parsed(&call),
+            Err(_) if serde_json::from_str::<&RawValue>(text).is_err() => {
+                return answer(error(None, code::PARSE_ERROR, "parse error"), 1);
+            }
+            Err(_) => invalid_call(),
+        };
+        match checked {
             Checked::Allowed(method) => Verdict::Forward {
                 body: Forwarded::Unchanged,
                 answered: Vec::new(),
@@ -325,13 +330,16 @@ impl Policy {
 
     /// One call (an object's JSON text).
     fn check_call(&self, json: &str) -> Checked {
-        let Ok(call) = serde_json::from_str::<Call<'_>>(json) else {
-            return Checked::Answered(Some(error(None, code::INVALID_REQUEST, "invalid request")));
-        };
+        match serde_json::from_str::<Call<'_>>(json) {
+            Ok(call) => self.check_parsed(&call),
+            Err(_) => invalid_call(),
+        }
+    }
+
+    /// One call, parsed.
+    fn check_parsed(&self, call: &Call<'_>) -> Checked {
         let id = call.id.map(RawValue::get);
-        let method = call
-            .method
-            .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+        let method = call.method.and_then(|raw| string_value(raw.get()));
         let Some(method) = method else {
             let message = "invalid request: no method name";
             return Checked::Answered(Some(error(
@@ -350,6 +358,20 @@ impl Policy {
         let shown: String = method.chars().take(MAX_NAME_IN_MESSAGE).collect();
         let message = format!("method not allowed: {shown}");
         Checked::Answered(Some(error(Some(id), code::METHOD_NOT_FOUND, &message)))
+    }
+}
+
+/// A call that is not an object with the members a call has.
+fn invalid_call() -> Checked {
+    Checked::Answered(Some(error(None, code::INVALID_REQUEST, "invalid request")))
+}
+
+/// The string a JSON value (already known to be well-formed) holds, if it is a string. One
+/// without escapes is taken as it stands.
+fn string_value(json: &str) -> Option<String> {
+    match json.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Some(inner.to_owned()),
+        _ => serde_json::from_str::<String>(json).ok(),
     }
 }
 
@@ -422,5 +444,32 @@ pub fn merge_batch(node: &str, answered: &[String]) -> String {
             format!("[{}]", all.join(","))
         }
         Err(_) => node.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::string_value;
+
+    #[test]
+    fn string_values_read_as_serde_reads_them() {
+        for json in [
+            r#""icx_getBalance""#,
+            r#""""#,
+            r#""icx_get\u0042alance""#,
+            r#""a\"b""#,
+            r#""a\\""#,
+            r#""\\\\""#,
+            "12",
+            "null",
+            r#"["a"]"#,
+            r#"{"a":1}"#,
+        ] {
+            assert_eq!(
+                string_value(json),
+                serde_json::from_str::<String>(json).ok(),
+                "{json}"
+            );
+        }
     }
 }

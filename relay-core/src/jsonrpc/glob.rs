@@ -37,6 +37,9 @@ pub fn method_matches(pattern: &str, text: &str) -> bool {
 /// Whether the canonical `path` matches the path glob `pattern`.
 #[must_use]
 pub fn path_matches(pattern: &str, path: &str) -> bool {
+    if !pattern.contains('*') {
+        return pattern == path;
+    }
     let mut want = pattern.split('/');
     let mut have = path.split('/');
     loop {
@@ -73,23 +76,47 @@ pub const MAX_PATH: usize = 1024;
 /// # Errors
 /// Why the path is not canonical.
 pub fn canonical_path(path: &str) -> Result<(), PathError> {
-    if !path.starts_with('/') || path.len() > MAX_PATH {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') || bytes.len() > MAX_PATH {
         return Err(PathError::Shape);
     }
-    let allowed = |c: u8| c.is_ascii_alphanumeric() || b"-_.~/:@!$&'()+,;=".contains(&c);
-    if !path.bytes().all(allowed) {
+    if !bytes.iter().all(|&c| PATH_CHAR[usize::from(c)]) {
         return Err(PathError::Character);
     }
     if path == "/" {
         return Ok(());
     }
-    for segment in path[1..].split('/') {
-        if segment.is_empty() || segment.ends_with('.') {
-            return Err(PathError::Segment);
-        }
+    // Every segment is non-empty and does not end in a dot: no `/` follows a `/` or a `.`,
+    // and the path ends in neither.
+    let segment_end_ok = |c: u8| c != b'/' && c != b'.';
+    let inner_ok = bytes
+        .windows(2)
+        .all(|pair| pair[1] != b'/' || segment_end_ok(pair[0]));
+    if inner_ok && bytes.last().copied().is_some_and(segment_end_ok) {
+        Ok(())
+    } else {
+        Err(PathError::Segment)
     }
-    Ok(())
 }
+
+/// The bytes a canonical path may hold: unreserved and sub-delimiter characters, `:`, `@`
+/// and `/` (RFC 3986 `pchar`, without percent-encoding).
+const PATH_CHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] = b.is_ascii_alphanumeric();
+        c += 1;
+    }
+    let others = b"-_.~/:@!$&'()+,;=";
+    let mut i = 0;
+    while i < others.len() {
+        table[others[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 #[cfg(test)]
 mod tests {
@@ -193,6 +220,57 @@ mod tests {
         #[test]
         fn prefix_patterns_are_starts_with(p in "[a-z_]{0,6}", t in "[a-z_]{0,12}") {
             proptest::prop_assert_eq!(method_matches(&format!("{p}*"), &t), t.starts_with(&p));
+        }
+    }
+
+    /// The rule `canonical_path` implements, written the plain way: split into segments.
+    fn canonical_by_segments(path: &str) -> Result<(), PathError> {
+        if !path.starts_with('/') || path.len() > MAX_PATH {
+            return Err(PathError::Shape);
+        }
+        let allowed = |c: u8| c.is_ascii_alphanumeric() || b"-_.~/:@!$&'()+,;=".contains(&c);
+        if !path.bytes().all(allowed) {
+            return Err(PathError::Character);
+        }
+        if path == "/" {
+            return Ok(());
+        }
+        for segment in path[1..].split('/') {
+            if segment.is_empty() || segment.ends_with('.') {
+                return Err(PathError::Segment);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn canonical_path_agrees_with_the_segment_rule_on_every_short_path() {
+        let alphabet = ['/', '.', 'a', '%', '-'];
+        let mut paths = vec![String::new()];
+        for _ in 0..7 {
+            let mut longer = Vec::new();
+            for path in &paths {
+                assert_eq!(
+                    canonical_path(path),
+                    canonical_by_segments(path),
+                    "{path:?}"
+                );
+                for c in alphabet {
+                    longer.push(format!("{path}{c}"));
+                }
+            }
+            paths = longer;
+        }
+    }
+
+    proptest::proptest! {
+        /// A path pattern without `*` matches exactly the same path.
+        #[test]
+        fn literal_path_patterns_match_only_themselves(
+            a in "(/[a-z.]{0,3}){1,3}",
+            b in "(/[a-z.]{0,3}){1,3}",
+        ) {
+            proptest::prop_assert_eq!(path_matches(&a, &b), a == b);
         }
     }
 }

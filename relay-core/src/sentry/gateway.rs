@@ -30,12 +30,13 @@ use hyper::http::request::Parts;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::pool::{Answer, NoUpstream, Pool, Relayed, SendError, Upstream};
+use super::timer::ConnectionTimer;
 use super::{RouteSlot, Shared};
 use crate::admission::{CallRate, PerClientCap, Permit};
 use crate::config::{ForwardedHeader, JsonRpc};
@@ -123,6 +124,11 @@ pub(super) struct Ctx {
     pub(super) client: SocketAddr,
     /// Whether the client connection is HTTPS (for `X-Forwarded-Proto`).
     https: bool,
+    /// The client address fields as the node gets them, written once per connection for the
+    /// `forwarded` setting it started under (a reload that changes it is followed per request).
+    address_fields: (ForwardedHeader, Vec<u8>),
+    /// The connection's timer: hyper's header deadline and the node's answer deadline.
+    timer: ConnectionTimer,
     /// The connection's admission permit. A WebSocket relayed from this connection holds the
     /// context, so the place stays taken for as long as the socket is open.
     _permit: Permit,
@@ -146,13 +152,21 @@ pub(super) async fn serve(
         slot: slot.clone(),
         activity: activity.clone(),
     };
-    let tls = gateway.settings().tls.clone();
+    let settings = gateway.settings();
+    let tls = settings.tls.clone();
+    let https = tls.is_some();
+    let address_fields = (
+        settings.forwarded,
+        address_fields(client, settings.forwarded, https),
+    );
     let ctx = Arc::new(Ctx {
         slot,
         gateway,
         shared,
         client,
-        https: tls.is_some(),
+        https,
+        address_fields,
+        timer: ConnectionTimer::default(),
         _permit: permit,
     });
     match tls {
@@ -189,12 +203,13 @@ async fn run<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = ctx.client;
+    let timer = ctx.timer.clone();
     let service = service_fn(move |request| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(request).await) }
     });
     let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(timer)
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEAD)
         .serve_connection(TokioIo::new(io), service)
@@ -235,7 +250,13 @@ impl Ctx {
         };
         match kind {
             Kind::WebSocket { calls } if settings.websocket => {
-                super::websocket::upgrade(self.clone(), settings.clone(), request, calls).await
+                Box::pin(super::websocket::upgrade(
+                    self.clone(),
+                    settings.clone(),
+                    request,
+                    calls,
+                ))
+                .await
             }
             Kind::WebSocket { .. } => self.refuse(Refusal::Forbidden),
             Kind::GetMethod(method) => {
@@ -418,14 +439,11 @@ impl Ctx {
             }
         }
         if !body.is_empty() || parts.method == Method::POST {
-            wire::header_field(
-                &mut out,
-                &header::CONTENT_LENGTH,
-                &HeaderValue::from(body.len()),
-            );
+            wire::content_length(&mut out, body.len());
         }
-        for (name, value) in client_address(self.client, settings.forwarded, self.https) {
-            wire::header_field(&mut out, &name, &value);
+        match &self.address_fields {
+            (how, fields) if *how == settings.forwarded => out.extend_from_slice(fields),
+            _ => out.extend(address_fields(self.client, settings.forwarded, self.https)),
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(body);
@@ -437,7 +455,12 @@ impl Ctx {
         if let Some(upstream) = self.gateway.pool.take() {
             return Ok(upstream);
         }
-        Upstream::open(&self.shared, &self.slot, self.gateway.pool.generation()).await
+        Box::pin(Upstream::open(
+            &self.shared,
+            &self.slot,
+            self.gateway.pool.generation(),
+        ))
+        .await
     }
 
     /// Send to the node over an upstream connection; the response body drives it.
@@ -456,7 +479,8 @@ impl Ctx {
                     Err((stale, SendError::Stale(e))) if !stale.is_fresh() => {
                         debug!(client = %self.client, "pooled upstream connection closed ({e}); opening another");
                         upstream =
-                            Upstream::open(&self.shared, &self.slot, pool.generation()).await?;
+                            Box::pin(Upstream::open(&self.shared, &self.slot, pool.generation()))
+                                .await?;
                     }
                     Err((_, SendError::Stale(e) | SendError::Failed(e))) => {
                         return Err(Failure::Node(e));
@@ -464,7 +488,13 @@ impl Ctx {
                 }
             }
         };
-        match tokio::time::timeout(UPSTREAM_TIMEOUT, exchange).await {
+        let deadline = self.timer.reused_until(clock::now() + UPSTREAM_TIMEOUT);
+        let outcome = tokio::select! {
+            biased;
+            outcome = exchange => Ok(outcome),
+            () = deadline => Err(()),
+        };
+        match outcome {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(Failure::NoUpstream)) => Err(self.no_upstream()),
             Ok(Err(Failure::Node(e))) => {
@@ -583,6 +613,15 @@ fn upstream_headers(from: &HeaderMap) -> HeaderMap {
         }
     }
     headers
+}
+
+/// [`client_address`] as header lines on the wire.
+fn address_fields(client: SocketAddr, how: ForwardedHeader, https: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in client_address(client, how, https) {
+        wire::header_field(&mut out, &name, &value);
+    }
+    out
 }
 
 /// Who the client is, in the configured header (and `X-Forwarded-Proto` with
@@ -730,15 +769,18 @@ impl Stats {
 
     pub(super) fn call(&self, method: &str, outcome: CallOutcome) {
         let mut calls = lock(&self.calls);
+        // A method seen before (every call but the first few of each method) hashes once.
+        if let Some(counts) = calls.counts.get_mut(method) {
+            counts[outcome as usize] += 1;
+            return;
+        }
         // Named labels: at most MAX_METHOD_LABELS, plus "other" and "-".
         let reserved = ["other", "-"]
             .iter()
             .filter(|l| calls.counts.contains_key(**l))
             .count();
         let named = calls.counts.len() - reserved;
-        let label = if calls.counts.contains_key(method) {
-            method
-        } else if named < MAX_METHOD_LABELS && label_safe(method) {
+        let label = if named < MAX_METHOD_LABELS && label_safe(method) {
             calls.counts.insert(method.to_owned(), [0; 3]);
             method
         } else {

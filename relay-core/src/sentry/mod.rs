@@ -25,6 +25,7 @@ mod gateway;
 mod health;
 pub use health::HOLD_DOWN;
 mod pool;
+mod timer;
 mod udp;
 mod websocket;
 
