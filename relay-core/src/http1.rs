@@ -135,9 +135,12 @@ fn head(
     let mut chunked = false;
     let mut other_coding = false;
     let mut length: Option<u64> = None;
+    // One pass: each name is parsed once (standard names become constants, compared as
+    // such), and the fields the client gets are kept as they go.
+    let mut headers = HeaderMap::with_capacity(fields.len());
     for field in fields {
-        let name = field.name;
-        if name.eq_ignore_ascii_case("connection") {
+        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Error::Header)?;
+        if name == header::CONNECTION {
             for token in tokens(field.value) {
                 if token.eq_ignore_ascii_case("close") {
                     connection_close = true;
@@ -145,7 +148,7 @@ fn head(
                     named.push(token.to_ascii_lowercase());
                 }
             }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if name == header::TRANSFER_ENCODING {
             for token in tokens(field.value) {
                 // Chunked must be the last coding, and only once.
                 if chunked || !token.eq_ignore_ascii_case("chunked") {
@@ -153,7 +156,7 @@ fn head(
                 }
                 chunked = chunked || token.eq_ignore_ascii_case("chunked");
             }
-        } else if name.eq_ignore_ascii_case("content-length") {
+        } else if name == header::CONTENT_LENGTH {
             let value = std::str::from_utf8(field.value).map_err(|_| Error::Length)?;
             // A list of identical values is one value (RFC 9110 section 8.6).
             for part in value.split(',') {
@@ -168,6 +171,11 @@ fn head(
                 length = Some(n);
             }
         }
+        if hop_by_hop(&name) {
+            continue;
+        }
+        let value = HeaderValue::from_bytes(field.value).map_err(|_| Error::Header)?;
+        headers.append(name, value);
     }
     let no_body = *request_method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -185,18 +193,11 @@ fn head(
     } else {
         Framing::UntilClose
     };
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for field in fields {
-        let is = |n: &str| field.name.eq_ignore_ascii_case(n);
-        if HOP_BY_HOP.iter().any(|n| is(n)) || named.iter().any(|n| is(n)) {
-            continue;
-        }
-        if is("content-length") && !matches!(framing, Framing::Length(_) | Framing::Empty) {
-            continue;
-        }
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| Error::Header)?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| Error::Header)?;
-        headers.append(name, value);
+    for name in &named {
+        headers.remove(name.as_str());
+    }
+    if !matches!(framing, Framing::Length(_) | Framing::Empty) {
+        headers.remove(header::CONTENT_LENGTH);
     }
     let reusable = !connection_close && framing != Framing::UntilClose;
     Ok(ResponseHead {
@@ -205,6 +206,19 @@ fn head(
         framing,
         reusable,
     })
+}
+
+/// Whether a field is hop-by-hop ([`HOP_BY_HOP`]), compared as a parsed name.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// The comma-separated tokens of a header value, trimmed, empty ones left out.
@@ -391,6 +405,23 @@ mod tests {
                 Decoded::More => return Ok((out, false, buf.len())),
                 Decoded::Done => return Ok((out, true, buf.len())),
             }
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_exactly_the_list() {
+        for name in HOP_BY_HOP {
+            assert!(hop_by_hop(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "content-type",
+            "x-keep",
+            "keep-alive-x",
+            "tex",
+            "date",
+            "upgrades",
+        ] {
+            assert!(!hop_by_hop(&HeaderName::from_static(name)), "{name}");
         }
     }
 

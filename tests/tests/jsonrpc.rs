@@ -958,3 +958,61 @@ async fn write(tcp: &mut TcpStream, bytes: &[u8]) -> bool {
     use tokio::io::AsyncWriteExt;
     tcp.write_all(bytes).await.is_ok()
 }
+
+/// The route's `idle_timeout` closes a silent client connection (the watch runs beside the
+/// connection, not in it), and a connection that keeps asking stays open past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_connection_is_closed_at_the_idle_timeout_and_a_busy_one_is_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (node_addr, _node) = rpc_node::start().await;
+    let (sentry_key, agent_key) = (key(), key());
+    let extra =
+        "protocol = \"jsonrpc\"\nidle_timeout = \"1s\"\n[route.jsonrpc]\npreset = \"icon\"\n";
+    let config = sentry_config(&[("v1", &agent_key)], &[("rpc", &["v1/rpc"], extra)]);
+    let sentry = start_sentry(&config, &sentry_key).await;
+    let _agent = start_agent(
+        agent_config(
+            "v1",
+            sentry.handle.quic_addr(),
+            &sentry_key,
+            &[("rpc", node_addr)],
+        ),
+        agent_key,
+    );
+    sentry.wait_agent("v1", true).await;
+    let addr = sentry.handle.route_addr("rpc").unwrap();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /api/v3 HTTP/1.1\r\nhost: rpc\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{CALL}",
+        CALL.len()
+    );
+    let mut answer = vec![0u8; 64 * 1024];
+    // Busy for three idle timeouts: every request is answered on the same connection.
+    let start = relay_core::clock::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let n = tokio::time::timeout(LIMIT, tcp.read(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 200"),
+            "answered while busy"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Then silent: closed after one to two idle timeouts (hyper's 10 s head timeout is not
+    // what closes it).
+    let silent = relay_core::clock::now();
+    let n = tokio::time::timeout(LIMIT, tcp.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed, with nothing sent");
+    let waited = silent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+}

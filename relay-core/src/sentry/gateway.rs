@@ -23,7 +23,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
@@ -215,15 +215,28 @@ async fn run<I>(
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     let mut connection = std::pin::pin!(connection);
+    // The route's stop and the idle watch are awaited by a task of their own, which tells
+    // this one through a oneshot: polled with the connection on every wake-up, they would
+    // each cost a lock of the route-wide stop signal and a timer poll per request.
+    let (close, mut closing) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut close = close;
+        tokio::select! {
+            () = close.closed() => return,
+            () = stop.cancelled() => {}
+            () = activity.idle(idle_timeout) => {}
+        }
+        let _ = close.send(());
+    });
     tokio::select! {
+        biased;
         result = connection.as_mut() => {
             if let Err(e) = result {
                 debug!(%client, "client connection ended: {e}");
             }
             return;
         }
-        () = stop.cancelled() => {}
-        () = activity.idle(idle_timeout) => {}
+        _ = &mut closing => {}
     }
     connection.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(GRACE, connection).await;
@@ -269,26 +282,31 @@ impl Ctx {
             }
             Kind::Post => {
                 let (parts, body) = request.into_parts();
-                let collect = Limited::new(body, policy.max_body).collect();
-                let mut collect = std::pin::pin!(collect);
+                let read = read_body(body, policy.max_body);
+                let mut read = std::pin::pin!(read);
                 // A small body is usually here with its head: no timer for it.
-                let collected = match collect.as_mut().now_or_never() {
-                    Some(collected) => Ok(collected),
-                    None => tokio::time::timeout(BODY_TIMEOUT, collect).await,
-                };
-                let bytes = match collected {
-                    Ok(Ok(collected)) => collected.to_bytes(),
-                    Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
-                        return self.refuse(Refusal::TooLarge);
+                let read = match read.as_mut().now_or_never() {
+                    Some(read) => read,
+                    None => {
+                        let deadline = self.timer.reused_until(clock::now() + BODY_TIMEOUT);
+                        tokio::select! {
+                            biased;
+                            read = read => read,
+                            () = deadline => Err(BodyError::Late),
+                        }
                     }
-                    Ok(Err(_)) => {
+                };
+                let bytes = match read {
+                    Ok(bytes) => bytes,
+                    Err(BodyError::TooLarge) => return self.refuse(Refusal::TooLarge),
+                    Err(BodyError::Broken) => {
                         return self.answer_status(
                             Outcome::BadRequest,
                             StatusCode::BAD_REQUEST,
                             "bad request body\n",
                         );
                     }
-                    Err(_) => {
+                    Err(BodyError::Late) => {
                         return self.answer_status(
                             Outcome::BadRequest,
                             StatusCode::REQUEST_TIMEOUT,
@@ -563,6 +581,46 @@ impl Ctx {
         head.headers.remove(header::CONTENT_LENGTH);
         Response::from_parts(head, Either::Left(Full::new(merged)))
     }
+}
+
+/// Why a request body was not read.
+enum BodyError {
+    /// Over `max_body`.
+    TooLarge,
+    /// The client broke off or broke the framing.
+    Broken,
+    /// Not received within [`BODY_TIMEOUT`].
+    Late,
+}
+
+/// Read a request body of at most `max` bytes. A body that arrives as one piece (a JSON-RPC
+/// call, usually) is taken as it is, without a copy.
+async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut more = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Broken)?.into_data() else {
+            continue; // trailers
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + more.len();
+        if held + data.len() > max {
+            return Err(BodyError::TooLarge);
+        }
+        match &first {
+            None => first = Some(data),
+            Some(_) => more.extend_from_slice(&data),
+        }
+    }
+    Ok(match first {
+        None => Bytes::new(),
+        Some(first) if more.is_empty() => first,
+        Some(first) => {
+            let mut whole = bytes::BytesMut::with_capacity(first.len() + more.len());
+            whole.extend_from_slice(&first);
+            whole.extend_from_slice(&more);
+            whole.freeze()
+        }
+    })
 }
 
 fn json_response(json: Option<String>) -> Response<Body> {
