@@ -2,7 +2,8 @@
 //! through three paths: direct to the node, through a `protocol = "tcp"` route (bytes relayed
 //! untouched through sentry + agent), and through a `protocol = "jsonrpc"` route with the
 //! ICON preset (every request parsed and filtered, relayed over pooled tunnel streams).
-//! Repetitions are interleaved; medians with min–max, ratios against the tcp route.
+//! Repetitions are interleaved; medians with min–max, ratios against the tcp route, and the
+//! jsonrpc/tcp ratio within each rep (the two routes measured back to back).
 //!
 //! Reproduce: `cargo bench -p benches --bench jsonrpc`
 //! (`BENCH_SECONDS` per measurement, default 5; `BENCH_REPS`, default 5; `BENCH_CONNECTIONS`,
@@ -90,6 +91,15 @@ fn main() {
                 summary(&p50[i]).0,
                 summary(&p99[i]).0,
                 r / tcp
+            );
+        }
+        // Each rep measures the routes back to back, so the ratio within a rep shares that
+        // moment's machine: steadier than the ratio of two medians.
+        if rps[1].len() == rps[2].len() && !rps[1].is_empty() {
+            let paired: Vec<f64> = rps[2].iter().zip(&rps[1]).map(|(j, t)| j / t).collect();
+            let (median, min, max) = summary(&paired);
+            println!(
+                "jsonrpc route / tcp route within each rep: median {median:.2}x ({min:.2}-{max:.2})"
             );
         }
     });
