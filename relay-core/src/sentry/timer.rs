@@ -31,7 +31,20 @@ impl ConnectionTimer {
     /// A sleep until `deadline`.
     pub(super) fn reused_until(&self, deadline: Instant) -> ReusedSleep {
         let deadline = tokio::time::Instant::from_std(deadline);
-        let sleep = match lock(&self.spare).pop() {
+        // The spare whose deadline is latest but not after this one: moving it later is the
+        // cheap case. Hyper's short deadline and the gateway's long one each find their own.
+        // Moving one earlier would cost as much as a new one.
+        let fitting = {
+            let mut spare = lock(&self.spare);
+            spare
+                .iter()
+                .enumerate()
+                .filter(|(_, sleep)| sleep.deadline() <= deadline)
+                .max_by_key(|(_, sleep)| sleep.deadline())
+                .map(|(i, _)| i)
+                .map(|i| spare.swap_remove(i))
+        };
+        let sleep = match fitting {
             Some(mut sleep) => {
                 sleep.as_mut().reset(deadline);
                 sleep
@@ -147,7 +160,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_reused_sleep_moved_earlier_fires_at_the_earlier_deadline() {
+    async fn each_deadline_takes_the_spare_it_can_move_later() {
+        let timer = ConnectionTimer::default();
+        let start = clock::now();
+        let short = timer.reused_until(start + Duration::from_secs(10));
+        let long = timer.reused_until(start + Duration::from_secs(120));
+        drop(short);
+        drop(long);
+        let deadlines = |timer: &ConnectionTimer| -> Vec<Duration> {
+            let mut d: Vec<Duration> = lock(&timer.spare)
+                .iter()
+                .map(|s| s.deadline().into_std() - start)
+                .collect();
+            d.sort();
+            d
+        };
+        assert_eq!(
+            deadlines(&timer),
+            [Duration::from_secs(10), Duration::from_secs(120)]
+        );
+        // A long deadline takes the long spare; the short one stays for the next short one.
+        let next_long = timer.reused_until(start + Duration::from_secs(121));
+        assert_eq!(deadlines(&timer), [Duration::from_secs(10)]);
+        let next_short = timer.reused_until(start + Duration::from_secs(11));
+        assert!(deadlines(&timer).is_empty());
+        drop((next_long, next_short));
+        assert_eq!(
+            deadlines(&timer),
+            [Duration::from_secs(11), Duration::from_secs(121)]
+        );
+        // Earlier than every spare: a new sleep, and the spares stay as they are.
+        let early = timer.reused_until(start + Duration::from_secs(5));
+        assert_eq!(deadlines(&timer).len(), 2);
+        drop(early);
+        assert_eq!(deadlines(&timer).len(), SPARE, "at most SPARE are kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_before_every_spare_fires_on_time() {
         let timer = ConnectionTimer::default();
         let start = clock::now();
         let mut long = timer.reused_until(start + Duration::from_secs(100));
