@@ -6,10 +6,13 @@
 //! - A request passes the path and method checks, then its body is read up to `max_body`
 //!   (refused with 413 past it), checked, and counted against the client's call rate (a batch
 //!   counts each call; 429 past it). Denied calls are answered by the sentry.
-//! - What passes is sent to the first connected upstream over a tunnel stream taken from a
-//!   pool (hyper's client pool over a connector that opens relay streams): no new stream per
-//!   request while a pooled one is idle. The client's address goes in `X-Forwarded-For` or
-//!   `Forwarded`; whatever the client wrote there is removed first.
+//! - What passes is sent to the first connected upstream over a tunnel stream taken from the
+//!   route's pool ([`super::pool`]): no new stream per request while a pooled one is idle. The
+//!   client's address goes in `X-Forwarded-For` or `Forwarded`; whatever the client wrote
+//!   there is removed first.
+//! - Per request, the connection's deadlines reuse its timer entries ([`super::timer`]), and
+//!   the route's stop and the idle watch are awaited beside the connection, not polled with
+//!   it.
 //! - A WebSocket upgrade on an allowed path is relayed message by message ([`super::websocket`]).
 
 use std::convert::Infallible;
