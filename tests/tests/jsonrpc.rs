@@ -43,10 +43,19 @@ async fn rpc(jsonrpc: &str) -> Rpc {
 
 /// A sentry with route "rpc" to the node at `node_addr` behind agent "v1".
 async fn rpc_to(node_addr: SocketAddr, jsonrpc: &str) -> (RunningSentry, RunningAgent) {
+    rpc_route_to(node_addr, "", jsonrpc).await
+}
+
+/// [`rpc_to`], with more keys of the route itself (`route` as lines of `[[route]]`).
+async fn rpc_route_to(
+    node_addr: SocketAddr,
+    route: &str,
+    jsonrpc: &str,
+) -> (RunningSentry, RunningAgent) {
     let (sentry_key, agent_key) = (key(), key());
     // Tests open many short connections; the connection rate is not what they test.
     let extra = format!(
-        "protocol = \"jsonrpc\"\nconnect_rate_per_ip = \"1000/s\"\n[route.jsonrpc]\n{jsonrpc}\n"
+        "protocol = \"jsonrpc\"\nconnect_rate_per_ip = \"1000/s\"\n{route}[route.jsonrpc]\n{jsonrpc}\n"
     );
     let config = sentry_config(&[("v1", &agent_key)], &[("rpc", &["v1/rpc"], &extra)]);
     let sentry = start_sentry(&config, &sentry_key).await;
@@ -965,21 +974,8 @@ async fn write(tcp: &mut TcpStream, bytes: &[u8]) -> bool {
 async fn a_silent_client_connection_is_closed_at_the_idle_timeout_and_a_busy_one_is_not() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (node_addr, _node) = rpc_node::start().await;
-    let (sentry_key, agent_key) = (key(), key());
-    let extra =
-        "protocol = \"jsonrpc\"\nidle_timeout = \"1s\"\n[route.jsonrpc]\npreset = \"icon\"\n";
-    let config = sentry_config(&[("v1", &agent_key)], &[("rpc", &["v1/rpc"], extra)]);
-    let sentry = start_sentry(&config, &sentry_key).await;
-    let _agent = start_agent(
-        agent_config(
-            "v1",
-            sentry.handle.quic_addr(),
-            &sentry_key,
-            &[("rpc", node_addr)],
-        ),
-        agent_key,
-    );
-    sentry.wait_agent("v1", true).await;
+    let (sentry, _agent) =
+        rpc_route_to(node_addr, "idle_timeout = \"1s\"\n", "preset = \"icon\"").await;
     let addr = sentry.handle.route_addr("rpc").unwrap();
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let request = format!(
