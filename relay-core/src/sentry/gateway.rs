@@ -553,7 +553,12 @@ impl Ctx {
         settings: &JsonRpc,
     ) -> Response<Body> {
         let request = self.upstream_bytes(&parts, &body, settings);
-        let Answer { head, body } = match self.send_upstream(&request, &parts.method).await {
+        let method = parts.method.clone();
+        // The client's head and body are slices of hyper's read buffer. Let go of them before
+        // waiting for the node, so hyper can reuse the buffer where it is when it reads the
+        // connection meanwhile (to notice a client that leaves), not allocate another.
+        drop((parts, body));
+        let Answer { head, body } = match self.send_upstream(&request, &method).await {
             Ok(answer) => answer,
             Err(answer) => return answer,
         };
