@@ -3,6 +3,9 @@
 //! - a path that passes is canonical and matched by an allow-list glob;
 //! - a forwarded body names only allowed methods, and a rebuilt batch is a JSON array of
 //!   exactly those calls;
+//! - judged by a second reader that reads bodies as a Go node does (`go_reader`: member
+//!   names folded, the last match winning), the methods a node would run from what is
+//!   forwarded are exactly the ones the filter allowed;
 //! - the sentry's own answers are JSON (syntactically: an id is echoed as the client wrote
 //!   it, even a number no f64 holds);
 //! - merging answers into any node response never panics, and into an array response keeps
@@ -11,7 +14,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use relay_core::jsonrpc::glob::{canonical_path, path_matches};
-use relay_core::jsonrpc::preset;
+use relay_core::jsonrpc::{go_reader, preset};
 use relay_core::jsonrpc::{Forwarded, Kind, Policy, Verdict, merge_batch};
 use serde_json::value::RawValue;
 
@@ -64,6 +67,19 @@ fuzz_target!(|data: &[u8]| {
             } => {
                 for method in &methods {
                     assert!(policy.method_allowed(method), "{method:?} forwarded");
+                }
+                if !methods.is_empty() {
+                    let sent = match &forwarded {
+                        Forwarded::Unchanged => body,
+                        Forwarded::Rebuilt(rebuilt) => rebuilt.as_bytes(),
+                    };
+                    let runs = go_reader::executed(sent);
+                    let named: Vec<&String> = methods.iter().filter(|m| !m.is_empty()).collect();
+                    assert_eq!(
+                        runs.iter().collect::<Vec<_>>(),
+                        named,
+                        "a Go node runs other methods than allowed"
+                    );
                 }
                 if let Forwarded::Rebuilt(rebuilt) = &forwarded {
                     let entries: Vec<&RawValue> =

@@ -90,18 +90,112 @@ pub enum Forwarded {
     Rebuilt(String),
 }
 
-#[derive(Deserialize)]
+/// One call's members, as the filter reads them: `method` and `id` as raw JSON.
+///
+/// Read member by member, in order, and refused (as an invalid request) unless every node
+/// behind a sentry would read the same members: a member spelt as `jsonrpc`, `id`, `method` or
+/// `params` twice, or any other name a node may take for one of them. Go's `encoding/json`
+/// (geth, Erigon, CometBFT, goloop) matches names case-insensitively with Unicode folding and
+/// lets the last match win, so `{"method":"eth_chainId","METHOD":"admin_addPeer"}` runs
+/// `admin_addPeer` there; a reader of C strings stops a name at NUL. See [`lookalike`].
 struct Call<'a> {
-    #[serde(borrow, default)]
     method: Option<&'a RawValue>,
     /// `Some` whenever the member is present, even as `null`: only an absent id makes a
     /// notification.
-    #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
+/// The members of a call whose spelling is checked, in [`Call`]'s order of `seen` flags.
+const MEMBERS: [&str; 4] = ["jsonrpc", "id", "method", "params"];
+
+impl<'de> Deserialize<'de> for Call<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(CallVisitor)
+    }
+}
+
+struct CallVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CallVisitor {
+    type Value = Call<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON-RPC call object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Call<'de>, A::Error> {
+        use serde::de::{Error, IgnoredAny};
+        let mut call = Call {
+            method: None,
+            id: None,
+        };
+        let mut seen = [false; MEMBERS.len()];
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match MEMBERS.iter().position(|m| *m == key) {
+                Some(i) if seen[i] => return Err(A::Error::custom("a member given twice")),
+                Some(i) => {
+                    seen[i] = true;
+                    match MEMBERS[i] {
+                        "method" => call.method = Some(map.next_value()?),
+                        "id" => call.id = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                None if lookalike(&key) => {
+                    return Err(A::Error::custom("a member a node may read as another"));
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(call)
+    }
+}
+
+/// A member name, borrowed from the body unless it had escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(v.to_owned().into()))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Whether a member name that is not exactly one of [`MEMBERS`] may still be read as one by
+/// a node: equal to it under Go's case folding (ASCII case, `ſ` as `s`, the Kelvin sign as
+/// `k`: the only non-ASCII letters whose simple folding reaches ASCII), whole or cut at its
+/// first NUL.
+fn lookalike(key: &str) -> bool {
+    let folded = |key: &str| {
+        MEMBERS.iter().any(|m| {
+            let mut name = m.chars();
+            key.chars().all(|c| {
+                let c = match c {
+                    '\u{17f}' => 's',
+                    '\u{212a}' => 'k',
+                    c => c.to_ascii_lowercase(),
+                };
+                name.next() == Some(c)
+            }) && name.next().is_none()
+        })
+    };
+    folded(key) || key.split_once('\0').is_some_and(|(cut, _)| folded(cut))
 }
 
 /// One call's fate.
@@ -159,11 +253,14 @@ impl Policy {
         }
     }
 
-    /// Whether a call of `method` may reach the node: an allow glob matches and no deny glob
-    /// does.
+    /// Whether a call of `method` may reach the node: an allow glob matches, no deny glob
+    /// does, and the name has no control character.
     #[must_use]
     pub fn method_allowed(&self, method: &str) -> bool {
-        self.allow_methods.iter().any(|g| method_matches(g, method))
+        // A node written in C may cut a name at NUL, and no chain names a method with a
+        // control character: such a name is never allowed, whatever the globs say.
+        !method.chars().any(char::is_control)
+            && self.allow_methods.iter().any(|g| method_matches(g, method))
             && !self.deny_methods.iter().any(|g| method_matches(g, method))
     }
 

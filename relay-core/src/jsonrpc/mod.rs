@@ -7,6 +7,8 @@
 
 pub mod filter;
 pub mod glob;
+#[cfg(any(test, fuzzing))]
+pub mod go_reader;
 pub mod preset;
 
 pub use filter::{Forwarded, Kind, Policy, Refusal, Verdict, merge_batch};

@@ -2,6 +2,7 @@
 //! path outside the allow-list, and nothing panics.
 
 use super::filter::{Forwarded, Kind, Policy, Refusal, Verdict, code, depth_within, merge_batch};
+use super::go_reader;
 use super::preset::{self, Preset};
 
 const MIB: usize = 1 << 20;
@@ -348,6 +349,85 @@ fn batches() {
     assert_eq!(answered.len(), 1);
 }
 
+/// The methods a Go node (geth, CometBFT, goloop) would run from what the filter forwards.
+fn node_runs(body: &[u8], verdict: &Verdict) -> Vec<String> {
+    match verdict {
+        Verdict::Forward {
+            body: Forwarded::Unchanged,
+            ..
+        } => go_reader::executed(body),
+        Verdict::Forward {
+            body: Forwarded::Rebuilt(rebuilt),
+            ..
+        } => go_reader::executed(rebuilt.as_bytes()),
+        Verdict::Answer { .. } => Vec::new(),
+    }
+}
+
+/// Go's decoder matches member names case-insensitively (with Unicode folding: `ſ` is `s`)
+/// and lets the last match win, so a call with a second spelling of `method` runs another
+/// method than the one the filter checked. Every call whose member names a node could read
+/// otherwise than the filter is refused, alone, in a batch, and however the name is escaped.
+#[test]
+fn lookalike_and_duplicate_members_are_refused() {
+    let p = policy(&preset::ETHEREUM);
+    let admin = "admin_addPeer";
+    for call in [
+        format!(r#"{{"jsonrpc":"2.0","id":1,"method":"eth_chainId","METHOD":"{admin}"}}"#),
+        format!(r#"{{"jsonrpc":"2.0","id":1,"method":"eth_chainId","Method":"{admin}"}}"#),
+        format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"eth_chainId\",\"method\":\"{admin}\"}}"
+        ),
+        format!("{{\"id\":1,\"method\":\"eth_chainId\",\"\\u004dethod\":\"{admin}\"}}"),
+        format!("{{\"id\":1,\"method\":\"eth_chainId\",\"\\u006dethod\":\"{admin}\"}}"),
+        // U+017F LATIN SMALL LETTER LONG S folds to s in Go.
+        "{\"id\":1,\"method\":\"eth_chainId\",\"jsonrpc\":\"2.0\",\"params\":[],\"PARAM\u{17f}\":[]}"
+            .to_owned(),
+        format!(
+            "{{\"id\":1,\"method\":\"eth_chainId\",\"\\u017fomething\":1,\"METHOD\":\"{admin}\"}}"
+        ),
+        // A reader of C strings stops at NUL.
+        format!("{{\"id\":1,\"method\":\"eth_chainId\",\"method\\u0000x\":\"{admin}\"}}"),
+        // The other members, spelt twice or otherwise.
+        r#"{"jsonrpc":"2.0","Id":1,"method":"eth_chainId"}"#.to_owned(),
+        r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"eth_chainId"}"#.to_owned(),
+        r#"{"jsonrpc":"2.0","JsonRpc":"2.0","id":1,"method":"eth_chainId"}"#.to_owned(),
+        r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[],"params":[1]}"#.to_owned(),
+        r#"{"jsonrpc":"2.0","jsonrpc":"1.0","id":1,"method":"eth_chainId"}"#.to_owned(),
+    ] {
+        let verdict = p.check_body(call.as_bytes());
+        let v = answer_of(&verdict);
+        assert_eq!(error_code(&v), i64::from(code::INVALID_REQUEST), "{call}");
+        // In a batch beside an honest call, only the honest call goes on.
+        let batch = format!(r#"[{call},{{"jsonrpc":"2.0","id":9,"method":"eth_blockNumber"}}]"#);
+        let verdict = p.check_body(batch.as_bytes());
+        assert_eq!(
+            node_runs(batch.as_bytes(), &verdict),
+            ["eth_blockNumber"],
+            "{batch}"
+        );
+        let Verdict::Forward { answered, .. } = &verdict else {
+            panic!("{batch}: the honest call was not forwarded");
+        };
+        assert_eq!(answered.len(), 1, "{batch}");
+    }
+    // Member names that fold to nothing of a call's stay harmless and pass.
+    for call in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId","methods":"x","meth":"y"}"#,
+        "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"eth_chainId\",\"\u{212a}\":1}",
+    ] {
+        let verdict = p.check_body(call.as_bytes());
+        assert_eq!(
+            node_runs(call.as_bytes(), &verdict),
+            ["eth_chainId"],
+            "{call}"
+        );
+    }
+    // A method name with a control character is never allowed (a node may cut it there).
+    assert!(!p.method_allowed("eth_chainId\u{0}admin"));
+    assert!(!p.method_allowed("eth_chainId\n"));
+}
+
 fn answered_all(p: &Policy, body: &[u8]) -> serde_json::Value {
     answer_of(&p.check_body(body))
 }
@@ -397,13 +477,58 @@ proptest::proptest! {
         }
     }
 
-    /// Any bytes: a verdict, never a panic; a forwarded body only names allowed methods.
+    /// Any bytes: a verdict, never a panic; a forwarded body only names allowed methods, as the
+    /// filter reads it and as a Go node does.
     #[test]
     fn any_body_gets_a_verdict(body in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
         let p = policy(&preset::ETHEREUM);
-        if let Verdict::Forward { methods, .. } = p.check_body(&body) {
+        let verdict = p.check_body(&body);
+        for m in node_runs(&body, &verdict) {
+            proptest::prop_assert!(p.method_allowed(&m), "a Go node runs {}", m);
+        }
+        if let Verdict::Forward { methods, .. } = verdict {
             for m in methods {
                 proptest::prop_assert!(p.method_allowed(&m));
+            }
+        }
+    }
+
+
+    /// The differential property: for call objects built from member names a node may fold
+    /// together, what a Go node would run from the forwarded body is exactly what the filter
+    /// allowed and counted, and only allowed methods.
+    #[test]
+    fn a_go_node_runs_only_what_the_filter_allowed(calls in proptest::collection::vec(
+        proptest::collection::vec((
+            proptest::sample::select(&[
+                "method", "METHOD", "Method", "mEthod", "method ", "methods", "\\u006dethod",
+                "\\u004dethod", "meth\u{f3}d", "\u{17f}", "id", "ID", "jsonrpc", "JSONRPC",
+                "params", "PARAM\u{17f}", "param\\u0073", "x", "\u{212a}", "method\\u0000",
+            ][..]),
+            proptest::sample::select(&[
+                "\"eth_chainId\"", "\"admin_addPeer\"", "\"debug_x\"", "null", "5", "[]", "{}",
+                "\"eth_\\u0063all\"",
+            ][..]),
+        ), 0..5),
+        1..4,
+    )) {
+        let p = policy(&preset::ETHEREUM);
+        let objects: Vec<String> = calls
+            .iter()
+            .map(|members| {
+                let fields: Vec<String> =
+                    members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", fields.join(","))
+            })
+            .collect();
+        for body in [objects[0].clone(), format!("[{}]", objects.join(","))] {
+            let verdict = p.check_body(body.as_bytes());
+            let runs = node_runs(body.as_bytes(), &verdict);
+            for method in &runs {
+                proptest::prop_assert!(p.method_allowed(method), "{} runs {}", body, method);
+            }
+            if let Verdict::Forward { methods, .. } = &verdict {
+                proptest::prop_assert_eq!(&runs, methods, "{}", body);
             }
         }
     }
