@@ -39,6 +39,7 @@ use crate::relay::datagram::{MAX_DATAGRAM, read_datagram, write_datagram};
 use crate::relay::{
     ByteCounters, Header, PumpEnd, Status, encode_proxy_header, idle_watch, millis_since, pump,
 };
+use crate::transport::budget::Ledger;
 use crate::transport::pin::SERVER_NAME;
 use crate::transport::quic::{self, QuicError, Tuning, code};
 use crate::transport::{TunnelStream, tls, wireguard};
@@ -142,6 +143,9 @@ struct Shared {
     /// One entry per sentry: its transports in preference order.
     groups: Mutex<Vec<Arc<Group>>>,
     spawn: mpsc::UnboundedSender<Tunnel>,
+    /// Tunnel streams shed because the service stopped reading them (see
+    /// [`crate::transport::budget`]).
+    streams_shed: Arc<AtomicU64>,
     reloads: metrics::Reloads,
     stop: CancellationToken,
     metrics_addr: Option<SocketAddr>,
@@ -251,6 +255,7 @@ impl Agent {
             unknown: Arc::default(),
             groups: Mutex::new(Vec::new()),
             spawn,
+            streams_shed: Arc::default(),
             reloads: metrics::Reloads::default(),
             stop: CancellationToken::new(),
             metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
@@ -517,6 +522,15 @@ impl Observe for AgentHandle {
             }),
         )?;
         out.counters(
+            "agent_tunnel_streams_shed",
+            "Relayed connections closed because their service stopped reading while holding \
+             tunnel flow-control credit: past the tunnel's budget of held streams, or for 60 s.",
+            [(
+                [("transport", "quic")],
+                shared.streams_shed.load(Ordering::Relaxed),
+            )],
+        )?;
+        out.counters(
             "agent_tunnel_reconnects",
             "Tunnels established to this sentry after the first one since start.",
             live.iter()
@@ -739,6 +753,7 @@ impl Tunnel {
     /// Serve relayed streams until the tunnel closes (returns why) or the tunnel is retired
     /// (drains first: until its streams end, but at shutdown for at most `drain_timeout`).
     async fn serve(&self, conn: &Connection) -> quinn::ConnectionError {
+        let ledger = Ledger::watch(conn, self.shared.streams_shed.clone());
         loop {
             let accepted = tokio::select! {
                 () = self.group.retire.cancelled() => break,
@@ -746,7 +761,7 @@ impl Tunnel {
             };
             match accepted {
                 Ok((send, recv)) => {
-                    let stream = TunnelStream::Quic(send, recv);
+                    let stream = TunnelStream::Quic(send, ledger.recv(recv, None));
                     self.relays
                         .spawn(relay_stream(stream, self.shared.clone(), false));
                 }
@@ -755,7 +770,7 @@ impl Tunnel {
         }
         let refuse_new = async {
             while let Ok((send, recv)) = conn.accept_bi().await {
-                let stream = TunnelStream::Quic(send, recv);
+                let stream = TunnelStream::Quic(send, ledger.recv(recv, None));
                 tokio::spawn(relay_stream(stream, self.shared.clone(), true));
             }
         };
@@ -1151,6 +1166,7 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
             return;
         }
     };
+    send.set_client(header.client.ip());
     let Some(ServiceSlot { target, udp, stats }) =
         shared.services.load().get(&header.service).cloned()
     else {
@@ -1247,6 +1263,7 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
     }
     stats.count(Status::Ok);
     stats.active.fetch_add(1, Ordering::Relaxed);
+    let shed = stream.shed_signal();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let (mut tunnel_read, mut tunnel_write) = stream.halves();
     let (end, moved) = pump(
@@ -1256,6 +1273,7 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
         &mut tunnel_write,
         AGENT_IDLE_TIMEOUT,
         &stats.bytes,
+        shed.as_ref(),
     )
     .await;
     stats.active.fetch_sub(1, Ordering::Relaxed);

@@ -359,6 +359,7 @@ pub async fn concurrent_echoes(addr: SocketAddr, n: u64) {
 pub mod daemon;
 pub mod netns;
 pub mod rpc_node;
+pub mod stall;
 pub mod stand_in;
 
 /// `GET path` over HTTP/1.0 (blocking, bounded): the status code and the body.

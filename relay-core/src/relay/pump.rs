@@ -9,7 +9,8 @@
 //!
 //! End of stream in one direction is passed on as a half-close (`shutdown` of the writer) and
 //! the other direction keeps flowing. The pump ends when both directions have finished, when
-//! either fails, or when neither moved a byte for the idle timeout.
+//! either fails, when neither moved a byte for the idle timeout, or when the tunnel shed the
+//! stream because this side stopped reading it (see [`crate::transport::budget`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::clock;
+use crate::transport::budget::Shed;
 
 /// First buffer size of each direction.
 const MIN_BUF: usize = 4 * 1024;
@@ -56,6 +58,9 @@ pub enum PumpEnd {
     ClientError(std::io::Error),
     /// The tunnel side failed (read or write, including a reset stream).
     TunnelError(std::io::Error),
+    /// The tunnel took the stream's credit back: its reader (this pump, held up by a client
+    /// or service that stopped reading) did not read it.
+    Shed,
 }
 
 enum Side {
@@ -63,7 +68,8 @@ enum Side {
     Tunnel,
 }
 
-/// Pump until both directions finish, one fails, or `idle` passes without traffic.
+/// Pump until both directions finish, one fails, `idle` passes without traffic, or `shed`
+/// (the tunnel stream's, if it has one) resolves.
 ///
 /// The streams are borrowed so that the caller can reset a tunnel stream after an error
 /// (dropping a QUIC send stream would finish it cleanly, telling the peer all is well).
@@ -74,6 +80,7 @@ pub async fn pump<CR, CW, TR, TW>(
     tunnel_write: &mut TW,
     idle: Duration,
     totals: &ByteCounters,
+    shed: Option<&Shed>,
 ) -> (PumpEnd, PumpStats)
 where
     CR: AsyncRead + Unpin + ?Sized,
@@ -112,6 +119,12 @@ where
             Err((Side::Tunnel, e)) => PumpEnd::TunnelError(e),
         },
         () = idle_watch(start, &last, idle) => PumpEnd::Idle,
+        () = async {
+            match shed {
+                Some(shed) => shed.wait().await,
+                None => std::future::pending().await,
+            }
+        } => PumpEnd::Shed,
     };
     let stats = PumpStats {
         up: up.load(Ordering::Relaxed),
@@ -210,6 +223,7 @@ mod tests {
                 &mut tw,
                 Duration::from_secs(600),
                 &totals,
+                None,
             )
             .await
         });
@@ -247,6 +261,7 @@ mod tests {
                 &mut tw,
                 Duration::from_secs(60),
                 &totals,
+                None,
             )
             .await;
             assert_eq!(totals.up.load(Ordering::Relaxed), result.1.up);
@@ -297,6 +312,7 @@ mod tests {
             &mut tw,
             Duration::from_secs(5),
             &totals,
+            None,
         )
         .await;
         assert!(matches!(end, PumpEnd::Idle), "{end:?}");

@@ -494,6 +494,7 @@ impl Ctx {
         let exchange = async {
             let mut upstream = self.upstream().await?;
             loop {
+                upstream.serve(self.client.ip());
                 match upstream.exchange(request, method, pool).await {
                     Ok(answer) => return Ok(answer),
                     // A pooled connection the node closed meanwhile: once more on a new one.

@@ -54,6 +54,7 @@ use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Families, Observe};
 use crate::relay::{ByteCounters, Header, Proxy, PumpEnd, Status, encode_proxy_header, pump};
+use crate::transport::budget::Ledger;
 use crate::transport::pin::IdentityError;
 use crate::transport::quic::{self, QuicError, Tuning, code};
 use crate::transport::tls::{self, TlsIo, TlsRelay};
@@ -155,6 +156,9 @@ struct Shared {
     tls_handshake_failed: AtomicU64,
     /// TLS tunnel handshakes completed: [full, resumed].
     tls_handshakes: [AtomicU64; 2],
+    /// Tunnel streams shed because their client stopped reading (see
+    /// [`crate::transport::budget`]).
+    streams_shed: Arc<AtomicU64>,
     /// Upstreams held down after a refusal.
     health: health::Health,
     reloads: metrics::Reloads,
@@ -205,7 +209,8 @@ struct Live {
 /// An agent's tunnel.
 #[derive(Clone)]
 enum Tunnel {
-    Quic(Connection),
+    /// A QUIC connection and the ledger of its streams' credit.
+    Quic(Connection, Arc<Ledger>),
     WireGuard(Arc<wireguard::Peer>),
     Tls(Arc<TlsSession>),
 }
@@ -223,7 +228,7 @@ struct TlsSession {
 impl Tunnel {
     fn transport(&self) -> &'static str {
         match self {
-            Self::Quic(_) => TransportKind::Quic.as_str(),
+            Self::Quic(..) => TransportKind::Quic.as_str(),
             Self::WireGuard(_) => TransportKind::WireGuard.as_str(),
             Self::Tls(_) => TransportKind::Tls.as_str(),
         }
@@ -231,7 +236,7 @@ impl Tunnel {
 
     fn rtt(&self) -> Duration {
         match self {
-            Self::Quic(conn) => conn.rtt(),
+            Self::Quic(conn, _) => conn.rtt(),
             Self::WireGuard(peer) => peer.session().1.unwrap_or_default(),
             Self::Tls(session) => session.control.rtt(),
         }
@@ -239,7 +244,7 @@ impl Tunnel {
 
     fn same(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::Quic(a), Self::Quic(b)) => a.stable_id() == b.stable_id(),
+            (Self::Quic(a, _), Self::Quic(b, _)) => a.stable_id() == b.stable_id(),
             (Self::WireGuard(a), Self::WireGuard(b)) => Arc::ptr_eq(a, b),
             (Self::Tls(a), Self::Tls(b)) => Arc::ptr_eq(a, b),
             _ => false,
@@ -250,7 +255,7 @@ impl Tunnel {
     /// session has no close: the peer's liveness timeout ends it.
     fn close(&self, code: quinn::VarInt, why: &'static [u8]) {
         match self {
-            Self::Quic(conn) => conn.close(code, why),
+            Self::Quic(conn, _) => conn.close(code, why),
             Self::WireGuard(_) => {}
             Self::Tls(session) => session.close.cancel(),
         }
@@ -386,6 +391,7 @@ impl Sentry {
             handshake_failed: AtomicU64::new(0),
             tls_handshake_failed: AtomicU64::new(0),
             tls_handshakes: Default::default(),
+            streams_shed: Arc::default(),
             health: health::Health::default(),
             reloads: metrics::Reloads::default(),
             stop,
@@ -997,6 +1003,16 @@ impl Observe for SentryHandle {
                 ),
             ],
         )?;
+        out.counters(
+            "tunnel_streams_shed",
+            "Relayed connections closed because their client stopped reading while holding \
+             tunnel flow-control credit: past the tunnel's budget of held streams (the client \
+             address holding the most first), or for 60 s.",
+            [(
+                [("transport", "quic")],
+                shared.streams_shed.load(Ordering::Relaxed),
+            )],
+        )?;
         let upstreams = shared.health.snapshot(clock::now());
         out.counters(
             "upstream_hold_downs",
@@ -1178,12 +1194,16 @@ async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: Handshak
     // Holds released before the tunnel is registered (a hold its first stream earns must
     // stay), and registered before it is logged: whoever reads "tunnel up" can use it.
     shared.health.release_agent(&agent);
-    if let Some(old) = registry.insert(&agent, Tunnel::Quic(conn.clone())) {
+    let tunnel = Tunnel::Quic(
+        conn.clone(),
+        Ledger::watch(&conn, shared.streams_shed.clone()),
+    );
+    if let Some(old) = registry.insert(&agent, tunnel.clone()) {
         old.close(code::REPLACED, b"replaced by a newer tunnel");
     }
     info!(%agent, %remote, transport = "quic", "tunnel up");
     let reason = conn.closed().await;
-    registry.remove(&agent, &Tunnel::Quic(conn.clone()));
+    registry.remove(&agent, &tunnel);
     info!(%agent, %remote, transport = "quic", "tunnel down: {reason}");
 }
 
@@ -1269,6 +1289,7 @@ async fn relay_client(
         }
     };
     if let Some((agent, mut stream)) = connect_upstream(&shared, &route, client, proxy).await {
+        let shed = stream.shed_signal();
         let (mut client_read, mut client_write) = tcp.split();
         let (mut tunnel_read, mut tunnel_write) = stream.halves();
         let (end, stats) = pump(
@@ -1278,6 +1299,7 @@ async fn relay_client(
             &mut tunnel_write,
             route.idle_timeout,
             &slot.bytes,
+            shed.as_ref(),
         )
         .await;
         if !matches!(end, PumpEnd::Done) {
@@ -1418,11 +1440,15 @@ async fn open(tunnel: &Tunnel, header: &Header) -> Result<TunnelStream, OpenErro
                 }
             }
         }
-        Tunnel::Quic(conn) => match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
-            Ok(Ok((send, recv))) => TunnelStream::Quic(send, recv),
-            Ok(Err(e)) => return Err(OpenError::Tunnel(e.to_string())),
-            Err(_) => return Err(OpenError::Tunnel("no free stream on the tunnel".into())),
-        },
+        Tunnel::Quic(conn, ledger) => {
+            match tokio::time::timeout(OPEN_TIMEOUT, conn.open_bi()).await {
+                Ok(Ok((send, recv))) => {
+                    TunnelStream::Quic(send, ledger.recv(recv, Some(header.client.ip())))
+                }
+                Ok(Err(e)) => return Err(OpenError::Tunnel(e.to_string())),
+                Err(_) => return Err(OpenError::Tunnel("no free stream on the tunnel".into())),
+            }
+        }
         Tunnel::WireGuard(peer) => {
             let to = SocketAddrV4::new(peer.address(), wireguard::RELAY_PORT);
             match tokio::time::timeout(OPEN_TIMEOUT, peer.connect(to)).await {

@@ -196,6 +196,12 @@ impl Upstream {
         Ok(Answer { head, body })
     }
 
+    /// The connection now carries a request of the client at `client` (the tunnel sheds
+    /// fairly by client).
+    pub(super) fn serve(&self, client: std::net::IpAddr) {
+        self.io.set_client(client);
+    }
+
     pub(super) fn is_fresh(&self) -> bool {
         self.fresh
     }
@@ -272,6 +278,8 @@ impl Pool {
             return;
         }
         upstream.idle_since = clock::now();
+        // Waiting for its next request, it expects nothing: it holds no tunnel credit.
+        upstream.io.park();
         let mut idle = lock(&self.idle);
         // Oldest first out when full: they are the likeliest to have been closed by the node.
         if idle.len() >= POOL_MAX_IDLE {

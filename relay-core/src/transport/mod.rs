@@ -6,6 +6,7 @@
 //! own, for networks that block UDP. [`TunnelStream`] is one relayed connection over any, so the relay
 //! code above does not care which carried it.
 
+pub mod budget;
 pub mod pin;
 pub mod quic;
 mod stream;

@@ -82,6 +82,9 @@ pub mod code {
     pub const UNRESPONSIVE: VarInt = VarInt::from_u32(2);
     /// A relayed connection failed on one side; the stream is reset.
     pub const RELAY_ERROR: VarInt = VarInt::from_u32(3);
+    /// The stream's reader stopped reading and its credit was taken back (see
+    /// [`crate::transport::budget`]).
+    pub const STALLED: VarInt = VarInt::from_u32(4);
 }
 
 /// Why an endpoint could not be made.

@@ -4,9 +4,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use quinn::{RecvStream, SendStream};
+use quinn::SendStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::budget::{QuicRecv, Shed};
 use super::quic::code;
 use super::tls::TlsRelay;
 use super::wireguard::OverlayStream;
@@ -15,14 +16,14 @@ use super::wireguard::OverlayStream;
 /// or a TCP+TLS connection of its own.
 #[derive(Debug)]
 pub enum TunnelStream {
-    Quic(SendStream, RecvStream),
+    Quic(SendStream, QuicRecv),
     Overlay(OverlayStream),
     Tls(Box<TlsRelay>),
 }
 
 /// The receiving half of a [`TunnelStream`].
 pub enum TunnelRead<'a> {
-    Quic(&'a mut RecvStream),
+    Quic(&'a mut QuicRecv),
     Overlay(&'a OverlayStream),
     Tls(&'a mut tokio::io::ReadHalf<super::tls::TlsIo>),
 }
@@ -47,6 +48,31 @@ impl TunnelStream {
         }
     }
 
+    /// The reader expects nothing for a while (a pooled connection waiting for its next
+    /// request): a QUIC stream then holds no flow-control credit (see [`super::budget`]).
+    pub fn park(&self) {
+        if let Self::Quic(_, recv) = self {
+            recv.park();
+        }
+    }
+
+    /// The stream now carries the connection of the client at `client` (for fair shedding).
+    pub fn set_client(&self, client: std::net::IpAddr) {
+        if let Self::Quic(_, recv) = self {
+            recv.set_client(client);
+        }
+    }
+
+    /// A handle that resolves when the tunnel sheds this stream because its reader stopped
+    /// reading (QUIC only: the other transports have no shared credit to take back).
+    #[must_use]
+    pub fn shed_signal(&self) -> Option<Shed> {
+        match self {
+            Self::Quic(_, recv) => Some(recv.shed()),
+            Self::Overlay(_) | Self::Tls(_) => None,
+        }
+    }
+
     /// End it as failed: the far end sees a reset, not a clean end of stream (dropping a
     /// QUIC send stream would finish it, telling the peer all is well). A TLS connection
     /// needs nothing here: dropped without `close_notify`, it is an error at the far end.
@@ -54,7 +80,7 @@ impl TunnelStream {
         match self {
             Self::Quic(send, recv) => {
                 let _ = send.reset(code::RELAY_ERROR);
-                let _ = recv.stop(code::RELAY_ERROR);
+                recv.stop(code::RELAY_ERROR);
             }
             Self::Overlay(stream) => stream.abort(),
             Self::Tls(_) => {}
