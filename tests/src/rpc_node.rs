@@ -9,6 +9,8 @@
 //!   be, and a call of a method ending in `subscribe` is followed by one notification
 //!   `{"jsonrpc":"2.0","method":"subscription","params":{"result":"tick"}}`. A message that is
 //!   not a call (goloop's `{"height": ...}`) is answered with `{"code":0}` and a notification.
+//!   A call of `flood` is followed by notifications of 1 KiB until the socket fails (at most
+//!   256 MiB of them).
 #![allow(clippy::unwrap_used)]
 
 use std::convert::Infallible;
@@ -215,6 +217,18 @@ where
             && ws.send(Message::Text(answer.into())).await.is_err()
         {
             return;
+        }
+        if value.get("method").and_then(Value::as_str) == Some("flood") {
+            let tick = format!(
+                r#"{{"jsonrpc":"2.0","method":"subscription","params":{{"result":"{}"}}}}"#,
+                "x".repeat(1024)
+            );
+            for _ in 0..256 * 1024 {
+                if ws.send(Message::Text(tick.clone().into())).await.is_err() {
+                    return;
+                }
+            }
+            continue;
         }
         let subscribes = value
             .get("method")

@@ -1012,3 +1012,87 @@ async fn a_silent_client_connection_is_closed_at_the_idle_timeout_and_a_busy_one
         "closed after {waited:?}"
     );
 }
+
+/// A WebSocket is held to the route's `idle_timeout` like any connection: a silent one is
+/// closed (1001), one that keeps talking stays open past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_websocket_is_closed_at_the_idle_timeout_and_a_busy_one_is_not() {
+    let (node_addr, _node) = rpc_node::start().await;
+    let (sentry, _agent) = rpc_route_to(
+        node_addr,
+        "idle_timeout = \"1s\"\n",
+        "preset = \"ethereum\"",
+    )
+    .await;
+    let addr = sentry.handle.route_addr("rpc").unwrap();
+    let mut ws = websocket(addr, "/").await;
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}"#;
+    let start = relay_core::clock::now();
+    let mut silent = start;
+    while start.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ws.send(Message::Text(call.into())).await.unwrap();
+        assert_eq!(next_text(&mut ws).await["id"], 1, "answered while busy");
+        silent = relay_core::clock::now();
+    }
+    let closed = loop {
+        match tokio::time::timeout(LIMIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let waited = silent.elapsed();
+    assert_eq!(closed.map(|f| u16::from(f.code)), Some(1001));
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+}
+
+/// A WebSocket client that stops reading what the node sends is closed once it took nothing
+/// for the drain deadline (here the route's 2 s `idle_timeout`, which is shorter), and its
+/// place is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_stops_reading_is_closed() {
+    let (node_addr, _node) = rpc_node::start().await;
+    let (sentry, _agent) = rpc_route_to(
+        node_addr,
+        "idle_timeout = \"2s\"\n",
+        "preset = \"none\"\nallow_paths = [\"/\"]\nallow_methods = [\"*\"]",
+    )
+    .await;
+    let addr = sentry.handle.route_addr("rpc").unwrap();
+    // The least receive buffer, as a client that means to hold the sentry up would use.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let request = format!("ws://{addr}/").into_client_request().unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await.unwrap();
+    let flood = r#"{"jsonrpc":"2.0","id":1,"method":"flood"}"#;
+    ws.send(Message::Text(flood.into())).await.unwrap();
+    let active = || {
+        metric(
+            &sentry.handle.render_metrics(),
+            "sentry_jsonrpc_websockets_active",
+            &[("route", "rpc")],
+        )
+    };
+    assert_eq!(active(), Some(1.0));
+    // Never read: the sentry gives up on it within a few seconds.
+    let start = relay_core::clock::now();
+    while active() != Some(0.0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the socket is still open after {:?}",
+            start.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(1500),
+        "closed too soon: {:?}",
+        start.elapsed()
+    );
+    drop(ws);
+}

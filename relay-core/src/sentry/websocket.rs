@@ -14,6 +14,10 @@
 //!   forwarded), so every message is seen as sent.
 //! - Each direction is bounded: the sentry's own answers go through a small queue, and a side
 //!   that does not read holds the other side back rather than growing memory.
+//! - Time limits: a socket silent both ways for the route's `idle_timeout` is closed (1001),
+//!   and so is one whose client takes nothing the sentry has for it for [`DRAIN_DEADLINE`]
+//!   (or the `idle_timeout`, if shorter): a client that stops reading holds the node's socket
+//!   and a tunnel stream only that long.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +39,11 @@ use tracing::debug;
 
 use super::gateway::{Body, CallOutcome, Ctx, Outcome, UPSTREAM_TIMEOUT};
 use super::pool::{Relayed, Upstream};
+use crate::clock;
 use crate::config::JsonRpc;
 use crate::jsonrpc::filter::error as rpc_error;
 use crate::jsonrpc::{Forwarded, Verdict};
+use crate::relay::{idle_watch, millis_since};
 
 /// JSON-RPC error code for a call over the client's rate (EIP-1474 "limit exceeded").
 const LIMIT_EXCEEDED: i32 = -32005;
@@ -45,6 +51,8 @@ const LIMIT_EXCEEDED: i32 = -32005;
 const ANSWER_QUEUE: usize = 16;
 /// How long a close handshake may take when the sentry ends a socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Longest a message for the client may wait for the client to take it.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Relay a WebSocket upgrade (already checked: allowed path, `websocket = true`).
 pub(super) async fn upgrade(
@@ -245,16 +253,24 @@ async fn relay<C, N>(
     let (mut node_tx, mut node_rx) = node.split();
     let (answers_tx, mut answers_rx) = mpsc::channel::<Message>(ANSWER_QUEUE);
     let stop = ctx.slot.stop.clone();
+    let idle = ctx.slot.route.load().idle_timeout;
+    let drain = idle.min(DRAIN_DEADLINE);
+    // Milliseconds since `start` at the last frame either way (pings count: they are what a
+    // quiet client sends to stay open).
+    let start = clock::now();
+    let last = std::sync::atomic::AtomicU64::new(0);
+    let moved = || last.store(millis_since(start), std::sync::atomic::Ordering::Relaxed);
 
     // Client → node, filtered.
     let up = async {
         while let Some(message) = client_rx.next().await {
+            moved();
             let message = match message {
                 Ok(message) => message,
                 Err(e) => {
                     debug!(client = %ctx.client, "WebSocket from the client ended: {e}");
                     let size = matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_));
-                    return size.then_some(CloseCode::Size);
+                    return size.then_some(Close::TooLarge);
                 }
             };
             let step = match &message {
@@ -290,7 +306,10 @@ async fn relay<C, N>(
         loop {
             let message = tokio::select! {
                 message = node_rx.next() => match message {
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                        moved();
+                        continue;
+                    }
                     Some(Ok(message)) => message,
                     Some(Err(e)) => {
                         debug!(client = %ctx.client, "WebSocket from the node ended: {e}");
@@ -300,9 +319,15 @@ async fn relay<C, N>(
                 },
                 Some(answer) = answers_rx.recv() => answer,
             };
+            moved();
             let closing = matches!(message, Message::Close(_));
-            if client_tx.send(message).await.is_err() || closing {
-                return;
+            match tokio::time::timeout(drain, client_tx.send(message)).await {
+                Ok(Ok(())) if !closing => moved(),
+                Ok(_) => return,
+                Err(_) => {
+                    debug!(client = %ctx.client, "WebSocket client took nothing for {drain:?}: closed");
+                    return;
+                }
             }
         }
     };
@@ -310,15 +335,18 @@ async fn relay<C, N>(
     let close = tokio::select! {
         code = up => code,
         () = down => None,
-        () = stop.cancelled() => Some(CloseCode::Away),
+        () = idle_watch(start, &last, idle) => Some(Close::Idle),
+        () = stop.cancelled() => Some(Close::Shutdown),
     };
-    if let Some(code) = close {
+    if let Some(close) = close {
+        let (code, reason) = match close {
+            Close::TooLarge => (CloseCode::Size, "message too large"),
+            Close::Idle => (CloseCode::Away, "idle"),
+            Close::Shutdown => (CloseCode::Away, "sentry shutting down"),
+        };
         let frame = CloseFrame {
             code,
-            reason: match code {
-                CloseCode::Size => "message too large".into(),
-                _ => "sentry shutting down".into(),
-            },
+            reason: reason.into(),
         };
         // The node learns the socket is gone either way; the client is told why.
         let _ = tokio::time::timeout(CLOSE_GRACE, async {
@@ -327,4 +355,14 @@ async fn relay<C, N>(
         })
         .await;
     }
+}
+
+/// Why the sentry closes a socket.
+enum Close {
+    /// A client message over `max_body` (1009).
+    TooLarge,
+    /// Silent both ways for the route's `idle_timeout` (1001).
+    Idle,
+    /// The route was removed or the sentry stops (1001).
+    Shutdown,
 }
