@@ -152,6 +152,9 @@ struct Shared {
     routes: Mutex<Vec<Arc<RouteSlot>>>,
     open: Arc<SentryCount>,
     handshake_refused: [AtomicU64; HandshakeRefusal::ALL.len()],
+    /// The handshake gates of the QUIC and the TLS listener.
+    quic_gate: Arc<HandshakeGate>,
+    tls_gate: Arc<HandshakeGate>,
     handshake_failed: AtomicU64,
     tls_handshake_failed: AtomicU64,
     /// TLS tunnel handshakes completed: [full, resumed].
@@ -388,6 +391,8 @@ impl Sentry {
             routes: Mutex::new(initial.iter().map(|(slot, _)| slot.clone()).collect()),
             open,
             handshake_refused: Default::default(),
+            quic_gate: HandshakeGate::new(DEFAULT_HANDSHAKE_LIMITS),
+            tls_gate: HandshakeGate::new(TLS_HANDSHAKE_LIMITS),
             handshake_failed: AtomicU64::new(0),
             tls_handshake_failed: AtomicU64::new(0),
             tls_handshakes: Default::default(),
@@ -974,6 +979,15 @@ impl Observe for SentryHandle {
                 )
             }),
         )?;
+        out.gauges(
+            "tunnel_handshakes_in_flight",
+            "Tunnel handshakes in progress now, by listener (a flood of strangers shows here).",
+            [
+                ([("transport", "quic")], shared.quic_gate.in_flight()),
+                ([("transport", "tls")], shared.tls_gate.in_flight()),
+            ]
+            .map(|(l, n)| (l, i64::try_from(n).unwrap_or(i64::MAX))),
+        )?;
         out.counters(
             "tunnel_handshakes_failed",
             "Tunnel handshakes that failed or timed out (unknown keys among them).",
@@ -1130,7 +1144,7 @@ impl Registry {
 }
 
 async fn accept_agents(shared: Arc<Shared>) {
-    let gate = HandshakeGate::new(DEFAULT_HANDSHAKE_LIMITS);
+    let gate = shared.quic_gate.clone();
     let endpoint = shared.endpoint.clone();
     loop {
         let incoming = tokio::select! {
@@ -1167,7 +1181,16 @@ async fn accept_agents(shared: Arc<Shared>) {
 /// One agent tunnel, from handshake to close.
 async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: HandshakePermit) {
     let remote = incoming.remote_address();
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming) => handshake,
+        () = permit.evicted() => {
+            // Its place went to a newer attempt (every place was taken): dropping the attempt
+            // ends it.
+            shared.handshake_refused[HandshakeRefusal::Evicted.index()].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let conn = match handshake {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             shared.handshake_failed.fetch_add(1, Ordering::Relaxed);
@@ -1182,7 +1205,6 @@ async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: Handshak
             return;
         }
     };
-    drop(permit);
     let registry = &shared.tunnels;
     let name = quic::peer_key(&conn).and_then(|k| registry.names.load().get(&k).cloned());
     let Some(agent) = name else {
@@ -1191,6 +1213,8 @@ async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: Handshak
         conn.close(code::SHUTDOWN, b"");
         return;
     };
+    // A pinned agent: its address gets a reserved place in later handshakes.
+    permit.authenticated();
     // Holds released before the tunnel is registered (a hold its first stream earns must
     // stay), and registered before it is logged: whoever reads "tunnel up" can use it.
     shared.health.release_agent(&agent);
@@ -1545,7 +1569,7 @@ async fn accept_tls(shared: Arc<Shared>, listener: TcpListener) {
     // Agents open a TLS connection per relayed connection, so the per-address rate is far
     // above QUIC's; every attempt has completed a TCP handshake (its address is real) and
     // the in-flight caps still bound what a flood can hold.
-    let gate = HandshakeGate::new(TLS_HANDSHAKE_LIMITS);
+    let gate = shared.tls_gate.clone();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -1587,6 +1611,9 @@ const TLS_HANDSHAKE_LIMITS: crate::admission::HandshakeLimits = crate::admission
         count: std::num::NonZeroU32::new(2000).expect("invariant: 2000 is not zero"),
         per: Duration::from_secs(1),
     },
+    // An agent opens up to 16 data connections at once, and a few agents may reconnect
+    // together.
+    reserved: 64,
 };
 
 /// One TCP+TLS connection from an agent: handshake, role byte, then the control loop or the
@@ -1605,7 +1632,14 @@ async fn tls_connection(
         io.read_exact(&mut role).await?;
         Ok::<_, std::io::Error>((TlsIo::from(io), role[0]))
     };
-    let (io, role) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let handshake = tokio::select! {
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => handshake,
+        () = permit.evicted() => {
+            shared.handshake_refused[HandshakeRefusal::Evicted.index()].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    let (io, role) = match handshake {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => {
             shared.tls_handshake_failed.fetch_add(1, Ordering::Relaxed);
@@ -1620,7 +1654,6 @@ async fn tls_connection(
             return;
         }
     };
-    drop(permit);
     shared.tls_handshakes[usize::from(tls::resumed(&io))].fetch_add(1, Ordering::Relaxed);
     // Checked again after the handshake: a resumed session skips the verifier, and a reload
     // may have unpinned the key since.
@@ -1629,6 +1662,7 @@ async fn tls_connection(
     else {
         return;
     };
+    permit.authenticated();
     match tls::Role::from_byte(role) {
         Some(tls::Role::Data) => shared.tls_pool(&agent).push(io),
         Some(tls::Role::Control) => tls_control(io, agent, remote, &shared).await,
