@@ -76,15 +76,20 @@ const LOWER_AFTER: u64 = 40;
 const WAITING: u64 = u64::MAX;
 
 /// One tunnel's streams and the monitor's state.
+///
+/// The monitor runs only while the tunnel has streams, and holds the ledger only weakly
+/// between ticks: a tunnel whose owner is gone (and whose streams are) is not kept alive by
+/// its monitor.
 #[derive(Debug)]
 pub struct Ledger {
+    conn: Connection,
     streams: Mutex<Slots>,
     /// Advanced by the monitor every [`TICK`]; marks record it.
     tick: AtomicU64,
-    /// Wakes the monitor when the first stream arrives.
-    arrived: Notify,
     /// Streams shed: the owner's count, across its tunnels.
     shed: Arc<AtomicU64>,
+    /// The monitor's own state, kept across its runs.
+    window: Mutex<Window>,
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +97,15 @@ struct Slots {
     entries: Vec<Option<Weak<Held>>>,
     free: Vec<usize>,
     live: usize,
+    /// Whether a monitor task runs now.
+    watched: bool,
+}
+
+/// The connection window the monitor set, and since which tick it would be lower.
+#[derive(Debug)]
+struct Window {
+    now: u64,
+    below_since: Option<u64>,
 }
 
 /// A stream's mark: whether its reader is waiting, and since when it is not.
@@ -119,18 +133,20 @@ pub struct QuicRecv {
 pub struct Shed(Arc<Held>);
 
 impl Ledger {
-    /// A ledger for `conn`, with its monitor running until the connection closes; each
+    /// A ledger for `conn`; its monitor runs while the connection has streams, and each
     /// stream it sheds is counted in `shed`.
     #[must_use]
     pub fn watch(conn: &Connection, shed: Arc<AtomicU64>) -> Arc<Self> {
-        let ledger = Arc::new(Self {
+        Arc::new(Self {
+            conn: conn.clone(),
             streams: Mutex::default(),
             tick: AtomicU64::new(0),
-            arrived: Notify::new(),
             shed,
-        });
-        tokio::spawn(monitor(conn.clone(), ledger.clone()));
-        ledger
+            window: Mutex::new(Window {
+                now: u64::from(BASE_WINDOW),
+                below_since: None,
+            }),
+        })
     }
 
     /// Account a new stream's receiving half, for the client at `client`.
@@ -151,8 +167,9 @@ impl Ledger {
         });
         slots.entries[slot] = Some(Arc::downgrade(&held));
         slots.live += 1;
-        if slots.live == 1 {
-            self.arrived.notify_one();
+        if !slots.watched {
+            slots.watched = true;
+            tokio::spawn(monitor(Arc::downgrade(self)));
         }
         drop(slots);
         QuicRecv {
@@ -184,10 +201,6 @@ impl Ledger {
                     .then(|| (since, h.client.load(Ordering::Relaxed), h))
             })
             .collect()
-    }
-
-    fn live(&self) -> usize {
-        lock(&self.streams).live
     }
 }
 
@@ -333,28 +346,32 @@ fn decide(tick: u64, held: &[(u64, u64)]) -> (u64, Vec<usize>) {
 }
 
 /// The monitor of one tunnel: ticks while it has streams, sets the connection window and
-/// sheds, until the connection closes.
-async fn monitor(conn: Connection, ledger: Arc<Ledger>) {
-    let mut window = u64::from(BASE_WINDOW);
-    let mut below_since: Option<u64> = None;
+/// sheds; ends when the tunnel has no stream left (the next stream starts another), when the
+/// connection closed, or when the ledger is gone.
+async fn monitor(ledger: Weak<Ledger>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if ledger.live() == 0 {
-            // Nothing to watch: sleep until a stream arrives (the window is only ever lowered
-            // while ticking, so an idle tunnel keeps what it had; streams come back to it).
-            tokio::select! {
-                () = ledger.arrived.notified() => {}
-                _ = conn.closed() => return,
+        interval.tick().await;
+        let Some(ledger) = ledger.upgrade() else {
+            return;
+        };
+        {
+            let mut slots = lock(&ledger.streams);
+            if slots.live == 0 || ledger.conn.close_reason().is_some() {
+                slots.watched = false;
+                return;
             }
-            continue;
         }
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = conn.closed() => return,
-        }
-        let tick = ledger.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        let held = ledger.held(tick);
+        ledger.tick_once();
+    }
+}
+
+impl Ledger {
+    /// One tick of the monitor.
+    fn tick_once(&self) {
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        let held = self.held(tick);
         let marks: Vec<(u64, u64)> = held.iter().map(|(s, c, _)| (*s, *c)).collect();
         let (want, shed) = decide(tick, &marks);
         if !shed.is_empty()
@@ -381,18 +398,22 @@ async fn monitor(conn: Connection, ledger: Arc<Ledger>) {
                 client = held[i].1,
                 "stream shed"
             );
-            ledger.shed.fetch_add(1, Ordering::Relaxed);
+            self.shed.fetch_add(1, Ordering::Relaxed);
         }
-        let lower = want < window
-            && below_since.is_some_and(|since| tick.saturating_sub(since) >= LOWER_AFTER);
-        if want > window || lower {
-            window = want;
-            below_since = None;
-            conn.set_receive_window(VarInt::from_u64(window).unwrap_or(VarInt::MAX));
-        } else if want < window {
-            below_since.get_or_insert(tick);
+        let mut window = lock(&self.window);
+        let lower = want < window.now
+            && window
+                .below_since
+                .is_some_and(|since| tick.saturating_sub(since) >= LOWER_AFTER);
+        if want > window.now || lower {
+            window.now = want;
+            window.below_since = None;
+            self.conn
+                .set_receive_window(VarInt::from_u64(want).unwrap_or(VarInt::MAX));
+        } else if want < window.now {
+            window.below_since.get_or_insert(tick);
         } else {
-            below_since = None;
+            window.below_since = None;
         }
     }
 }
