@@ -189,3 +189,106 @@ async fn flows_are_capped_expire_and_reach_only_udp_services() {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     assert_eq!(exchange(&socket, sentry.route("wrong"), b"x").await, None);
 }
+
+/// A full route makes room for a new peer by evicting its quietest flow, rather than
+/// refusing newcomers while others (made-up sources, say) hold every place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_route_evicts_its_quietest_flow_for_a_new_peer() {
+    let echo = udp_echo().await;
+    let (sentry, _agent, _) = deployment(
+        "quic",
+        "max_connections = 4\nmax_connections_per_ip = 100\nconnect_rate_per_ip = \"1000/s\"",
+        echo,
+    )
+    .await;
+    let route = sentry.route("disc");
+    let mut sockets = Vec::new();
+    for _ in 0..5 {
+        sockets.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    for (i, socket) in sockets[..4].iter().enumerate() {
+        let datagram = format!("first {i}");
+        assert_eq!(
+            exchange(socket, route, datagram.as_bytes()).await,
+            Some(datagram.into_bytes())
+        );
+    }
+    // Flow 1 goes quiet while the others talk.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in [0, 2, 3] {
+        assert!(exchange(&sockets[i], route, b"again").await.is_some());
+    }
+    let active = || {
+        metric(
+            &sentry.handle.render_metrics(),
+            "sentry_route_connections_active",
+            &[("route", "disc")],
+        )
+    };
+    assert_eq!(active(), Some(4.0));
+    // A new peer gets in: the quietest flow (1) made room.
+    assert_eq!(
+        exchange(&sockets[4], route, b"newcomer").await,
+        Some(b"newcomer".to_vec()),
+        "a new peer was refused by a full route"
+    );
+    // The evicted peer comes back as a new flow (and evicts the quietest in turn).
+    assert_eq!(
+        exchange(&sockets[1], route, b"back").await,
+        Some(b"back".to_vec())
+    );
+    assert_eq!(active(), Some(4.0), "the cap still holds");
+}
+
+/// New flows are rated per network (64 per /24 per second): made-up sources from one network
+/// cannot fill a route, while a peer of another network is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_flows_are_rated_per_network() {
+    let echo = udp_echo().await;
+    let (sentry, _agent, _) = deployment(
+        "quic",
+        "max_connections = 1000\nmax_connections_per_ip = 1000\nconnect_rate_per_ip = \"1000/s\"",
+        echo,
+    )
+    .await;
+    let route = sentry.route("disc");
+    // 120 addresses of 127.0.0.0/24, one datagram each, at once.
+    let mut sockets = Vec::new();
+    for i in 0..120u8 {
+        sockets.push(
+            UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, 2 + i), 0))
+                .await
+                .unwrap(),
+        );
+    }
+    for socket in &sockets {
+        socket.send_to(b"hello", route).await.unwrap();
+    }
+    let mut answered = 0;
+    for socket in &sockets {
+        let mut buf = [0u8; 64];
+        if tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf))
+            .await
+            .is_ok()
+        {
+            answered += 1;
+        }
+    }
+    assert!(
+        (50..=90).contains(&answered),
+        "{answered} of 120 new flows from one /24 were served"
+    );
+    let rated = metric(
+        &sentry.handle.render_metrics(),
+        "sentry_route_connections_refused_total",
+        &[("route", "disc"), ("reason", "rate")],
+    )
+    .unwrap();
+    assert!(rated >= 30.0, "{rated} refused for their network's rate");
+    // Another network is not held to that one's budget.
+    let other = UdpSocket::bind("127.0.1.5:0").await.unwrap();
+    assert_eq!(
+        exchange(&other, route, b"elsewhere").await,
+        Some(b"elsewhere".to_vec())
+    );
+}

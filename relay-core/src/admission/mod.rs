@@ -87,6 +87,19 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The unit new UDP flows are rated in: an IPv4 /24 or an IPv6 /48 (mapped IPv4 as IPv4).
+/// A spoofed source costs nothing to make up; a network's worth of them counts as one.
+#[must_use]
+pub fn prefix_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()),
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 80) - 1);
+            IpAddr::V6(Ipv6Addr::from(prefix))
+        }
+    }
+}
+
 /// Open connections at the moment of a decision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -310,6 +323,11 @@ impl Gate {
     pub fn refused(&self, reason: Refusal) -> u64 {
         self.refused[reason.index()].load(Ordering::Relaxed)
     }
+
+    /// Count a refusal decided outside the gate (a UDP route's rate of new flows per network).
+    pub fn count_refusal(&self, reason: Refusal) {
+        self.refused[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A place on a route; given back when dropped (when the relayed connection ends).
@@ -336,6 +354,8 @@ impl Drop for Permit {
 /// counts N), on a clock passed in like [`Gate`]'s.
 pub struct CallRate {
     rate: units::Rate,
+    /// What one key is: [`client_key`] or [`prefix_key`].
+    key: fn(IpAddr) -> IpAddr,
     clock: PassedClock,
     limiter: Limiter,
     decisions: AtomicU64,
@@ -350,11 +370,23 @@ impl std::fmt::Debug for CallRate {
 }
 
 impl CallRate {
+    /// A rate per client (IPv4 address or IPv6 /64).
     #[must_use]
     pub fn new(rate: units::Rate) -> Self {
+        Self::keyed(rate, client_key)
+    }
+
+    /// A rate per network (IPv4 /24 or IPv6 /48, see [`prefix_key`]).
+    #[must_use]
+    pub fn per_prefix(rate: units::Rate) -> Self {
+        Self::keyed(rate, prefix_key)
+    }
+
+    fn keyed(rate: units::Rate, key: fn(IpAddr) -> IpAddr) -> Self {
         let clock = PassedClock::default();
         Self {
             rate,
+            key,
             limiter: RateLimiter::dashmap_with_clock(quota(rate), clock.clone()),
             clock,
             decisions: AtomicU64::new(0),
@@ -377,7 +409,7 @@ impl CallRate {
         let Some(n) = u32::try_from(n).ok().and_then(std::num::NonZeroU32::new) else {
             return true;
         };
-        matches!(self.limiter.check_key_n(&client_key(ip), n), Ok(Ok(())))
+        matches!(self.limiter.check_key_n(&(self.key)(ip), n), Ok(Ok(())))
     }
 }
 
