@@ -193,10 +193,31 @@ pub fn run(
         stalled: stalled.len(),
         cpu,
     };
+    if failed > 0 {
+        // What the daemons said, for a failure to be understood from CI's output alone.
+        for (role, daemon) in [("sentry", &sentry), ("agent", &agent)] {
+            let log = daemon.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(40);
+            eprintln!(
+                "--- {role} log, last {} lines ---\n{}",
+                lines.len() - from,
+                lines[from..].join("\n")
+            );
+        }
+    }
     if let Some(dir) = std::env::var_os("STALL_LOGS") {
         let dir = PathBuf::from(dir);
-        std::fs::write(dir.join("sentry.log"), sentry.log()).unwrap();
-        std::fs::write(dir.join("agent.log"), agent.log()).unwrap();
+        std::fs::write(
+            dir.join(format!("sentry-{}.log", attack.as_str())),
+            sentry.log(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("agent-{}.log", attack.as_str())),
+            agent.log(),
+        )
+        .unwrap();
     }
     drop(stalled);
     drop((agent, sentry));

@@ -590,11 +590,11 @@ async fn reload_pins_and_unpins_agent_keys_for_new_tunnels() {
     let _v2 = start_agent(v2_config.clone(), v2_key.clone());
     sentry.wait_agent("v2", true).await;
 
-    // Unpin v1: its live tunnel stays (no established connection is cut by a reload), but
-    // a new handshake with its key is refused.
+    // Unpin v1: its tunnel takes no new client (it leaves the registry at once, and closes
+    // once its relayed connections end), and a new handshake with its key is refused.
     let only_v2 = sentry_config(&[("v2", &v2_key)], &[("p2p", &["v2/svc"], "")]);
     sentry.handle.reload(&only_v2, &sentry_key).unwrap();
-    assert_eq!(sentry.handle.connected(), ["v1", "v2"]);
+    assert_eq!(sentry.handle.connected(), ["v2"]);
     let v1_config = agent_config("v1", quic, &sentry_key, &[("svc", echo)]);
     let client = relay_core::transport::quic::client_config(
         &v1_key,
@@ -606,6 +606,111 @@ async fn reload_pins_and_unpins_agent_keys_for_new_tunnels() {
         refused(&v1_config.sentries[0], &client, &v1_key).await,
         "an unpinned key still gets a tunnel"
     );
+}
+
+/// A reload that unpins the key of a connected agent (here: pins another key under its name)
+/// leaves nothing authenticated by the old key taking new clients, over QUIC and over TLS
+/// (its tunnel, and its pooled TLS data connections); a relayed connection already open
+/// finishes.
+async fn an_unpinned_key_takes_no_new_clients(transport: &str) {
+    let (sentry_key, old_key, new_key) = (tests::key(), tests::key(), tests::key());
+    let config = |agent: &PrivateKey| {
+        let text = format!(
+            "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"127.0.0.1:0\"\n\
+             tls_listen = \"127.0.0.1:0\"\n\n\
+             [[agent]]\nname = \"v1\"\npublic_key = \"{}\"\n\n\
+             [[route]]\nname = \"p2p\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"v1/svc\"]\n",
+            agent.public_key()
+        );
+        relay_core::config::parse_sentry(Path::new("test-sentry.toml"), &text).unwrap()
+    };
+    let sentry = tests::start_sentry(&config(&old_key), &sentry_key).await;
+    let address = match transport {
+        "tls" => sentry.handle.tls_addr().unwrap(),
+        _ => sentry.handle.quic_addr(),
+    };
+    let agent_config = |echo: SocketAddr| {
+        let text = format!(
+            "[agent]\nname = \"v1\"\nprivate_key = \"agent.key\"\n\n\
+             [[sentry]]\naddress = \"{address}\"\npublic_key = \"{}\"\ntransport = \"{transport}\"\n\n\
+             [[service]]\nname = \"svc\"\ntarget = \"{echo}\"\n",
+            sentry_key.public_key()
+        );
+        relay_core::config::parse_agent(Path::new("a.toml"), &text).unwrap()
+    };
+    // The old key's agent answers "old" first, the new key's "new".
+    let old_echo = tests::tagged_echo_service("old").await;
+    let _old = tests::start_agent(agent_config(old_echo), old_key);
+    sentry.wait_agent("v1", true).await;
+    let route = sentry.route("p2p");
+    let mut open = tokio::net::TcpStream::connect(route).await.unwrap();
+    assert_eq!(tag(&mut open).await, "old");
+    assert!(echoed(&mut open).await);
+    // Pooled TLS data connections are waiting now, authenticated by the old key.
+    sentry
+        .handle
+        .reload(&config(&new_key), &sentry_key)
+        .unwrap();
+    assert!(
+        sentry.handle.connected().is_empty(),
+        "the old key's tunnel is still listed"
+    );
+    for _ in 0..3 {
+        assert!(
+            tests::closed_without_data(route, Duration::from_secs(3)).await,
+            "a new client was relayed over the unpinned key's tunnel ({transport})"
+        );
+    }
+    // The connection open before the reload still flows.
+    assert!(
+        echoed(&mut open).await,
+        "an open connection was cut by the reload"
+    );
+    // The new key's agent connects under the same name: every new client reaches it, none
+    // the old key's agent (over TLS, none of the old key's pooled data connections).
+    let new_echo = tests::tagged_echo_service("new").await;
+    let _new = tests::start_agent(agent_config(new_echo), new_key);
+    sentry.wait_agent("v1", true).await;
+    for _ in 0..8 {
+        let mut tcp = tokio::net::TcpStream::connect(route).await.unwrap();
+        assert_eq!(
+            tag(&mut tcp).await,
+            "new",
+            "a client reached the old key's agent"
+        );
+    }
+}
+
+/// The three-byte tag a tagged echo service writes first.
+async fn tag(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 3];
+    tokio::time::timeout(PATIENCE, tcp.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpinned_key_takes_no_new_clients_over_quic() {
+    an_unpinned_key_takes_no_new_clients("quic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpinned_key_takes_no_new_clients_over_tls() {
+    an_unpinned_key_takes_no_new_clients("tls").await;
+}
+
+/// One echo exchange on `tcp`, bounded.
+async fn echoed(tcp: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(PATIENCE, tcp.read_exact(&mut buf))
+        .await
+        .is_ok_and(|r| r.is_ok())
+        && &buf == b"ping"
 }
 
 /// Whether the sentry refuses a tunnel handshake with `key`. TLS 1.3 lets the client finish

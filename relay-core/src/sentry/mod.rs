@@ -142,8 +142,9 @@ struct Shared {
     tls_addr: Option<SocketAddr>,
     /// The TLS settings of `tls_listen`, swapped on reload with the pinned keys.
     tls_config: ArcSwap<rustls::ServerConfig>,
-    /// Idle TLS data connections, per agent name.
-    tls_pools: Mutex<HashMap<String, Arc<tls::Pool>>>,
+    /// Idle TLS data connections, per pinned key they authenticated with (a key unpinned by a
+    /// reload takes its pool with it; a new key under the same name gets a pool of its own).
+    tls_pools: Mutex<HashMap<PublicKey, Arc<tls::Pool>>>,
     metrics_addr: Option<SocketAddr>,
     key: PrivateKey,
     /// The config in force (the last one applied).
@@ -207,6 +208,9 @@ struct Tunnels {
 struct Live {
     tunnel: Tunnel,
     since: Instant,
+    /// The pinned key the tunnel authenticated with (`None`: a WireGuard peer, whose device
+    /// drops it when its key goes).
+    key: Option<PublicKey>,
 }
 
 /// An agent's tunnel.
@@ -649,7 +653,10 @@ impl SentryHandle {
         if let Some(device) = &shared.wireguard {
             device.set_peers(&wireguard_peers(config));
         }
-        shared.tunnels.names.store(Arc::new(names));
+        shared.tunnels.names.store(Arc::new(names.clone()));
+        for (agent, tunnel, key) in shared.tunnels.revoke(&names) {
+            shared.retire(&agent, tunnel, key, config.drain_timeout);
+        }
         shared.open.set_max(config.max_connections);
         shared.health.retain(|upstream| {
             config
@@ -1115,8 +1122,8 @@ impl Registry {
         lock(&self.state).live.get(agent).map(|l| l.tunnel.clone())
     }
 
-    /// Register `tunnel` as `agent`'s; returns the one it replaced.
-    fn insert(&self, agent: &str, tunnel: Tunnel) -> Option<Tunnel> {
+    /// Register `tunnel` (authenticated with `key`) as `agent`'s; returns the one it replaced.
+    fn insert(&self, agent: &str, tunnel: Tunnel, key: Option<PublicKey>) -> Option<Tunnel> {
         let old = {
             let mut state = lock(&self.state);
             *state.connects.entry(agent.to_owned()).or_insert(0) += 1;
@@ -1125,11 +1132,38 @@ impl Registry {
                 Live {
                     tunnel,
                     since: clock::now(),
+                    key,
                 },
             )
         };
         self.changed.send_modify(|n| *n += 1);
         old.map(|l| l.tunnel)
+    }
+
+    /// Take out every tunnel whose key is no longer pinned under its agent's name in `names`:
+    /// no new client goes over them from now on. Returns them, with their agent's name.
+    fn revoke(&self, names: &HashMap<PublicKey, String>) -> Vec<(String, Tunnel, PublicKey)> {
+        let mut state = lock(&self.state);
+        let gone: Vec<(String, PublicKey)> = state
+            .live
+            .iter()
+            .filter_map(|(agent, live)| {
+                let key = live.key?;
+                (names.get(&key) != Some(agent)).then(|| (agent.clone(), key))
+            })
+            .collect();
+        let revoked: Vec<(String, Tunnel, PublicKey)> = gone
+            .into_iter()
+            .filter_map(|(agent, key)| {
+                let live = state.live.remove(&agent)?;
+                Some((agent, live.tunnel, key))
+            })
+            .collect();
+        drop(state);
+        if !revoked.is_empty() {
+            self.changed.send_modify(|n| *n += 1);
+        }
+        revoked
     }
 
     /// Remove `agent`'s tunnel if it is still `tunnel` (a newer one may have replaced it).
@@ -1222,7 +1256,7 @@ async fn tunnel(incoming: quinn::Incoming, shared: Arc<Shared>, permit: Handshak
         conn.clone(),
         Ledger::watch(&conn, shared.streams_shed.clone()),
     );
-    if let Some(old) = registry.insert(&agent, tunnel.clone()) {
+    if let Some(old) = registry.insert(&agent, tunnel.clone(), quic::peer_key(&conn)) {
         old.close(code::REPLACED, b"replaced by a newer tunnel");
     }
     info!(%agent, %remote, transport = "quic", "tunnel up");
@@ -1553,7 +1587,7 @@ async fn wireguard_events(
             .map_or_else(|| "-".to_owned(), |e| e.to_string());
         if up {
             shared.health.release_agent(&name);
-            if let Some(old) = shared.tunnels.insert(&name, tunnel) {
+            if let Some(old) = shared.tunnels.insert(&name, tunnel, None) {
                 old.close(code::REPLACED, b"replaced by a newer tunnel");
             }
             info!(agent = %name, %remote, transport = "wireguard", "tunnel up");
@@ -1658,31 +1692,39 @@ async fn tls_connection(
     // Checked again after the handshake: a resumed session skips the verifier, and a reload
     // may have unpinned the key since.
     let registry = &shared.tunnels;
-    let Some(agent) = tls::peer_key(&io).and_then(|k| registry.names.load().get(&k).cloned())
-    else {
+    let Some(key) = tls::peer_key(&io) else {
+        return;
+    };
+    let Some(agent) = registry.names.load().get(&key).cloned() else {
         return;
     };
     permit.authenticated();
     match tls::Role::from_byte(role) {
-        Some(tls::Role::Data) => shared.tls_pool(&agent).push(io),
-        Some(tls::Role::Control) => tls_control(io, agent, remote, &shared).await,
+        Some(tls::Role::Data) => shared.tls_pool(key).push(io),
+        Some(tls::Role::Control) => tls_control(io, agent, key, remote, &shared).await,
         None => debug!(%remote, %agent, "unknown role byte on a TLS tunnel connection"),
     }
 }
 
 /// An agent's TLS control connection: the tunnel is up while it runs.
-async fn tls_control(io: TlsIo, agent: String, remote: SocketAddr, shared: &Shared) {
+async fn tls_control(
+    io: TlsIo,
+    agent: String,
+    key: PublicKey,
+    remote: SocketAddr,
+    shared: &Shared,
+) {
     let (asks, asked) = mpsc::channel(64);
     let session = Arc::new(TlsSession {
         control: tls::Control::default(),
-        pool: shared.tls_pool(&agent),
+        pool: shared.tls_pool(key),
         asks,
         close: CancellationToken::new(),
     });
     let tunnel = Tunnel::Tls(session.clone());
     let registry = &shared.tunnels;
     shared.health.release_agent(&agent);
-    if let Some(old) = registry.insert(&agent, tunnel.clone()) {
+    if let Some(old) = registry.insert(&agent, tunnel.clone(), Some(key)) {
         old.close(code::REPLACED, b"replaced by a newer tunnel");
     }
     info!(%agent, %remote, transport = "tls", "tunnel up");
@@ -1696,11 +1738,29 @@ async fn tls_control(io: TlsIo, agent: String, remote: SocketAddr, shared: &Shar
 }
 
 impl Shared {
-    /// The pool of idle TLS data connections of `agent`.
-    fn tls_pool(&self, agent: &str) -> Arc<tls::Pool> {
-        lock(&self.tls_pools)
-            .entry(agent.to_owned())
-            .or_default()
-            .clone()
+    /// The pool of idle TLS data connections authenticated with `key`.
+    fn tls_pool(&self, key: PublicKey) -> Arc<tls::Pool> {
+        lock(&self.tls_pools).entry(key).or_default().clone()
+    }
+
+    /// A reload unpinned the key `tunnel` of `agent` authenticated with: it takes no new
+    /// client already (it left the registry); its idle TLS data connections close now, and
+    /// the tunnel itself once its relayed connections ended, within `drain`.
+    fn retire(&self, agent: &str, tunnel: Tunnel, key: PublicKey, drain: Duration) {
+        if let Some(pool) = lock(&self.tls_pools).remove(&key) {
+            pool.clear();
+        }
+        warn!(%agent, transport = tunnel.transport(), "the reload unpinned this tunnel's key: it takes no new client, and closes once its relayed connections end (within drain_timeout, {drain:?})");
+        match tunnel {
+            Tunnel::Quic(conn, ledger) => {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(drain, ledger.idle()).await;
+                    conn.close(code::REVOKED, b"agent key unpinned");
+                });
+            }
+            // Its data connections in use are TCP connections of their own; they end with
+            // their relayed connections.
+            Tunnel::Tls(_) | Tunnel::WireGuard(_) => tunnel.close(code::REVOKED, b""),
+        }
     }
 }

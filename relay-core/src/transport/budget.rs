@@ -178,6 +178,13 @@ impl Ledger {
         }
     }
 
+    /// Resolves once the tunnel has no stream left (checked every [`TICK`]).
+    pub async fn idle(&self) {
+        while lock(&self.streams).live > 0 {
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
     fn release(&self, slot: usize) {
         let mut slots = lock(&self.streams);
         if let Some(entry) = slots.entries.get_mut(slot) {

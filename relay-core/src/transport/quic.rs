@@ -85,6 +85,8 @@ pub mod code {
     /// The stream's reader stopped reading and its credit was taken back (see
     /// [`crate::transport::budget`]).
     pub const STALLED: VarInt = VarInt::from_u32(4);
+    /// A reload unpinned the agent's key.
+    pub const REVOKED: VarInt = VarInt::from_u32(5);
 }
 
 /// Why an endpoint could not be made.
