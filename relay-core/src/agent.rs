@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,7 +71,7 @@ const DATA_RETRY_PAUSE: Duration = Duration::from_secs(1);
 const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Every status an agent answers, in a fixed order (for counters).
-const STATUSES: [Status; 6] = Status::ALL;
+const STATUSES: [Status; 7] = Status::ALL;
 /// The `service` label of streams that named no exported service. Label values never come
 /// from the wire, so a misbehaving sentry cannot grow the metrics.
 const NO_SERVICE: &str = "-";
@@ -156,14 +156,39 @@ struct ServiceSlot {
     target: SocketAddr,
     /// A `udp` service: reachable by UDP flows only.
     udp: bool,
+    /// Relayed connections (UDP flows) to it at once, across sentries.
+    max_connections: usize,
     stats: Arc<ServiceStats>,
+}
+
+/// One of a bounded number of places (a service's connections, a sentry's streams); given
+/// back when dropped.
+struct Place(Arc<AtomicUsize>);
+
+impl Place {
+    /// A place of `count`'s, if fewer than `max` are taken.
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
 struct ServiceStats {
     bytes: ByteCounters,
     streams: [AtomicU64; STATUSES.len()],
-    active: AtomicI64,
+    /// Relayed connections (UDP flows) to the service now (including one being connected).
+    active: Arc<AtomicUsize>,
 }
 
 /// One sentry: the `[[sentry]]` entries that share its public key, in the order listed
@@ -211,12 +236,14 @@ enum Dialer {
 }
 
 impl Dialer {
-    fn new(key: &PrivateKey, peer: &SentryPeer) -> Result<Self, QuicError> {
+    fn new(key: &PrivateKey, peer: &SentryPeer, streams: usize) -> Result<Self, QuicError> {
         Ok(match peer.transport {
-            TransportKind::Quic => Self::Quic(quic::client_config(
+            // The sentry may open no more streams than this agent lets one sentry hold.
+            TransportKind::Quic => Self::Quic(quic::client_config_with_streams(
                 key,
                 peer.public_key,
                 &Tuning::default(),
+                u32::try_from(streams).unwrap_or(u32::MAX),
             )?),
             TransportKind::WireGuard => Self::WireGuard,
             TransportKind::Tls => Self::Tls(tls::client_config(key, peer.public_key)?),
@@ -262,7 +289,7 @@ impl Agent {
         });
         shared.set_services(config);
         for peers in group_peers(&config.sentries) {
-            shared.add_group(&peers)?;
+            shared.add_group(&peers, config.max_streams_per_sentry)?;
         }
         Ok(Self {
             shared,
@@ -337,6 +364,7 @@ impl Shared {
                     ServiceSlot {
                         target: s.target,
                         udp: s.udp,
+                        max_connections: s.max_connections,
                         stats,
                     },
                 )
@@ -345,12 +373,14 @@ impl Shared {
         self.services.store(Arc::new(table));
     }
 
-    fn add_group(self: &Arc<Self>, peers: &[SentryPeer]) -> Result<(), QuicError> {
+    /// Start dialing one sentry (its entries, over their transports), letting it hold at
+    /// most `streams` streams at this agent.
+    fn add_group(self: &Arc<Self>, peers: &[SentryPeer], streams: usize) -> Result<(), QuicError> {
         let mut entries = Vec::with_capacity(peers.len());
         for peer in peers {
             entries.push(Arc::new(TunnelState {
                 peer: peer.clone(),
-                dialer: Dialer::new(&self.key, peer)?,
+                dialer: Dialer::new(&self.key, peer, streams)?,
                 live: Mutex::new(None),
                 connects: AtomicU64::new(0),
             }));
@@ -366,6 +396,7 @@ impl Shared {
             shared: self.clone(),
             relays: TaskTracker::new(),
             upgrade: Mutex::new(None),
+            streams: Arc::default(),
         });
         Ok(())
     }
@@ -412,7 +443,7 @@ impl AgentHandle {
         let mut report = ReloadReport::default();
         // Client settings for new sentries first: the only step that can fail.
         for peer in &config.sentries {
-            Dialer::new(&shared.key, peer)?;
+            Dialer::new(&shared.key, peer, config.max_streams_per_sentry)?;
         }
         shared.set_services(config);
         report.services = config.services.len();
@@ -432,7 +463,7 @@ impl AgentHandle {
         lock(&shared.groups).retain(|g| wanted.contains(&g.peers()));
         for peers in &wanted {
             if !current.iter().any(|g| g.peers() == *peers) {
-                shared.add_group(peers)?;
+                shared.add_group(peers, config.max_streams_per_sentry)?;
                 report.added.extend(peers.iter().map(|p| p.address.clone()));
             }
         }
@@ -557,11 +588,12 @@ impl Observe for AgentHandle {
         )?;
         out.gauges(
             "agent_streams_active",
-            "Relayed streams connected to a service now.",
+            "Relayed connections (and UDP flows) to a service now, ones being connected \
+             included: at most the service's max_connections.",
             services.iter().map(|(name, s)| {
                 (
                     [("service", name.clone())],
-                    s.active.load(Ordering::Relaxed),
+                    i64::try_from(s.active.load(Ordering::Relaxed)).unwrap_or(i64::MAX),
                 )
             }),
         )?;
@@ -656,6 +688,9 @@ struct Tunnel {
     /// A tunnel over the preferred transport, dialed while a fallback was up; the next QUIC
     /// attempt takes it instead of dialing.
     upgrade: Mutex<Option<(Endpoint, Connection)>>,
+    /// Streams (and TLS data connections) this sentry holds open now, across transports and
+    /// reconnects; at most `max_streams_per_sentry`.
+    streams: Arc<AtomicUsize>,
 }
 
 impl Tunnel {
@@ -750,6 +785,25 @@ impl Tunnel {
         Attempt::Ended(reason.to_string())
     }
 
+    /// Serve a stream the sentry opened, if the sentry holds fewer than
+    /// `max_streams_per_sentry` here; else answer it `Busy` (a short task: the header, then
+    /// the answer, within the header timeout).
+    fn serve_stream(&self, stream: TunnelStream) {
+        let max = lock(&self.shared.config).max_streams_per_sentry;
+        let shared = self.shared.clone();
+        match Place::take(&self.streams, max) {
+            Some(place) => {
+                self.relays.spawn(async move {
+                    let _place = place;
+                    relay_stream(stream, shared, Refuse::No).await;
+                });
+            }
+            None => {
+                tokio::spawn(relay_stream(stream, shared, Refuse::Busy));
+            }
+        }
+    }
+
     /// Serve relayed streams until the tunnel closes (returns why) or the tunnel is retired
     /// (drains first: until its streams end, but at shutdown for at most `drain_timeout`).
     async fn serve(&self, conn: &Connection) -> quinn::ConnectionError {
@@ -761,9 +815,7 @@ impl Tunnel {
             };
             match accepted {
                 Ok((send, recv)) => {
-                    let stream = TunnelStream::Quic(send, ledger.recv(recv, None));
-                    self.relays
-                        .spawn(relay_stream(stream, self.shared.clone(), false));
+                    self.serve_stream(TunnelStream::Quic(send, ledger.recv(recv, None)));
                 }
                 Err(reason) => return reason,
             }
@@ -771,7 +823,11 @@ impl Tunnel {
         let refuse_new = async {
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let stream = TunnelStream::Quic(send, ledger.recv(recv, None));
-                tokio::spawn(relay_stream(stream, self.shared.clone(), true));
+                tokio::spawn(relay_stream(
+                    stream,
+                    self.shared.clone(),
+                    Refuse::ShuttingDown,
+                ));
             }
         };
         self.drain(refuse_new).await;
@@ -861,9 +917,7 @@ impl Tunnel {
         loop {
             tokio::select! {
                 () = self.group.retire.cancelled() => break,
-                Some(stream) = accepted.recv() => {
-                    self.relays.spawn(relay_stream(TunnelStream::Overlay(stream), self.shared.clone(), false));
-                }
+                Some(stream) = accepted.recv() => self.serve_stream(TunnelStream::Overlay(stream)),
                 Some(up) = events.recv() => {
                     if up {
                         info!(%sentry, remote = ?peer.endpoint(), transport = "wireguard", "tunnel up");
@@ -887,7 +941,7 @@ impl Tunnel {
                 tokio::spawn(relay_stream(
                     TunnelStream::Overlay(stream),
                     self.shared.clone(),
-                    true,
+                    Refuse::ShuttingDown,
                 ));
             }
         };
@@ -925,6 +979,8 @@ impl Tunnel {
             opening: AtomicUsize::new(0),
             wanted: AtomicUsize::new(0),
             wake: Notify::new(),
+            streams: self.streams.clone(),
+            max_streams: lock(&self.shared.config).max_streams_per_sentry,
         });
         let (first_tx, first) = oneshot::channel();
         // The agent asks for nothing; the sender lives as long as the control loop.
@@ -1038,6 +1094,10 @@ struct DataPool {
     wanted: AtomicUsize,
     /// Wakes [`Tunnel::keep_pool`] when a count changed.
     wake: Notify,
+    /// The sentry's streams in use at this agent (its data connections carrying a relayed
+    /// connection), and how many it may hold with the idle and opening ones.
+    streams: Arc<AtomicUsize>,
+    max_streams: usize,
 }
 
 impl DataPool {
@@ -1054,7 +1114,10 @@ impl DataPool {
     /// Whether another data connection should be opened now; takes one from `wanted`.
     fn short(&self) -> bool {
         let open = self.idle.load(Ordering::Relaxed) + self.opening.load(Ordering::Relaxed);
-        if open >= tls::MAX_POOLED || self.opening.load(Ordering::Relaxed) >= MAX_OPENING {
+        if open >= tls::MAX_POOLED
+            || self.opening.load(Ordering::Relaxed) >= MAX_OPENING
+            || open + self.streams.load(Ordering::Relaxed) >= self.max_streams
+        {
             return false;
         }
         if open < tls::POOL_IDLE {
@@ -1096,10 +1159,18 @@ async fn data_connection(pool: Arc<DataPool>, generation: CancellationToken, sha
     if !went && clock::now().duration_since(since) < DATA_RETRY_PAUSE {
         let _ = tokio::time::timeout(DATA_RETRY_PAUSE, generation.cancelled()).await;
     }
+    // Counted in use before it stops counting idle, so the pool never opens past the cap.
+    let place = went.then(|| Place::take(&pool.streams, pool.max_streams));
     pool.changed(&pool.idle);
-    if went {
+    if let Some(place) = place {
         let stream = TunnelStream::Tls(Box::new(tls::TlsRelay::new(io)));
-        relay_stream(stream, shared, false).await;
+        let refusal = if place.is_some() {
+            Refuse::No
+        } else {
+            Refuse::Busy
+        };
+        relay_stream(stream, shared, refusal).await;
+        drop(place);
     }
 }
 
@@ -1145,8 +1216,19 @@ pub async fn dial(
     }
 }
 
+/// Why the agent refuses a stream whatever its header says.
+#[derive(Clone, Copy)]
+enum Refuse {
+    /// Serve it.
+    No,
+    /// The tunnel is retired: `ShuttingDown`.
+    ShuttingDown,
+    /// The sentry holds `max_streams_per_sentry` streams already: `Busy`.
+    Busy,
+}
+
 /// Answer one relay header, then pump bytes between the stream and the service.
-async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_down: bool) {
+async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, refusal: Refuse) {
     let send = &mut stream;
     let unknown = &shared.unknown;
     let header = match tokio::time::timeout(HEADER_TIMEOUT, Header::read_from(send)).await {
@@ -1167,8 +1249,12 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
         }
     };
     send.set_client(header.client.ip());
-    let Some(ServiceSlot { target, udp, stats }) =
-        shared.services.load().get(&header.service).cloned()
+    let Some(ServiceSlot {
+        target,
+        udp,
+        max_connections,
+        stats,
+    }) = shared.services.load().get(&header.service).cloned()
     else {
         let why = format!(
             "route {} asked for unknown service {:?}",
@@ -1189,16 +1275,27 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
         refuse(send, &stats, Status::UnknownService, why).await;
         return;
     }
-    if shutting_down {
-        refuse(
-            send,
-            &stats,
-            Status::ShuttingDown,
-            "shutting down".to_owned(),
-        )
-        .await;
+    let refused = match refusal {
+        Refuse::No => None,
+        Refuse::ShuttingDown => Some((Status::ShuttingDown, "shutting down".to_owned())),
+        Refuse::Busy => Some((
+            Status::Busy,
+            "this sentry holds max_streams_per_sentry streams already".to_owned(),
+        )),
+    };
+    if let Some((status, why)) = refused {
+        refuse(send, &stats, status, why).await;
         return;
     }
+    // Counted from here, so connections being made count against the cap too.
+    let Some(_active) = Place::take(&stats.active, max_connections) else {
+        let why = format!(
+            "service {} is at its max_connections ({max_connections})",
+            header.service
+        );
+        refuse(send, &stats, Status::Busy, why).await;
+        return;
+    };
     if udp {
         relay_flow(stream, &header, target, &stats).await;
         return;
@@ -1262,7 +1359,6 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
         return;
     }
     stats.count(Status::Ok);
-    stats.active.fetch_add(1, Ordering::Relaxed);
     let shed = stream.shed_signal();
     let (mut tcp_read, mut tcp_write) = tcp.into_split();
     let (mut tunnel_read, mut tunnel_write) = stream.halves();
@@ -1276,7 +1372,6 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, shutting_do
         shed.as_ref(),
     )
     .await;
-    stats.active.fetch_sub(1, Ordering::Relaxed);
     if !matches!(end, PumpEnd::Done) {
         stream.abort();
     }
@@ -1308,7 +1403,6 @@ async fn relay_flow(
         return;
     }
     stats.count(Status::Ok);
-    stats.active.fetch_add(1, Ordering::Relaxed);
     let start = clock::now();
     let last = AtomicU64::new(0);
     let (mut read, mut write) = stream.halves();
@@ -1354,7 +1448,6 @@ async fn relay_flow(
         result = from_service => result.err(),
         () = idle_watch(start, &last, AGENT_IDLE_TIMEOUT) => None,
     };
-    stats.active.fetch_sub(1, Ordering::Relaxed);
     match end {
         None => {
             let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;

@@ -193,6 +193,9 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 
 fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_multi_thread()
+        // Blocking work is name resolution and file reads: a few threads at most, and the
+        // units' TasksMax stays far above this.
+        .max_blocking_threads(32)
         .enable_all()
         .build()
         .map_err(|e| Failure::Runtime(format!("starting the async runtime: {e}")))

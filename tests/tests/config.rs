@@ -74,6 +74,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
     ),
     ("agent-no-service", "", "service", "no [[service]] entry"),
     (
+        "agent-zero-service-cap",
+        "12:19",
+        "service[0].max_connections",
+        "must be from 1 to 65536",
+    ),
+    (
         "agent-unknown-transport",
         "8:13",
         "sentry[0].transport",

@@ -410,3 +410,94 @@ async fn tag_of(addr: SocketAddr) -> String {
         .unwrap();
     String::from_utf8_lossy(&tag).into_owned()
 }
+
+/// What one sentry can make the agent hold is capped, whatever the sentry does: acting as a
+/// (compromised) sentry at the protocol level, streams past a service's `max_connections`, or
+/// past the agent's `max_streams_per_sentry`, are answered `Busy`, and each place comes back
+/// when its connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentry_cannot_make_the_agent_exceed_its_caps() {
+    let (sentry_key, agent_key) = (key(), key());
+    let endpoint = quic::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &sentry_key,
+        std::iter::once((agent_key.public_key(), "v1".to_owned())).collect(),
+        &quic::Tuning::default(),
+    )
+    .unwrap();
+    let quic_addr = endpoint.local_addr().unwrap();
+    let (a, b) = (echo_service().await, echo_service().await);
+    let text = format!(
+        "[agent]\nname = \"v1\"\nprivate_key = \"agent.key\"\nmax_streams_per_sentry = 5\n\n\
+         [[sentry]]\naddress = \"{quic_addr}\"\npublic_key = \"{}\"\n\n\
+         [[service]]\nname = \"a\"\ntarget = \"{a}\"\nmax_connections = 3\n\n\
+         [[service]]\nname = \"b\"\ntarget = \"{b}\"\n",
+        sentry_key.public_key()
+    );
+    let config = relay_core::config::parse_agent(std::path::Path::new("a.toml"), &text).unwrap();
+    let _agent = start_agent(config, agent_key);
+    let conn = tokio::time::timeout(PATIENCE, endpoint.accept().await.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let open = |service: &'static str| {
+        let conn = conn.clone();
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let header = Header {
+                route: "p2p".into(),
+                service: service.into(),
+                client: "203.0.113.10:1234".parse().unwrap(),
+                proxy: None,
+                udp: false,
+            };
+            send.write_all(&header.encode().unwrap()).await.unwrap();
+            let mut status = [0u8; 1];
+            tokio::time::timeout(PATIENCE, recv.read_exact(&mut status))
+                .await
+                .unwrap()
+                .unwrap();
+            (Status::from_byte(status[0]), send, recv)
+        }
+    };
+    // Service a takes three at once.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (status, send, recv) = open("a").await;
+        assert_eq!(status, Some(Status::Ok));
+        held.push((send, recv));
+    }
+    assert_eq!(
+        open("a").await.0,
+        Some(Status::Busy),
+        "past a's max_connections"
+    );
+    // The sentry may hold five streams: two more (to b), then QUIC lets it open no more (the
+    // agent's transport parameters say so).
+    for _ in 0..2 {
+        let (status, send, recv) = open("b").await;
+        assert_eq!(status, Some(Status::Ok));
+        held.push((send, recv));
+    }
+    let sixth = tokio::time::timeout(Duration::from_secs(1), conn.open_bi()).await;
+    assert!(
+        sixth.is_err(),
+        "a sixth stream opened past max_streams_per_sentry"
+    );
+    // One ends: its places come back.
+    let (mut send, mut recv) = held.remove(0);
+    send.finish().unwrap();
+    let _ = tokio::time::timeout(PATIENCE, recv.read_to_end(1024)).await;
+    drop((send, recv));
+    let mut status = None;
+    for _ in 0..50 {
+        let (got, send, recv) = open("a").await;
+        status = got;
+        if got == Some(Status::Ok) {
+            held.push((send, recv));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, Some(Status::Ok), "a place did not come back");
+}

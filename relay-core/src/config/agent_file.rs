@@ -6,8 +6,9 @@ use toml::Spanned;
 use super::sentry_file::wireguard_window;
 use super::units::{Addr, HostPort, HumanDuration, HumanWindow, Key, Name};
 use super::{
-    AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, Locator, SentryPeer,
-    Service, TransportKind, deserialize, overlay_address,
+    AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_STREAMS_PER_SENTRY, DEFAULT_SERVICE_MAX_CONNECTIONS, Locator, SentryPeer, Service,
+    TransportKind, deserialize, overlay_address,
 };
 
 #[derive(Deserialize)]
@@ -27,6 +28,7 @@ struct AgentTable {
     private_key: Spanned<String>,
     metrics_listen: Option<Spanned<Addr>>,
     drain_timeout: Option<HumanDuration>,
+    max_streams_per_sentry: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +56,7 @@ struct ServiceTable {
     name: Spanned<Name>,
     target: Spanned<Addr>,
     protocol: Option<ServiceProtocol>,
+    max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -184,12 +187,25 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
     let services = doc
         .service
         .iter()
-        .map(|s| Service {
+        .enumerate()
+        .map(|(i, s)| Service {
             name: s.name.get_ref().0.clone(),
             target: s.target.get_ref().0,
             udp: matches!(s.protocol, Some(ServiceProtocol::Udp)),
+            max_connections: cap(
+                &mut check,
+                s.max_connections.as_ref(),
+                &format!("service[{i}].max_connections"),
+                DEFAULT_SERVICE_MAX_CONNECTIONS,
+            ),
         })
         .collect();
+    let max_streams_per_sentry = cap(
+        &mut check,
+        doc.agent.max_streams_per_sentry.as_ref(),
+        "agent.max_streams_per_sentry",
+        DEFAULT_MAX_STREAMS_PER_SENTRY,
+    );
     let config = AgentConfig {
         name: doc.agent.name.get_ref().0.clone(),
         private_key: check.key_path(doc.agent.private_key.get_ref()),
@@ -201,6 +217,26 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
             .drain_timeout
             .as_ref()
             .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
+        max_streams_per_sentry,
     };
     check.finish(config)
+}
+
+/// A cap from 1 to 65 536 (`default` when absent).
+fn cap(check: &mut Checker<'_>, value: Option<&Spanned<u64>>, key: &str, default: usize) -> usize {
+    const MAX: u64 = 65_536;
+    match value {
+        None => default,
+        Some(v) if (1..=MAX).contains(v.get_ref()) => {
+            usize::try_from(*v.get_ref()).unwrap_or(default)
+        }
+        Some(v) => {
+            check.fail(
+                v,
+                key,
+                format!("must be from 1 to {MAX} (a cap of 0 would take nothing)"),
+            );
+            default
+        }
+    }
 }

@@ -275,7 +275,16 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long open relayed connections may take to finish after SIGTERM/SIGINT.
     pub drain_timeout: Duration,
+    /// Relayed streams (and TLS data connections) one sentry may hold open at this agent.
+    pub max_streams_per_sentry: usize,
 }
+
+/// Default of `[agent] max_streams_per_sentry`: what one sentry may make this agent hold at
+/// once (a compromised sentry cannot hold more), far above a validator's peers and RPC load.
+pub const DEFAULT_MAX_STREAMS_PER_SENTRY: usize = 2048;
+/// Default of `[[service]] max_connections`: relayed connections (or UDP flows) to one service
+/// at once, across all sentries.
+pub const DEFAULT_SERVICE_MAX_CONNECTIONS: usize = 1024;
 
 /// A sentry the agent dials.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,6 +336,8 @@ pub struct Service {
     /// `protocol = "udp"`: reachable by udp routes only (TCP ones never reach it, nor UDP
     /// ones a TCP service).
     pub udp: bool,
+    /// Relayed connections (UDP flows) to it at once; past it the agent answers `Busy`.
+    pub max_connections: usize,
 }
 
 /// Read and validate a config file of either role; the role is told by its top table

@@ -66,6 +66,9 @@ pub enum Status {
     BadHeader = 4,
     /// The agent is shutting down and takes no new connections; try another upstream.
     ShuttingDown = 5,
+    /// The service is at its `max_connections` (or the sentry at the agent's
+    /// `max_streams_per_sentry`); try another upstream. The service itself is fine.
+    Busy = 6,
 }
 
 /// Why a header could not be decoded or encoded.
@@ -189,13 +192,14 @@ impl Header {
 
 impl Status {
     /// Every status, in byte order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Ok,
         Self::UnknownService,
         Self::ConnectRefused,
         Self::ConnectFailed,
         Self::BadHeader,
         Self::ShuttingDown,
+        Self::Busy,
     ];
 
     /// The status a byte stands for; `None` for bytes this version does not know.
@@ -208,6 +212,7 @@ impl Status {
             3 => Self::ConnectFailed,
             4 => Self::BadHeader,
             5 => Self::ShuttingDown,
+            6 => Self::Busy,
             _ => return None,
         })
     }
@@ -222,6 +227,7 @@ impl Status {
             Self::ConnectFailed => "connect_failed",
             Self::BadHeader => "bad_header",
             Self::ShuttingDown => "shutting_down",
+            Self::Busy => "busy",
         }
     }
 }

@@ -1419,7 +1419,9 @@ async fn connect_upstream(
                 }
                 Err(OpenError::Refused(status)) => {
                     debug!(route = %route.name, %client, agent = %upstream.agent, ?status, "upstream refused; trying the next");
-                    if status == Some(Status::BadHeader) {
+                    // A header the agent could not read, or a service at its cap: the next
+                    // upstream, with no hold-down (the service itself is fine).
+                    if matches!(status, Some(Status::BadHeader | Status::Busy)) {
                         continue;
                     }
                     format!(

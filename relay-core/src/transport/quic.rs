@@ -170,10 +170,20 @@ pub fn client_config(
     pin: PublicKey,
     tuning: &Tuning,
 ) -> Result<ClientConfig, QuicError> {
+    client_config_with_streams(key, pin, tuning, MAX_STREAMS)
+}
+
+/// [`client_config`], letting the sentry open at most `streams` streams at once.
+pub fn client_config_with_streams(
+    key: &PrivateKey,
+    pin: PublicKey,
+    tuning: &Tuning,
+    streams: u32,
+) -> Result<ClientConfig, QuicError> {
     let tls = pin::client_tls(key, pin, ALPN)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut client = ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config(MAX_STREAMS, tuning)));
+    client.transport_config(Arc::new(transport_config(streams, tuning)));
     Ok(client)
 }
 
