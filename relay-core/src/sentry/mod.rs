@@ -272,8 +272,9 @@ impl Tunnel {
 enum OpenError {
     /// The agent answered, but not `Ok`.
     Refused(Option<Status>),
-    /// The agent did not answer in time.
-    Unresponsive,
+    /// The agent did not answer in time. `alive`: it sent packets meanwhile (its tunnel is
+    /// busy, not dead).
+    Unresponsive { alive: bool },
     /// The tunnel failed or had no free stream.
     Tunnel(String),
 }
@@ -1429,8 +1430,15 @@ async fn connect_upstream(
                         status.map_or("an unknown status", Status::as_str)
                     )
                 }
-                Err(OpenError::Unresponsive) => {
-                    warn!(agent = %upstream.agent, transport = tunnel.transport(), "agent did not answer a relay header within {STATUS_TIMEOUT:?}");
+                Err(OpenError::Unresponsive { alive: true }) => {
+                    // The agent answers at the transport level (the tunnel is busy, say its
+                    // flow control is spent for a moment): this client tries the next
+                    // upstream, and the tunnel and everything on it stay.
+                    warn!(agent = %upstream.agent, transport = tunnel.transport(), "agent did not answer a relay header within {STATUS_TIMEOUT:?}, though its tunnel is alive: trying the next upstream");
+                    continue;
+                }
+                Err(OpenError::Unresponsive { alive: false }) => {
+                    warn!(agent = %upstream.agent, transport = tunnel.transport(), "agent did not answer a relay header within {STATUS_TIMEOUT:?}, nor anything else: closing its tunnel");
                     if !matches!(tunnel, Tunnel::WireGuard(_)) {
                         tunnel.close(code::UNRESPONSIVE, b"no answer to a relay header");
                         registry.remove(&upstream.agent, &tunnel);
@@ -1522,6 +1530,13 @@ async fn open(tunnel: &Tunnel, header: &Header) -> Result<TunnelStream, OpenErro
             }
         }
     };
+    // Whether the agent sends anything (an acknowledgment of the header, at least) while its
+    // answer is awaited: a QUIC tunnel that does is alive.
+    let received = || match tunnel {
+        Tunnel::Quic(conn, _) => conn.stats().udp_rx.datagrams,
+        Tunnel::WireGuard(_) | Tunnel::Tls(_) => 0,
+    };
+    let received_before = received();
     let exchange = async {
         let sent = async {
             stream.write_all(&bytes).await?;
@@ -1539,7 +1554,9 @@ async fn open(tunnel: &Tunnel, header: &Header) -> Result<TunnelStream, OpenErro
         Ok(Ok(Some(Status::Ok))) => Ok(stream),
         Ok(Ok(status)) => Err(OpenError::Refused(status)),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(OpenError::Unresponsive),
+        Err(_) => Err(OpenError::Unresponsive {
+            alive: received() > received_before,
+        }),
     }
 }
 
