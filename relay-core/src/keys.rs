@@ -6,12 +6,14 @@
 //! anything but the key inside it: the verifiers in `transport::pin` compare the certificate's
 //! SubjectPublicKeyInfo with the pinned key and check the handshake signature, nothing else.
 //!
-//! Invariants: private key material is never printed by `Debug` or logged; a private key file
-//! readable by group or others is refused before it is read.
+//! Invariants: private key material is never printed by `Debug` or logged, and is wiped from
+//! memory when dropped; a private key file readable by group or others, or owned by another
+//! user than the daemon's (or root), is refused: checked on the opened file, so it cannot be
+//! swapped between the check and the read.
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -19,6 +21,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
+use zeroize::Zeroize;
 
 /// Length of an Ed25519 seed and of an Ed25519 public key.
 pub const KEY_LEN: usize = 32;
@@ -38,6 +41,12 @@ pub struct PrivateKey {
     seed: [u8; KEY_LEN],
 }
 
+impl Drop for PrivateKey {
+    fn drop(&mut self) {
+        self.seed.zeroize();
+    }
+}
+
 /// A peer's public key, as pinned in config files.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PublicKey([u8; KEY_LEN]);
@@ -55,6 +64,15 @@ pub enum KeyError {
          run `chmod 600 {path}` and make it owned by the daemon's user"
     )]
     Permissions { path: PathBuf, mode: u32 },
+    #[error(
+        "{path}: private key file is owned by uid {owner}, neither the daemon's user (uid \
+         {daemon}) nor root; run `chown {daemon} {path}` (another user could replace the key)"
+    )]
+    Owner {
+        path: PathBuf,
+        owner: u32,
+        daemon: u32,
+    },
     #[error("{path}: not a sentry private key (expected one line of base64 encoding 32 bytes)")]
     Malformed { path: PathBuf },
     #[error("{path}: already exists; refusing to overwrite a key (remove it first)")]
@@ -210,18 +228,56 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey, KeyError> {
         path: path.to_owned(),
         source,
     };
-    let meta = fs::metadata(path).map_err(io)?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions {
+    let file = fs::File::open(path).map_err(io)?;
+    // The checks are on the file opened, not on the path: it cannot be swapped in between.
+    check_owner_and_mode(&file.metadata().map_err(io)?, 0o077).map_err(|e| match e {
+        OwnerOrMode::Mode(mode) => KeyError::Permissions {
             path: path.to_owned(),
             mode,
-        });
-    }
-    let text = fs::read_to_string(path).map_err(io)?;
-    PrivateKey::from_base64(&text).ok_or_else(|| KeyError::Malformed {
+        },
+        OwnerOrMode::Owner { owner, daemon } => KeyError::Owner {
+            path: path.to_owned(),
+            owner,
+            daemon,
+        },
+    })?;
+    let mut text = String::new();
+    let read = (&file).take(1024).read_to_string(&mut text);
+    let key = read.ok().and_then(|_| PrivateKey::from_base64(&text));
+    text.zeroize();
+    key.ok_or_else(|| KeyError::Malformed {
         path: path.to_owned(),
     })
+}
+
+/// Why a secret file's metadata is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerOrMode {
+    /// Permission bits in `forbidden` are set (the file's mode).
+    Mode(u32),
+    /// Owned by `owner`, neither the daemon's user `daemon` nor root.
+    Owner { owner: u32, daemon: u32 },
+}
+
+/// Whether a secret file (opened, its metadata read from the open file) may be trusted: no
+/// permission bit of `forbidden` set, and owned by the daemon's effective user or root.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_owner_and_mode(meta: &fs::Metadata, forbidden: u32) -> Result<(), OwnerOrMode> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & forbidden != 0 {
+        return Err(OwnerOrMode::Mode(mode));
+    }
+    let daemon = rustix::process::geteuid().as_raw();
+    if meta.uid() != daemon && meta.uid() != 0 {
+        return Err(OwnerOrMode::Owner {
+            owner: meta.uid(),
+            daemon,
+        });
+    }
+    Ok(())
 }
 
 /// Write a new private key file with mode 0600. Never overwrites an existing file.
@@ -362,5 +418,32 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("chmod 600"));
+    }
+
+    /// A key file another (non-root) user owns could be replaced by that user: refused,
+    /// naming the owner and the fix. (Needs root, to give the file away; skipped otherwise.)
+    #[test]
+    fn a_key_file_owned_by_another_user_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown the file");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write_private_key(&path, &PrivateKey::generate().unwrap()).unwrap();
+        std::os::unix::fs::chown(&path, Some(54_321), None).unwrap();
+        let err = load_private_key(&path).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::Owner {
+                    owner: 54_321,
+                    daemon: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chown 0"), "{err}");
     }
 }

@@ -514,3 +514,30 @@ fn the_wireguard_window_is_read_on_both_ends_and_sized_for_the_round_trip_by_def
         Window::Fixed(2 << 20)
     );
 }
+
+/// A `[route.tls]` key anyone may read is refused, naming the key and the fix; one readable by
+/// its owner and group (Debian's `ssl-cert` convention) is taken. The check is on the opened
+/// file.
+#[test]
+fn a_world_readable_tls_key_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["rpc.example".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("rpc.crt"), generated.cert.pem()).unwrap();
+    let key = dir.path().join("rpc.key");
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let text = "[sentry]\nprivate_key = \"s.key\"\nquic_listen = \"127.0.0.1:0\"\n\n\
+        [[agent]]\nname = \"v1\"\npublic_key = \"oYNIXccxctOPVk3MUs7HyF+TXOmfTOLFhVFRkb9Uels=\"\n\n\
+        [[route]]\nname = \"rpc\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"v1/rpc\"]\n\
+        protocol = \"jsonrpc\"\n[route.jsonrpc]\npreset = \"icon\"\n\
+        [route.tls]\ncert = \"rpc.crt\"\nkey = \"rpc.key\"\n";
+    let path = dir.path().join("sentry.toml");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let errors = config::parse_sentry(&path, text).unwrap_err();
+    let first = &errors.0[0];
+    assert_eq!(first.key, "route[0].tls.key", "{first}");
+    assert!(first.message.contains("readable by anyone"), "{first}");
+    assert!(first.message.contains("chmod o-rwx"), "{first}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    config::parse_sentry(&path, text).unwrap();
+}

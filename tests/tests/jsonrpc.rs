@@ -564,7 +564,9 @@ async fn icon_block_sockets_relay_goloop_subscription_requests() {
 fn write_certificate(dir: &std::path::Path) -> Vec<u8> {
     let generated = rcgen::generate_simple_self_signed(vec!["rpc.example".to_owned()]).unwrap();
     std::fs::write(dir.join("rpc.crt"), generated.cert.pem()).unwrap();
-    std::fs::write(dir.join("rpc.key"), generated.signing_key.serialize_pem()).unwrap();
+    let key = dir.join("rpc.key");
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     generated.cert.der().to_vec()
 }
 

@@ -674,6 +674,36 @@ fn jsonrpc(check: &mut Checker<'_>, i: usize, table: &JsonRpcTable) -> JsonRpc {
 /// Largest certificate or key file read.
 const MAX_PEM: u64 = 1 << 20;
 
+/// A `[route.tls]` key file, at most [`MAX_PEM`] bytes: refused when anyone but its owner and
+/// group may read it (checked on the opened file). Group-readable is allowed: Debian's
+/// `ssl-cert` group is how daemons are given keys.
+fn read_tls_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if let Err(crate::keys::OwnerOrMode::Mode(mode)) =
+        crate::keys::check_owner_and_mode(&meta, 0o007)
+    {
+        return Err(format!(
+            "{} is readable by anyone (mode {mode:04o}); run `chmod o-rwx {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    let mut bytes = Vec::new();
+    (&file)
+        .take(MAX_PEM + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_PEM {
+        return Err(format!("{} is larger than 1 MiB", path.display()));
+    }
+    Ok(bytes)
+}
+
 /// `[route.tls]`: both files read, parsed and checked to belong together.
 fn tls(check: &mut Checker<'_>, i: usize, table: &TlsTable) -> Option<RouteTls> {
     use rustls::pki_types::pem::PemObject;
@@ -699,8 +729,8 @@ fn tls(check: &mut Checker<'_>, i: usize, table: &TlsTable) -> Option<RouteTls> 
             return None;
         }
     };
-    let key_pem = match read(&key_path) {
-        Ok(bytes) => bytes,
+    let key_pem = match read_tls_key(&key_path) {
+        Ok(bytes) => zeroize::Zeroizing::new(bytes),
         Err(why) => {
             check.fail(&table.key, format!("route[{i}].tls.key"), why);
             return None;
