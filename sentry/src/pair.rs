@@ -109,6 +109,23 @@ const AGENT_METRICS: &str = "127.0.0.1:9901";
 /// Write the four files; the message to print.
 pub fn pair(request: &Request<'_>) -> Result<String, String> {
     let (host, port) = split_host_port(request.sentry)?;
+    // Written into the generated files: a host name, or an address, and nothing else.
+    let address = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    if request
+        .key_dir
+        .to_string_lossy()
+        .chars()
+        .any(char::is_control)
+    {
+        return Err(format!(
+            "--key-dir {:?}: a path with a control character cannot go into a config",
+            request.key_dir.display()
+        ));
+    }
     let files = ["sentry.key", "agent.key", "sentry.toml", "agent.toml"]
         .map(|name| request.out_dir.join(name));
     if let Some(existing) = files.iter().find(|f| f.exists()) {
@@ -127,14 +144,15 @@ pub fn pair(request: &Request<'_>) -> Result<String, String> {
     } else {
         "0.0.0.0"
     };
-    let key_path = |name: &str| request.key_dir.join(name).display().to_string();
+    // Quoted as TOML quotes strings: whatever the path holds, it stays one string.
+    let key_path = |name: &str| toml_string(&request.key_dir.join(name).display().to_string());
 
     let mut sentry = format!(
         "# sentry.toml for the public host, written by `sentry pair --preset {preset}`.\n\
          # Install as /etc/sentry/sentry.toml, with sentry.key as {sentry_key_path} (mode 0600).\n\
          # Every key and its default: configs/sentry.example.toml.\n\n\
          [sentry]\n\
-         private_key = \"{sentry_key_path}\"\n\
+         private_key = {sentry_key_path}\n\
          quic_listen = \"{wildcard}:{port}\"   # UDP: open it in the firewall for the agent\n\
          metrics_listen = \"{SENTRY_METRICS}\"  # `sentry status` reads it; keep it private\n\n\
          [[agent]]\n\
@@ -150,14 +168,14 @@ pub fn pair(request: &Request<'_>) -> Result<String, String> {
          # The agent dials out only; the validator host opens no port.\n\n\
          [agent]\n\
          name = \"validator\"\n\
-         private_key = \"{agent_key_path}\"\n\
+         private_key = {agent_key_path}\n\
          metrics_listen = \"{AGENT_METRICS}\"\n\n\
          [[sentry]]\n\
-         address = \"{address}\"\n\
+         address = {address}\n\
          public_key = \"{sentry_pub}\"\n",
         preset = request.preset.name(),
         agent_key_path = key_path("agent.key"),
-        address = request.sentry,
+        address = toml_string(&address),
         sentry_pub = sentry_key.public_key(),
     );
     for p in chain.routes {
@@ -225,6 +243,8 @@ pub fn pair(request: &Request<'_>) -> Result<String, String> {
     ))
 }
 
+/// `HOST:PORT` into a host that is a DNS name, an IPv4 address or a (bracketed) IPv6 address,
+/// and a port: nothing else may reach the generated files.
 fn split_host_port(text: &str) -> Result<(&str, u16), String> {
     let bad =
         || format!("--sentry {text:?}: expected HOST:PORT, such as sentry-a.example.org:4433");
@@ -233,7 +253,34 @@ fn split_host_port(text: &str) -> Result<(&str, u16), String> {
     if host.is_empty() || port == 0 {
         return Err(bad());
     }
-    Ok((host.trim_start_matches('[').trim_end_matches(']'), port))
+    let host = match host.strip_prefix('[') {
+        Some(bracketed) => {
+            let inner = bracketed.strip_suffix(']').ok_or_else(bad)?;
+            inner.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?;
+            inner
+        }
+        None if host.parse::<std::net::Ipv4Addr>().is_ok() => host,
+        None => {
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            if host.len() > 253 || !host.split('.').all(label_ok) {
+                return Err(bad());
+            }
+            host
+        }
+    };
+    Ok((host, port))
+}
+
+/// `text` as a TOML basic string, quotes and escapes included.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
 }
 
 fn write_new(path: &PathBuf, text: &str) -> Result<(), String> {
@@ -245,4 +292,67 @@ fn write_new(path: &PathBuf, text: &str) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
     file.write_all(text.as_bytes())
         .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--sentry` reaches the generated agent.toml: only a host and a port get there. A
+    /// string that would close the TOML string and add a service (exposing, say, SSH) is
+    /// refused.
+    #[test]
+    fn only_a_host_and_a_port_are_taken_for_the_sentry() {
+        for good in [
+            "sentry-a.example.org:4433",
+            "203.0.113.7:4433",
+            "[2001:db8::1]:4433",
+            "localhost:1",
+        ] {
+            assert!(split_host_port(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "evil.example:4433\"\n[[service]]\nname = \"ssh\"\ntarget = \"127.0.0.1:22",
+            "a\"b.example:4433",
+            "a b.example:4433",
+            "a.example\n:4433",
+            "[not-v6]:4433",
+            "[2001:db8::1:4433",
+            "-leading.example:4433",
+            ":4433",
+            "host:0",
+            "host:99999",
+        ] {
+            assert!(split_host_port(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A key directory with quotes and backslashes stays one TOML string (the path written is
+    /// the path given); one with a newline, which would end a comment line, is refused.
+    #[test]
+    fn key_paths_are_quoted_as_toml_strings() {
+        let out = tempfile::tempdir().unwrap();
+        let key_dir = Path::new("/var/lib/we\"ird\\dir");
+        let request = Request {
+            sentry: "sentry.example.org:4433",
+            out_dir: out.path(),
+            key_dir,
+            preset: Preset::Icon,
+        };
+        pair(&request).unwrap();
+        let agent = relay_core::config::load(&out.path().join("agent.toml")).unwrap();
+        let relay_core::config::Config::Agent(agent) = agent else {
+            panic!("not an agent config");
+        };
+        assert_eq!(agent.private_key, key_dir.join("agent.key"));
+        assert_eq!(agent.sentries[0].address, "sentry.example.org:4433");
+
+        let other = tempfile::tempdir().unwrap();
+        let request = Request {
+            key_dir: Path::new("/var/lib/a\nb"),
+            out_dir: other.path(),
+            ..request
+        };
+        assert!(pair(&request).is_err());
+    }
 }
