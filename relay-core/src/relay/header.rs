@@ -415,7 +415,7 @@ mod tests {
         for s in Status::ALL {
             assert_eq!(Status::from_byte(s as u8), Some(s));
         }
-        assert_eq!(Status::from_byte(6), None);
+        assert_eq!(Status::from_byte(7), None);
     }
 
     fn name_strategy() -> impl Strategy<Value = String> {
