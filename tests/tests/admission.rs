@@ -309,3 +309,34 @@ async fn a_handshake_flood_from_unknown_keys_does_not_starve_agents() {
         "nothing was dropped: the handshake gate never acted ({flood:?})"
     );
 }
+
+/// A public client's socket carries TCP keep-alive (and a user timeout), so one that vanished
+/// gives its place back within minutes, not at the route's idle timeout. Seen from outside
+/// with `ss` (iproute2), as an operator would look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_client_sockets_are_watched_for_death() {
+    if !tool_available("ss", &["-V"], "the keep-alive test") {
+        return;
+    }
+    let (sentry, _agent) = deployment("").await;
+    let route = sentry.route("p2p");
+    let mut tcp = TcpStream::connect(route).await.unwrap();
+    assert!(echoes(&mut tcp).await);
+    let client = tcp.local_addr().unwrap();
+    // The sentry's side of this connection: from the route's address to the client's.
+    let out = std::process::Command::new("ss")
+        .args(["-tnoiH", "state", "established"])
+        .arg(format!(
+            "( sport = :{} and dport = :{} )",
+            route.port(),
+            client.port()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // (The user timeout is set beside it; this `ss` does not show it.)
+    assert!(
+        text.contains("timer:(keepalive"),
+        "no keep-alive timer: {text}"
+    );
+}

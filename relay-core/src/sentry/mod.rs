@@ -1277,29 +1277,32 @@ async fn accept_clients(slot: Arc<RouteSlot>, listener: TcpListener, shared: Arc
         };
         match accepted {
             Ok((tcp, peer)) => match slot.gate.admit(clock::now() - shared.epoch, peer.ip()) {
-                Ok(permit) => match slot.gateway.load_full() {
-                    Some(gateway) => {
-                        shared.relays.spawn(gateway::serve(
-                            slot.clone(),
-                            gateway,
-                            shared.clone(),
-                            tcp,
-                            peer,
-                            permit,
-                        ));
+                Ok(permit) => {
+                    watch_for_death(&tcp);
+                    match slot.gateway.load_full() {
+                        Some(gateway) => {
+                            shared.relays.spawn(gateway::serve(
+                                slot.clone(),
+                                gateway,
+                                shared.clone(),
+                                tcp,
+                                peer,
+                                permit,
+                            ));
+                        }
+                        None => {
+                            let route = slot.route.load_full();
+                            shared.relays.spawn(relay_client(
+                                slot.clone(),
+                                route,
+                                tcp,
+                                peer,
+                                shared.clone(),
+                                permit,
+                            ));
+                        }
                     }
-                    None => {
-                        let route = slot.route.load_full();
-                        shared.relays.spawn(relay_client(
-                            slot.clone(),
-                            route,
-                            tcp,
-                            peer,
-                            shared.clone(),
-                            permit,
-                        ));
-                    }
-                },
+                }
                 Err(reason) => {
                     // Closed at once, before any tunnel work.
                     drop(tcp);
@@ -1324,6 +1327,29 @@ async fn accept_clients(slot: Arc<RouteSlot>, listener: TcpListener, shared: Arc
         }
     }
 }
+
+/// Keep-alive probes after [`KEEPALIVE_IDLE`] of silence, every [`KEEPALIVE_INTERVAL`], and
+/// a user timeout: a client that vanished (its host gone, a NAT that dropped it) gives its
+/// place back within a few minutes instead of holding it until `idle_timeout`, and one that
+/// leaves sent data unacknowledged for [`USER_TIMEOUT`] is dropped by the kernel.
+fn watch_for_death(tcp: &TcpStream) {
+    let socket = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
+/// Silence on a client connection before the first keep-alive probe.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Between keep-alive probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Unanswered probes before the client is given up: dead within two minutes of silence.
+const KEEPALIVE_PROBES: u32 = 4;
+/// Longest sent data may stay unacknowledged.
+const USER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Relay one public client through the first upstream that answers `Ok`.
 async fn relay_client(
