@@ -653,21 +653,36 @@ pub(super) fn wants_websocket(headers: &HeaderMap) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
-/// The client address headers a client could forge.
-const CLIENT_ADDRESS: [&str; 5] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
+/// Header fields some node, proxy or framework reads as the client's address (or the scheme
+/// and host it used), besides every `X-Forwarded-*`: a client could forge any of them, so the
+/// node gets none from the client, only the one the route configures (`forwarded`).
+const CLIENT_ADDRESS: [&str; 16] = [
     "forwarded",
     "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "x-original-forwarded-for",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-envoy-external-address",
+    "x-proxyuser-ip",
+    "x-appengine-user-ip",
+    "x-azure-clientip",
 ];
 
 /// Whether a client's header field reaches the node: not hop-by-hop (nor named by its
 /// `Connection`), not `Upgrade`, `Expect` (the body is already read) or the length (set
-/// again for the body sent), and no client address header.
+/// again for the body sent), and no client address header (see [`CLIENT_ADDRESS`]).
 fn forwarded_field(name: &HeaderName, named_by_connection: &[String]) -> bool {
+    let name_str = name.as_str();
     !wire::dropped_request_field(name, named_by_connection)
-        && !CLIENT_ADDRESS.contains(&name.as_str())
+        && !name_str.starts_with("x-forwarded-")
+        && !CLIENT_ADDRESS.contains(&name_str)
 }
 
 /// The client's headers as the node gets them (see [`forwarded_field`]).
@@ -1032,6 +1047,14 @@ mod tests {
             ("x-forwarded-for", "10.0.0.1"),
             ("Forwarded", "for=10.0.0.1"),
             ("x-real-ip", "10.0.0.1"),
+            ("X-Client-IP", "10.0.0.1"),
+            ("True-Client-IP", "10.0.0.1"),
+            ("CF-Connecting-IP", "10.0.0.1"),
+            ("X-Forwarded-Port", "443"),
+            ("X-Forwarded-Server", "evil"),
+            ("x-cluster-client-ip", "10.0.0.1"),
+            ("Fastly-Client-IP", "10.0.0.1"),
+            ("X-Originating-IP", "10.0.0.1"),
             ("connection", "keep-alive, x-secret"),
             ("x-secret", "hop"),
             ("keep-alive", "timeout=5"),
