@@ -802,6 +802,19 @@ async fn raw_node() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
                             write(&mut tcp, &ok("", &json("until_close")).into_bytes()).await;
                             return;
                         }
+                        "stray" => {
+                            // Answers, then writes a second, unasked answer on the idle
+                            // connection (a buggy node): never anyone's response.
+                            let body = json("stray");
+                            let length = format!("Content-Length: {}\r\n", body.len());
+                            let mut fine = write(&mut tcp, &ok(&length, &body).into_bytes()).await;
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            let unasked = json("unasked");
+                            let length = format!("Content-Length: {}\r\n", unasked.len());
+                            fine =
+                                fine && write(&mut tcp, &ok(&length, &unasked).into_bytes()).await;
+                            fine
+                        }
                         "drop_next" => {
                             drop_next = true;
                             let body = json("drop_next");
@@ -931,6 +944,25 @@ async fn every_response_framing_of_the_node_reaches_the_client_and_streams_are_r
         accepted.load(SeqCst),
         before + 1,
         "sent again on a fresh stream"
+    );
+
+    // A node that writes an unasked answer on an idle pooled stream: the next request, even
+    // within moments and from another client, never gets it; that stream is not reused.
+    let answer = send(&mut client, "POST", "/", &[], &call("stray")).await;
+    assert_eq!(result(&answer), "stray");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = accepted.load(SeqCst);
+    let mut another = connect(addr).await;
+    let answer = send(&mut another, "POST", "/", &[], &call("whole")).await;
+    assert_eq!(
+        result(&answer),
+        "whole",
+        "a client got another's stray answer"
+    );
+    assert_eq!(
+        accepted.load(SeqCst),
+        before + 1,
+        "the stream with stray bytes was dropped"
     );
 
     // Framing that could split responses, or a body cut short: 502 or a broken-off body for

@@ -43,8 +43,6 @@ use crate::{clock, lock};
 pub(super) const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle upstream connections kept per route.
 pub(super) const POOL_MAX_IDLE: usize = 64;
-/// A pooled connection idle longer than this is checked for a close before it is used.
-const PROBE_AFTER: Duration = Duration::from_millis(250);
 /// Bytes asked of the tunnel stream per read.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -251,19 +249,17 @@ impl Pool {
         lock(&self.idle).clear();
     }
 
-    /// An idle connection that is still usable, if any. One idle for longer than
-    /// [`PROBE_AFTER`] is first checked for a close by the node (one that closed sooner is
-    /// caught by the retry of [`SendError::Stale`]).
+    /// An idle connection that is still usable, if any: each is first checked for bytes the
+    /// node sent since its last response (they would become this request's answer: another
+    /// client's, or the node's stray bytes) and for a close (one that closes as the request
+    /// goes out is caught by the retry of [`SendError::Stale`]).
     pub(super) fn take(&self) -> Option<Upstream> {
         let now = clock::now();
         let generation = self.generation();
         loop {
             let mut upstream = lock(&self.idle).pop()?;
             let idle = now.duration_since(upstream.idle_since);
-            if idle < POOL_IDLE
-                && upstream.generation == generation
-                && (idle < PROBE_AFTER || upstream.usable())
-            {
+            if idle < POOL_IDLE && upstream.generation == generation && upstream.usable() {
                 upstream.fresh = false;
                 return Some(upstream);
             }
