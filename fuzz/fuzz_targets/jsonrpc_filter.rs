@@ -9,13 +9,13 @@
 //! - the sentry's own answers are JSON (syntactically: an id is echoed as the client wrote
 //!   it, even a number no f64 holds);
 //! - merging answers into any node response never panics, and into an array response keeps
-//!   every entry.
+//!   every entry; merged as it streams, in pieces, it means the same JSON.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use relay_core::jsonrpc::glob::{canonical_path, path_matches};
 use relay_core::jsonrpc::{go_reader, preset};
-use relay_core::jsonrpc::{Forwarded, Kind, Policy, Verdict, merge_batch};
+use relay_core::jsonrpc::{BatchMerge, Forwarded, Kind, Policy, Verdict, merge_batch};
 use serde_json::value::RawValue;
 
 fuzz_target!(|data: &[u8]| {
@@ -91,6 +91,19 @@ fuzz_target!(|data: &[u8]| {
                 }
                 let node = String::from_utf8_lossy(body);
                 let merged = merge_batch(&node, &answered);
+                // Streamed in pieces, the merge means what the whole one means.
+                let mut streaming = BatchMerge::new(answered.clone());
+                let mut streamed = Vec::new();
+                for piece in node.as_bytes().chunks(usize::from(selector & 7) + 1) {
+                    streamed.extend(streaming.push(piece));
+                }
+                streamed.extend(streaming.finish());
+                let as_json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).ok();
+                if node.trim_start().starts_with('[') && as_json(merged.as_bytes()).is_some() {
+                    assert_eq!(as_json(&streamed), as_json(merged.as_bytes()), "streamed merge");
+                } else if !node.trim_start().starts_with('[') {
+                    assert_eq!(streamed, node.as_bytes(), "a non-array passes unchanged");
+                }
                 if let Ok(entries) = serde_json::from_str::<Vec<&RawValue>>(node.trim()) {
                     let out: Vec<&RawValue> =
                         serde_json::from_str(&merged).expect("a merged array is JSON");

@@ -726,7 +726,11 @@ async fn raw_node() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
                     let body: Value = serde_json::from_slice(&buf[head_end..head_end + length])
                         .unwrap_or(Value::Null);
                     buf.drain(..head_end + length);
-                    let method = body["method"].as_str().unwrap_or("").to_owned();
+                    let method = if body.is_array() {
+                        "batch".to_owned()
+                    } else {
+                        body["method"].as_str().unwrap_or("").to_owned()
+                    };
                     if drop_next {
                         // Closed unanswered, as a node's keep-alive timeout closes a
                         // connection whose next request is already on its way.
@@ -814,6 +818,40 @@ async fn raw_node() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
                             fine =
                                 fine && write(&mut tcp, &ok(&length, &unasked).into_bytes()).await;
                             fine
+                        }
+                        "batch" => {
+                            // A batch: one answer per call with an id, the first one 80 MiB
+                            // long, written as it goes, chunked.
+                            let mut fine = write(
+                                &mut tcp,
+                                &ok("Transfer-Encoding: chunked\r\n", "").into_bytes(),
+                            )
+                            .await;
+                            let ids: Vec<String> = body
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|c| c["id"].to_string())
+                                .collect();
+                            let chunk = |data: &[u8]| {
+                                let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+                                out.extend_from_slice(data);
+                                out.extend_from_slice(b"\r\n");
+                                out
+                            };
+                            let head = format!(r#"[{{"jsonrpc":"2.0","id":{},"result":""#, ids[0]);
+                            fine = fine && write(&mut tcp, &chunk(head.as_bytes())).await;
+                            let block = vec![b'x'; 1 << 20];
+                            for _ in 0..80 {
+                                fine = fine && write(&mut tcp, &chunk(&block)).await;
+                            }
+                            let mut rest = String::from("\"}");
+                            for id in &ids[1..] {
+                                rest += &format!(r#",{{"jsonrpc":"2.0","id":{id},"result":"ok"}}"#);
+                            }
+                            rest += "]";
+                            fine = fine && write(&mut tcp, &chunk(rest.as_bytes())).await;
+                            fine && write(&mut tcp, b"0\r\n\r\n").await
                         }
                         "drop_next" => {
                             drop_next = true;
@@ -1129,4 +1167,27 @@ async fn a_websocket_client_that_stops_reading_is_closed() {
         start.elapsed()
     );
     drop(ws);
+}
+
+/// A batch with a denied call: the sentry's answer is merged into the node's answer as it
+/// streams, however large (here 80 MiB, past what was once collected whole before merging).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_a_denied_call_streams_the_nodes_answer_through() {
+    let (node_addr, _) = raw_node().await;
+    let (sentry, _agent) = rpc_to(
+        node_addr,
+        "preset = \"none\"\nallow_paths = [\"/\"]\nallow_methods = [\"*\"]\ndeny_methods = [\"denied\"]",
+    )
+    .await;
+    let addr = sentry.route("rpc");
+    let mut client = connect(addr).await;
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"big"},{"jsonrpc":"2.0","id":2,"method":"denied"},{"jsonrpc":"2.0","id":3,"method":"small"}]"#;
+    let answer = send(&mut client, "POST", "/", &[], batch).await;
+    assert_eq!(answer.status, 200);
+    let value: Value = serde_json::from_str(&answer.body).unwrap();
+    let entries = value.as_array().unwrap();
+    let ids: Vec<i64> = entries.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [1, 3, 2], "the node's answers, then the sentry's");
+    assert_eq!(entries[0]["result"].as_str().unwrap().len(), 80 << 20);
+    assert_eq!(entries[2]["error"]["code"], -32601);
 }

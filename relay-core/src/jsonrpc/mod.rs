@@ -11,7 +11,7 @@ pub mod glob;
 pub mod go_reader;
 pub mod preset;
 
-pub use filter::{Forwarded, Kind, Policy, Refusal, Verdict, merge_batch};
+pub use filter::{BatchMerge, Forwarded, Kind, Policy, Refusal, Verdict, merge_batch};
 
 #[cfg(test)]
 mod tests;

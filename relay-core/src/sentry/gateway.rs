@@ -26,7 +26,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
@@ -44,7 +44,7 @@ use super::{RouteSlot, Shared};
 use crate::admission::{CallRate, PerClientCap, Permit};
 use crate::config::{ForwardedHeader, JsonRpc};
 use crate::http1 as wire;
-use crate::jsonrpc::{Forwarded, Kind, Refusal, Verdict, merge_batch};
+use crate::jsonrpc::{Forwarded, Kind, Refusal, Verdict};
 use crate::log_limit::LogLimit;
 use crate::{clock, lock};
 
@@ -56,8 +56,6 @@ const MAX_HEAD: usize = 64 * 1024;
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the node may take to start answering a request.
 pub(super) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(120);
-/// Largest node response buffered to merge the sentry's answers into a batch response.
-const MAX_MERGED_RESPONSE: usize = 64 << 20;
 /// How long open requests get to finish when the connection is closed (idle, or shutdown).
 const GRACE: Duration = Duration::from_secs(10);
 /// Distinct method names used as metric labels per route; later names count as `other`.
@@ -571,24 +569,10 @@ impl Ctx {
         if answered.is_empty() {
             return Response::from_parts(head, Either::Right(body));
         }
-        // Some calls of the batch were answered here: merge them into the node's array.
-        let node = match Limited::new(body, MAX_MERGED_RESPONSE).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) => {
-                debug!(client = %self.client, "reading the node's batch response failed: {e}");
-                return self.answer_status(
-                    Outcome::UpstreamFailed,
-                    StatusCode::BAD_GATEWAY,
-                    "the node's response could not be read\n",
-                );
-            }
-        };
-        let merged = match std::str::from_utf8(&node) {
-            Ok(text) => Bytes::from(merge_batch(text, answered)),
-            Err(_) => node,
-        };
+        // Some calls of the batch were answered here: merged into the node's array as it
+        // streams through (nothing of it is held but its closing bracket).
         head.headers.remove(header::CONTENT_LENGTH);
-        Response::from_parts(head, Either::Left(Full::new(merged)))
+        Response::from_parts(head, Either::Right(body.merged(answered.to_vec())))
     }
 }
 

@@ -27,6 +27,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use crate::http1::{self, Chunked, Decoded, Framing, ResponseHead};
+use crate::jsonrpc::BatchMerge;
 use crate::transport::TunnelStream;
 use bytes::{Bytes, BytesMut};
 use http_body_util::Full;
@@ -182,7 +183,7 @@ impl Upstream {
             Framing::Chunked => State::Chunked(Chunked::new()),
             Framing::UntilClose => State::UntilClose,
         };
-        let mut body = Relayed {
+        let mut body = NodeBody {
             inner: Inner::Node {
                 upstream: Some(self),
                 state,
@@ -191,7 +192,13 @@ impl Upstream {
             },
         };
         body.take_buffered();
-        Ok(Answer { head, body })
+        Ok(Answer {
+            head,
+            body: Relayed {
+                node: body,
+                merge: None,
+            },
+        })
     }
 
     /// The connection now carries a request of the client at `client` (the tunnel sheds
@@ -292,8 +299,15 @@ impl Pool {
 
 /// A node's response body as the client gets it. Read to the end by its framing, its
 /// upstream connection goes back to the pool at once (the next request, of this client or
-/// another, takes it); dropped before, the connection is closed.
+/// another, takes it); dropped before, the connection is closed. When some calls of a batch
+/// were answered by the sentry, they are merged into it as it streams ([`BatchMerge`]).
 pub(super) struct Relayed {
+    node: NodeBody,
+    merge: Option<Box<BatchMerge>>,
+}
+
+/// The node's body itself.
+struct NodeBody {
     inner: Inner,
 }
 
@@ -325,10 +339,73 @@ impl Relayed {
     /// The body of a response read by hyper's client.
     pub(super) fn plain(inner: Incoming) -> Self {
         Self {
-            inner: Inner::Incoming(inner),
+            node: NodeBody {
+                inner: Inner::Incoming(inner),
+            },
+            merge: None,
         }
     }
 
+    /// The same body with the sentry's `answered` calls merged into the node's batch
+    /// response as it streams (see [`BatchMerge`]): no more of it is held than its end.
+    pub(super) fn merged(self, answered: Vec<String>) -> Self {
+        Self {
+            merge: Some(Box::new(BatchMerge::new(answered))),
+            ..self
+        }
+    }
+}
+
+impl Body for Relayed {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let Some(merge) = this.merge.as_mut() else {
+            return Pin::new(&mut this.node).poll_frame(cx);
+        };
+        loop {
+            match Pin::new(&mut this.node).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Node trailers are dropped when merging: the merged body is not the
+                    // node's any more.
+                    if let Ok(data) = frame.into_data() {
+                        let out = merge.push(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    let tail = this.merge.take().map(|m| m.finish()).unwrap_or_default();
+                    return Poll::Ready(
+                        (!tail.is_empty()).then(|| Ok(Frame::data(Bytes::from(tail)))),
+                    );
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.merge.is_none() && self.node.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.merge.is_some() {
+            SizeHint::default()
+        } else {
+            self.node.size_hint()
+        }
+    }
+}
+
+impl NodeBody {
     /// Take the whole body from what was read with the head, if it is all there: it is then
     /// answered from memory and the connection goes home now.
     fn take_buffered(&mut self) {
@@ -394,7 +471,7 @@ fn broken(what: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(format!("the node's response body: {what}"))
 }
 
-impl Body for Relayed {
+impl Body for NodeBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -497,7 +574,7 @@ impl Body for Relayed {
     }
 }
 
-impl Drop for Relayed {
+impl Drop for NodeBody {
     fn drop(&mut self) {
         // An empty body may never be polled; it was still read to the end.
         if self.is_end_stream() {
