@@ -501,3 +501,51 @@ async fn a_sentry_cannot_make_the_agent_exceed_its_caps() {
     }
     assert_eq!(status, Some(Status::Ok), "a place did not come back");
 }
+
+/// An agent whose tunnel is alive (it acknowledges everything) but that answers no relay
+/// header (a service stuck, or its flow control spent for a moment): the client waiting on
+/// it is given up after the status timeout, and the tunnel, with whatever else it carries,
+/// stays. Acting as that agent at the protocol level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_is_alive_but_silent_keeps_its_tunnel() {
+    let (sentry_key, agent_key) = (key(), key());
+    let config = sentry_config(&[("v1", &agent_key)], &[("p2p", &["v1/svc"], "")]);
+    let sentry = start_sentry(&config, &sentry_key).await;
+    let peer = SentryPeer {
+        address: sentry.handle.quic_addr().to_string(),
+        public_key: sentry_key.public_key(),
+        transport: TransportKind::Quic,
+        wireguard: None,
+    };
+    let client =
+        quic::client_config(&agent_key, peer.public_key, &quic::Tuning::default()).unwrap();
+    let (_endpoint, conn) = relay_core::agent::dial(&peer, &client, &agent_key)
+        .await
+        .unwrap();
+    sentry.wait_agent("v1", true).await;
+    // Streams are taken and read, never answered.
+    let accepting = conn.clone();
+    tokio::spawn(async move {
+        while let Ok((send, mut recv)) = accepting.accept_bi().await {
+            tokio::spawn(async move {
+                let _keep = send;
+                let mut buf = [0u8; 256];
+                while let Ok(Some(_)) = recv.read(&mut buf).await {}
+            });
+        }
+    });
+    let mut tcp = TcpStream::connect(sentry.route("p2p")).await.unwrap();
+    let _ = tcp.write_all(b"hello").await;
+    let mut buf = [0u8; 8];
+    let closed = tokio::time::timeout(PATIENCE, tcp.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "the client was not given up"
+    );
+    assert_eq!(
+        sentry.handle.connected(),
+        ["v1"],
+        "the tunnel of a live agent was closed"
+    );
+    assert!(conn.close_reason().is_none(), "the tunnel was closed");
+}
