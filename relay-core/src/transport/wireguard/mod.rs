@@ -22,8 +22,8 @@
 //! Memory is bounded: a peer's receive queue holds at most two batches of datagrams (the stack
 //! runs when one batch is queued), each stream's buffers are fixed at its creation each way
 //! ([`PeerSpec::window`]: a size, or sized for the peer's round trip by [`auto_window`] within
-//! [`AUTO_BUDGET`] per peer; plus a stash of at most [`STASH_MAX`] bytes taken out of the
-//! receive buffer, see [`PeerState::align_windows`]), and a peer carries at most
+//! [`AUTO_BUDGET`] per peer; plus a stash of at most an eighth of the receive buffer taken out
+//! of it, see [`stash_max`] and [`PeerState::align_windows`]), and a peer carries at most
 //! [`MAX_STREAMS`] streams.
 
 mod stream;
@@ -140,8 +140,17 @@ const ACK_EVERY: usize = 2;
 /// With many sockets (each pass of egress walks them all) the chunk grows, to at most this
 /// many socket visits per packet taken in.
 const SOCKETS_PER_PASS: usize = 32;
-/// Bytes a stream's stash holds at most (see [`PeerState::align_windows`]).
-const STASH_MAX: usize = 8 * 1024;
+/// Bytes a stream's stash takes in to keep its window edge in place (see
+/// [`PeerState::align_windows`]), for a receive buffer of `buffer` bytes: a sixteenth of it,
+/// at least 8 KiB. Aligning takes at most one window unit per segment that arrives while the
+/// reader is away, so full-sized segments fill a buffer with at most `buffer / 1380 * unit`
+/// stashed: within a sixteenth up to 2 MiB buffers (unit 64), and 8 KiB covers the default
+/// 512 KiB with room to spare. Past it the window may shrink and [`PeerState::unstick`]'s
+/// nudges, which may take the stash to twice this, reopen it.
+const fn stash_max(buffer: usize) -> usize {
+    let share = buffer / 16;
+    if share > 8 * 1024 { share } else { 8 * 1024 }
+}
 /// A stream with data to send whose peer sends nothing this long is reset (the peer is gone).
 /// Idle streams have no timeout.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -293,6 +302,9 @@ struct PeerState {
     sockets: SocketSet<'static>,
     /// Streams dropped by their owner, finishing their close: (handle, reset after).
     orphans: Vec<(SocketHandle, Instant)>,
+    /// Streams closed by their owner whose FIN waits until the peer acknowledged every byte
+    /// before it (see [`PeerState::close`]).
+    closing: Vec<SocketHandle>,
     /// Sockets listening on [`RELAY_PORT`] for the peer's next connections.
     listeners: Vec<SocketHandle>,
     /// Local ports of streams we opened, both ways.
@@ -650,6 +662,7 @@ impl Peer {
                 iface,
                 sockets: SocketSet::new(Vec::new()),
                 orphans: Vec::new(),
+                closing: Vec::new(),
                 listeners: Vec::new(),
                 ports: HashMap::new(),
                 port_of: HashMap::new(),
@@ -768,6 +781,7 @@ impl PeerState {
                 taken += 1;
             }
             self.align_windows();
+            self.close_drained();
             while self
                 .iface
                 .poll_egress(at, &mut self.link, &mut self.sockets)
@@ -945,7 +959,8 @@ impl PeerState {
     /// Taking the bytes that would be rounded off out of the buffer, into the stream's stash
     /// (its reader gets them first), leaves the free space a whole number of units, so the
     /// advertised edge is the buffer's true end and never moves left. The stash is bounded by
-    /// [`STASH_MAX`]; past it (a reader far behind) the rounding is left as it was.
+    /// [`stash_max`]; past it (a reader far behind) the rounding is left as it was, and
+    /// [`PeerState::unstick`] reopens a window that shrank that way.
     fn align_windows(&mut self) {
         for (handle, socket) in self.sockets.iter_mut() {
             let smoltcp::socket::Socket::Tcp(socket) = socket;
@@ -957,7 +972,7 @@ impl PeerState {
             }
             let stash = self.stash.entry(handle).or_default();
             let at = stash.len();
-            if at + short <= STASH_MAX {
+            if at + short <= stash_max(socket.recv_capacity()) {
                 stash.resize(at + short, 0);
                 let taken = socket.recv_slice(&mut stash[at..]).unwrap_or(0);
                 stash.truncate(at + taken);
@@ -980,8 +995,12 @@ impl PeerState {
     ///   sender meanwhile probes with bytes past the refused ones and never rewinds. Taking
     ///   two window units of bytes out of a full receive buffer into the stream's stash reopens the
     ///   window past the sender's edge; the sender's next segment is accepted and both ends
-    ///   resume. The nudge is taken only while the stream's stash is empty.
-    ///   (`an_echo_resumes_after_both_directions_fill_up` stalls without this.)
+    ///   resume. A nudge is taken into an empty stash (once until the reader reads), and,
+    ///   up to twice [`stash_max`], whenever [`PeerState::align_windows`] has stopped at its
+    ///   bound: the edge may have moved left since. (Taken only into an empty stash, as first
+    ///   written, a stash filled by aligning left the stall for good: one run of
+    ///   `an_echo_resumes_after_both_directions_fill_up` in about ten hung 60 s and was reset.
+    ///   Without nudges the test stalls every time.)
     /// - A retransmission timeout while the peer's window is zero leaves the socket idle
     ///   without its zero-window probe, so a lost window update would never be recovered
     ///   (found reading smoltcp's code, not seen here). A stream with data to send keeps a
@@ -1006,14 +1025,64 @@ impl PeerState {
                 socket.set_timeout(timeout);
             }
             let free = socket.recv_capacity() - socket.recv_queue();
-            if free < nudge / 2 && socket.may_recv() && !self.stash.contains_key(&handle) {
-                let mut taken = vec![0; nudge];
-                if let Ok(n) = socket.recv_slice(&mut taken) {
-                    taken.truncate(n);
-                    self.stash.insert(handle, taken);
+            let stashed = self.stash.get(&handle).map_or(0, Vec::len);
+            let bound = stash_max(socket.recv_capacity());
+            // Nudged once per read, or while aligning is held back by its bound (the edge may
+            // have moved left since), up to twice the bound.
+            let aligning_stopped = stashed + window_unit(socket.recv_capacity()) > bound;
+            if free < nudge / 2
+                && socket.may_recv()
+                && (stashed == 0 || aligning_stopped)
+                && stashed + nudge <= 2 * bound
+            {
+                let stash = self.stash.entry(handle).or_default();
+                stash.resize(stashed + nudge, 0);
+                let taken = socket.recv_slice(&mut stash[stashed..]).unwrap_or(0);
+                stash.truncate(stashed + taken);
+                if stash.is_empty() {
+                    self.stash.remove(&handle);
                 }
             }
         }
+    }
+
+    /// Close a stream's sending side: its FIN follows the bytes queued before it.
+    ///
+    /// When the peer has already sent its own FIN (CLOSE-WAIT) and bytes are still queued, the
+    /// FIN waits until the peer acknowledged them all. smoltcp (0.14) in LAST-ACK, the state
+    /// `close` moves such a socket to, answers every acknowledgment that does not cover new
+    /// bytes with a challenge ACK and takes nothing else from it, not even the window. So a
+    /// stream whose peer's window was zero, or whose bytes were lost, never learns that the
+    /// window reopened and never resends them: it probes the closed window until the linger
+    /// deadline resets it, and the far end sees its bytes cut short. Measured before this: one
+    /// `an_echo_resumes_after_both_directions_fill_up` in about six lost 1-2 MiB that way.
+    /// In CLOSE-WAIT the same acknowledgments are taken as usual (window update, duplicate
+    /// ACKs, fast retransmit).
+    fn close(&mut self, handle: SocketHandle) {
+        let socket = self.sockets.get_mut::<tcp::Socket<'_>>(handle);
+        if socket.state() == tcp::State::CloseWait && socket.send_queue() > 0 {
+            if !self.closing.contains(&handle) {
+                self.closing.push(handle);
+            }
+        } else {
+            socket.close();
+        }
+    }
+
+    /// Send the FINs that [`PeerState::close`] held back, once their bytes are acknowledged.
+    fn close_drained(&mut self) {
+        let sockets = &mut self.sockets;
+        self.closing.retain(|&handle| {
+            let socket = sockets.get_mut::<tcp::Socket<'_>>(handle);
+            if socket.state() != tcp::State::CloseWait {
+                return false;
+            }
+            if socket.send_queue() > 0 {
+                return true;
+            }
+            socket.close();
+            false
+        });
     }
 
     /// Remove orphans that finished closing; reset those that lingered too long (the reset
@@ -1066,6 +1135,7 @@ impl PeerState {
             self.spare.push(socket);
         }
         self.stash.remove(&handle);
+        self.closing.retain(|&h| h != handle);
         if let Some(port) = self.port_of.remove(&handle) {
             self.ports.remove(&port);
         }

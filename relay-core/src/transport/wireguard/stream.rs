@@ -240,10 +240,16 @@ impl OverlayStream {
     }
 
     fn poll_shutdown_ref(&self) -> Poll<io::Result<()>> {
-        self.with_socket(|socket| {
-            socket.close();
-            (Poll::Ready(Ok(())), true)
-        })
+        let wake = {
+            let mut guard = lock(&self.peer.state);
+            let state = &mut *guard;
+            state.close(self.handle);
+            state.poll(self.peer.epoch, clock::now())
+        };
+        if wake {
+            self.peer.timer.notify_one();
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -258,7 +264,7 @@ impl Drop for OverlayStream {
                 state.release(self.handle);
                 false
             } else {
-                socket.close();
+                state.close(self.handle);
                 state.orphans.push((self.handle, now + LINGER));
                 state.poll(self.peer.epoch, now)
             }
