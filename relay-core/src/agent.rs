@@ -1375,6 +1375,10 @@ async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, refusal: Re
     if !matches!(end, PumpEnd::Done) {
         stream.abort();
     }
+    if matches!(end, PumpEnd::TunnelError(_) | PumpEnd::Shed) {
+        // The service must not take a cut-off stream for a whole one: a reset, not a FIN.
+        let _ = tcp_read.as_ref().set_zero_linger();
+    }
     debug!(route = %header.route, client = %header.client, service = %header.service, to_service = moved.down, from_service = moved.up, ?end, "relayed connection closed");
 }
 

@@ -306,6 +306,40 @@ pub async fn closed_without_data(addr: SocketAddr, within: Duration) -> bool {
     )
 }
 
+/// A service that sends part of an answer, then resets its connection (a node that crashed
+/// mid-answer).
+pub async fn resetting_service() -> SocketAddr {
+    service(|mut tcp| async move {
+        let _ = tcp.write_all(&[7u8; 64 * 1024]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = tcp.set_zero_linger();
+    })
+    .await
+}
+
+/// A client of `route` (relayed to [`resetting_service`]) must see the cut as a reset, never
+/// as a clean end of stream it could take for the whole answer.
+pub async fn a_cut_answer_reaches_the_client_as_a_reset(route: SocketAddr) {
+    let mut tcp = TcpStream::connect(route).await.unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut got = 0;
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got += n,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the relayed connection stayed open after its service reset it");
+    match end {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(()) => panic!("the client saw a clean end after {got} bytes of a cut answer"),
+    }
+}
+
 /// The `sentry` binary built by cargo for this profile: `SENTRY_BIN` if set, else the one in
 /// the target directory next to this test executable. Build it first with
 /// `cargo build -p sentry` (the README's test command does).

@@ -236,3 +236,10 @@ async fn data_connections_resume_the_session_and_keep_the_identity() {
         "agent side"
     );
 }
+
+/// A service that resets its connection mid-answer: the client is reset too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_reset_reaches_the_client_as_a_reset_over_tls() {
+    let (sentry, _agent) = deployment(resetting_service().await).await;
+    a_cut_answer_reaches_the_client_as_a_reset(sentry.route("p2p")).await;
+}

@@ -549,3 +549,11 @@ async fn an_agent_that_is_alive_but_silent_keeps_its_tunnel() {
     );
     assert!(conn.close_reason().is_none(), "the tunnel was closed");
 }
+
+/// A service that resets its connection mid-answer: the client is reset too (it must not
+/// take the part it got for the whole answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_reset_reaches_the_client_as_a_reset() {
+    let (sentry, _agent) = deployment(resetting_service().await, "").await;
+    a_cut_answer_reaches_the_client_as_a_reset(sentry.route("p2p")).await;
+}

@@ -379,3 +379,10 @@ async fn an_agent_starts_its_handshake_at_once() {
     // A WireGuard handshake initiation: message type 1, 148 bytes.
     assert_eq!((n, buf[0]), (148, 1));
 }
+
+/// A service that resets its connection mid-answer: the client is reset too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_reset_reaches_the_client_as_a_reset_over_wireguard() {
+    let (sentry, _agent, _) = deployment(resetting_service().await, "").await;
+    a_cut_answer_reaches_the_client_as_a_reset(sentry.route("p2p")).await;
+}

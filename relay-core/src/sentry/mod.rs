@@ -1390,6 +1390,10 @@ async fn relay_client(
         if !matches!(end, PumpEnd::Done) {
             stream.abort();
         }
+        if matches!(end, PumpEnd::TunnelError(_) | PumpEnd::Shed) {
+            // The client must not take a cut-off answer for a whole one: a reset, not a FIN.
+            let _ = tcp.set_zero_linger();
+        }
         debug!(route = %route.name, %client, %agent, up = stats.up, down = stats.down, ?end, "relayed connection closed");
         return;
     }
