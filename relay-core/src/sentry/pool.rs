@@ -37,7 +37,8 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::{RouteSlot, Shared, connect_upstream};
+use super::upstream::connect_upstream;
+use super::{RouteSlot, Shared};
 use crate::{clock, lock};
 
 /// How long an idle pooled upstream connection is kept.

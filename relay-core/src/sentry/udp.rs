@@ -32,7 +32,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{ACCEPT_LOG, NO_UPSTREAM_LOG, RouteSlot, Shared, connect_upstream};
+use super::tcp::NO_UPSTREAM_LOG;
+use super::upstream::connect_upstream;
+use super::{ACCEPT_LOG, RouteSlot, Shared};
 use crate::admission::{CallRate, Permit, Refusal};
 use crate::config::units::Rate;
 use crate::log_limit::LogLimit;
