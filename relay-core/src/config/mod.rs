@@ -24,8 +24,7 @@ pub use error::{ConfigError, ConfigErrors};
 
 use crate::cidr::CidrSet;
 use crate::keys::PublicKey;
-use crate::relay::ProxyVersion;
-pub use crate::transport::wireguard::Window;
+pub use units::Window;
 
 /// Default `idle_timeout` of a route: a relayed connection silent both ways this long is
 /// closed. P2P links of most chains ping well within it.
@@ -85,9 +84,17 @@ pub struct WireGuard {
 }
 
 /// Range of a fixed `wireguard_window`, and the default (sized for the round trip).
-pub const WIREGUARD_WINDOW: std::ops::RangeInclusive<usize> =
-    crate::transport::wireguard::MIN_WINDOW..=crate::transport::wireguard::MAX_WINDOW;
+pub const WIREGUARD_WINDOW: std::ops::RangeInclusive<usize> = units::MIN_WINDOW..=units::MAX_WINDOW;
 pub const DEFAULT_WIREGUARD_WINDOW: Window = Window::Auto;
+
+/// Which PROXY protocol version a route asks the agent to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    /// Text: `PROXY TCP4 <src> <dst> <sport> <dport>\r\n`.
+    V1,
+    /// Binary, with the 12-byte signature.
+    V2,
+}
 
 /// A plain WireGuard peer (kernel `wg`, wireguard-go): routes reach addresses inside it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,6 @@ use toml::Spanned;
 use ipnet::IpNet;
 
 use crate::cidr::{self, CidrSet};
-use crate::relay::ProxyVersion;
 
 use crate::jsonrpc::glob::{PathError, canonical_path};
 use crate::jsonrpc::{Policy, preset};
@@ -21,8 +20,8 @@ use super::{
     AgentPeer, Checker, ConfigError, ConfigErrors, DEFAULT_CALL_RATE_PER_IP, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY, DEFAULT_MAX_WEBSOCKETS_PER_IP,
     DEFAULT_SENTRY_MAX_CONNECTIONS, DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_WIREGUARD_WINDOW,
-    ForwardedHeader, JsonRpc, Limits, Locator, Route, RouteTls, SentryConfig, Upstream,
-    WIREGUARD_WINDOW, Window, WireGuard, WireGuardPeer, deserialize, overlay_address,
+    ForwardedHeader, JsonRpc, Limits, Locator, ProxyVersion, Route, RouteTls, SentryConfig,
+    Upstream, WIREGUARD_WINDOW, Window, WireGuard, WireGuardPeer, deserialize, overlay_address,
 };
 
 #[derive(Deserialize)]

@@ -10,7 +10,6 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use crate::keys::PublicKey;
-use crate::transport::wireguard::Window;
 
 /// Longest accepted name (routes, agents, services). Names travel in the relay header.
 pub const MAX_NAME_LEN: usize = 64;
@@ -348,3 +347,17 @@ string_value!(
     "a rate such as \"20/s\" or \"600/m\"",
     parse_rate
 );
+
+/// Smallest and largest window a peer may be given.
+pub const MIN_WINDOW: usize = 64 * 1024;
+pub const MAX_WINDOW: usize = 16 * 1024 * 1024;
+
+/// How large a peer's streams' buffers are (`wireguard_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Sized by the WireGuard transport for the peer's measured round trip, from 512 KiB to
+    /// [`MAX_WINDOW`], within a budget per peer.
+    Auto,
+    /// This many bytes each way ([`MIN_WINDOW`] to [`MAX_WINDOW`]).
+    Fixed(usize),
+}

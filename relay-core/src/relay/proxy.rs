@@ -6,14 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ppp::v2::{Builder, Command, Protocol, Version};
 
-/// Which PROXY protocol version a route asks the agent to write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyVersion {
-    /// Text: `PROXY TCP4 <src> <dst> <sport> <dport>\r\n`.
-    V1,
-    /// Binary, with the 12-byte signature.
-    V2,
-}
+pub use crate::config::ProxyVersion;
 
 /// What a relayed connection's PROXY header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -56,6 +56,8 @@ use tracing::{debug, warn};
 
 pub use stream::OverlayStream;
 
+pub use crate::config::units::{MAX_WINDOW, MIN_WINDOW, Window};
+
 use crate::{clock, lock};
 
 /// MTU of the overlay, as `wg-quick` sets it: 1420 leaves room for the WireGuard, UDP and
@@ -86,9 +88,6 @@ const AUTO_RATE: u64 = 200_000_000;
 /// [`STREAM_BUFFER`]. Like QUIC's connection window, this bounds what many busy streams across
 /// a long round trip can pin (smoltcp's buffers stay resident once touched).
 const AUTO_BUDGET: usize = 256 * 1024 * 1024;
-/// Smallest and largest window a peer may be given.
-pub const MIN_WINDOW: usize = 64 * 1024;
-pub const MAX_WINDOW: usize = 16 * 1024 * 1024;
 /// Streams one peer carries at once.
 pub const MAX_STREAMS: usize = 4096;
 /// Requested UDP socket buffers (as for QUIC).
@@ -195,16 +194,6 @@ pub struct PeerSpec {
     pub accept: bool,
     /// Each stream's receive and send buffer: the most one stream carries per round trip.
     pub window: Window,
-}
-
-/// How large a peer's streams' buffers are (`wireguard_window`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Window {
-    /// Sized for the peer's measured round trip (see [`auto_window`]), from
-    /// [`STREAM_BUFFER`] to [`MAX_WINDOW`]; within [`AUTO_BUDGET`] per peer.
-    Auto,
-    /// This many bytes each way ([`MIN_WINDOW`] to [`MAX_WINDOW`]).
-    Fixed(usize),
 }
 
 /// The window for a new stream of a peer whose round trip is `rtt` (unknown: `None`), whose
