@@ -25,17 +25,14 @@ mod gateway;
 mod health;
 pub use health::HOLD_DOWN;
 mod observe;
-mod pool;
 mod registry;
 mod reload;
 pub use reload::ReloadReport;
 mod tcp;
-mod timer;
 mod tunnel;
 mod tunnels;
 mod udp;
 mod upstream;
-mod websocket;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -37,24 +37,24 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::upstream::connect_upstream;
-use super::{RouteSlot, Shared};
+use crate::sentry::upstream::connect_upstream;
+use crate::sentry::{RouteSlot, Shared};
 use crate::{clock, lock};
 
 /// How long an idle pooled upstream connection is kept.
-pub(super) const POOL_IDLE: Duration = Duration::from_secs(30);
+pub(in crate::sentry) const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle upstream connections kept per route.
-pub(super) const POOL_MAX_IDLE: usize = 64;
+pub(in crate::sentry) const POOL_MAX_IDLE: usize = 64;
 /// Bytes asked of the tunnel stream per read.
 const READ_SIZE: usize = 16 * 1024;
 
 /// No connected upstream answered.
 #[derive(Debug, thiserror::Error)]
 #[error("no upstream available")]
-pub(super) struct NoUpstream;
+pub(in crate::sentry) struct NoUpstream;
 
 /// One HTTP/1.1 connection to the node over a relay stream.
-pub(super) struct Upstream {
+pub(in crate::sentry) struct Upstream {
     io: TunnelStream,
     /// Bytes read from the node and not yet used.
     buf: BytesMut,
@@ -67,7 +67,7 @@ pub(super) struct Upstream {
 }
 
 /// Why a request did not get a response head.
-pub(super) enum SendError {
+pub(in crate::sentry) enum SendError {
     /// A pooled connection closed with no byte of an answer: the node closed it idle, and
     /// the request can be sent again on a fresh one.
     Stale(String),
@@ -75,14 +75,14 @@ pub(super) enum SendError {
 }
 
 /// A response head from the node and its body.
-pub(super) struct Answer {
-    pub(super) head: ResponseHead,
-    pub(super) body: Relayed,
+pub(in crate::sentry) struct Answer {
+    pub(in crate::sentry) head: ResponseHead,
+    pub(in crate::sentry) body: Relayed,
 }
 
 impl Upstream {
     /// Open a relay stream to the route's first answering upstream.
-    pub(super) async fn open(
+    pub(in crate::sentry) async fn open(
         shared: &Shared,
         slot: &RouteSlot,
         generation: u64,
@@ -98,7 +98,7 @@ impl Upstream {
 
     /// Start HTTP on a relay stream whose connection runs in its own task, for one request
     /// that may upgrade (a WebSocket): the caller gets the sender only.
-    pub(super) async fn open_for_upgrade(
+    pub(in crate::sentry) async fn open_for_upgrade(
         shared: &Shared,
         slot: &RouteSlot,
     ) -> Result<SendRequest<Full<Bytes>>, NoUpstream> {
@@ -168,7 +168,7 @@ impl Upstream {
 
     /// Send one request and take its response: the body from memory when it is all here
     /// already (the connection then goes back to `pool` at once), else streamed.
-    pub(super) async fn exchange(
+    pub(in crate::sentry) async fn exchange(
         mut self,
         request: &[u8],
         method: &Method,
@@ -204,11 +204,11 @@ impl Upstream {
 
     /// The connection now carries a request of the client at `client` (the tunnel sheds
     /// fairly by client).
-    pub(super) fn serve(&self, client: std::net::IpAddr) {
+    pub(in crate::sentry) fn serve(&self, client: std::net::IpAddr) {
         self.io.set_client(client);
     }
 
-    pub(super) fn is_fresh(&self) -> bool {
+    pub(in crate::sentry) fn is_fresh(&self) -> bool {
         self.fresh
     }
 }
@@ -240,19 +240,19 @@ async fn stream(shared: &Shared, slot: &RouteSlot) -> Result<TunnelStream, NoUps
 
 /// A route's idle upstream connections.
 #[derive(Default)]
-pub(super) struct Pool {
+pub(in crate::sentry) struct Pool {
     idle: Mutex<Vec<Upstream>>,
     generation: AtomicU64,
 }
 
 impl Pool {
-    pub(super) fn generation(&self) -> u64 {
+    pub(in crate::sentry) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
     }
 
     /// Forget every idle connection and refuse those in use when they come back (the
     /// upstreams changed).
-    pub(super) fn reset(&self) {
+    pub(in crate::sentry) fn reset(&self) {
         self.generation.fetch_add(1, Ordering::Relaxed);
         lock(&self.idle).clear();
     }
@@ -261,7 +261,7 @@ impl Pool {
     /// node sent since its last response (they would become this request's answer: another
     /// client's, or the node's stray bytes) and for a close (one that closes as the request
     /// goes out is caught by the retry of [`SendError::Stale`]).
-    pub(super) fn take(&self) -> Option<Upstream> {
+    pub(in crate::sentry) fn take(&self) -> Option<Upstream> {
         let now = clock::now();
         let generation = self.generation();
         loop {
@@ -275,7 +275,7 @@ impl Pool {
     }
 
     /// Give back a connection; it is kept only if it can serve again.
-    pub(super) fn put(&self, mut upstream: Upstream) {
+    pub(in crate::sentry) fn put(&self, mut upstream: Upstream) {
         // Its response just ended by its framing: whether the node closed it since is
         // checked when it is taken again.
         if upstream.generation != self.generation() || !upstream.buf.is_empty() {
@@ -293,7 +293,7 @@ impl Pool {
     }
 
     /// Idle connections now.
-    pub(super) fn len(&self) -> usize {
+    pub(in crate::sentry) fn len(&self) -> usize {
         lock(&self.idle).len()
     }
 }
@@ -302,7 +302,7 @@ impl Pool {
 /// upstream connection goes back to the pool at once (the next request, of this client or
 /// another, takes it); dropped before, the connection is closed. When some calls of a batch
 /// were answered by the sentry, they are merged into it as it streams ([`BatchMerge`]).
-pub(super) struct Relayed {
+pub(in crate::sentry) struct Relayed {
     node: NodeBody,
     merge: Option<Box<BatchMerge>>,
 }
@@ -338,7 +338,7 @@ enum State {
 
 impl Relayed {
     /// The body of a response read by hyper's client.
-    pub(super) fn plain(inner: Incoming) -> Self {
+    pub(in crate::sentry) fn plain(inner: Incoming) -> Self {
         Self {
             node: NodeBody {
                 inner: Inner::Incoming(inner),
@@ -349,7 +349,7 @@ impl Relayed {
 
     /// The same body with the sentry's `answered` calls merged into the node's batch
     /// response as it streams (see [`BatchMerge`]): no more of it is held than its end.
-    pub(super) fn merged(self, answered: Vec<String>) -> Self {
+    pub(in crate::sentry) fn merged(self, answered: Vec<String>) -> Self {
         Self {
             merge: Some(Box::new(BatchMerge::new(answered))),
             ..self
@@ -585,7 +585,7 @@ impl Drop for NodeBody {
 }
 
 /// A relay stream as one byte stream, for hyper.
-pub(super) struct TunnelIo(TunnelStream);
+pub(in crate::sentry) struct TunnelIo(TunnelStream);
 
 impl AsyncRead for TunnelIo {
     fn poll_read(

@@ -37,8 +37,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tracing::debug;
 
-use super::gateway::{Body, CallOutcome, Ctx, Outcome, UPSTREAM_TIMEOUT};
+use super::outcome::{CallOutcome, Outcome};
 use super::pool::{Relayed, Upstream};
+use super::{Body, Ctx, UPSTREAM_TIMEOUT};
 use crate::clock;
 use crate::config::JsonRpc;
 use crate::jsonrpc::filter::error as rpc_error;
@@ -55,7 +56,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Relay a WebSocket upgrade (already checked: allowed path, `websocket = true`).
-pub(super) async fn upgrade(
+pub(in crate::sentry) async fn upgrade(
     ctx: Arc<Ctx>,
     settings: Arc<JsonRpc>,
     mut request: Request<Incoming>,

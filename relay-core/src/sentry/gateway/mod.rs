@@ -7,20 +7,24 @@
 //!   (refused with 413 past it), checked, and counted against the client's call rate (a batch
 //!   counts each call; 429 past it). Denied calls are answered by the sentry.
 //! - What passes is sent to the first connected upstream over a tunnel stream taken from the
-//!   route's pool ([`super::pool`]): no new stream per request while a pooled one is idle. The
+//!   route's pool ([`pool`]): no new stream per request while a pooled one is idle. The
 //!   client's address goes in `X-Forwarded-For` or `Forwarded`; whatever the client wrote
 //!   there is removed first.
-//! - Per request, the connection's deadlines reuse its timer entries ([`super::timer`]), and
+//! - Per request, the connection's deadlines reuse its timer entries ([`timer`]), and
 //!   the route's stop and the idle watch are awaited beside the connection, not polled with
 //!   it.
-//! - A WebSocket upgrade on an allowed path is relayed message by message ([`super::websocket`]).
+//! - A WebSocket upgrade on an allowed path is relayed message by message ([`websocket`]).
+
+mod headers;
+mod io;
+mod outcome;
+mod pool;
+mod timer;
+mod websocket;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -28,25 +32,28 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use super::pool::{Answer, NoUpstream, Pool, Relayed, SendError, Upstream};
-use super::timer::ConnectionTimer;
 use super::{RouteSlot, Shared};
 use crate::admission::{CallRate, PerClientCap, Permit};
+use crate::clock;
 use crate::config::{ForwardedHeader, JsonRpc};
 use crate::http1 as wire;
 use crate::jsonrpc::{Forwarded, Kind, Refusal, Verdict};
 use crate::log_limit::LogLimit;
-use crate::{clock, lock};
+use headers::{address_fields, client_address, forwarded_field, upstream_headers, wants_websocket};
+use io::{Activity, Counted};
+use outcome::{CallOutcome, Outcome, Stats};
+use pool::{Answer, NoUpstream, Pool, Relayed, SendError, Upstream};
+use timer::ConnectionTimer;
 
 /// Longest a client may take to send a request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,8 +65,6 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long open requests get to finish when the connection is closed (idle, or shutdown).
 const GRACE: Duration = Duration::from_secs(10);
-/// Distinct method names used as metric labels per route; later names count as `other`.
-const MAX_METHOD_LABELS: usize = 64;
 
 static NO_UPSTREAM_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
@@ -264,7 +269,7 @@ impl Ctx {
         };
         match kind {
             Kind::WebSocket { calls } if settings.websocket => {
-                Box::pin(super::websocket::upgrade(
+                Box::pin(websocket::upgrade(
                     self.clone(),
                     settings.clone(),
                     request,
@@ -624,491 +629,4 @@ fn json_response(json: Option<String>) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-/// Whether the request asks for a WebSocket upgrade.
-pub(super) fn wants_websocket(headers: &HeaderMap) -> bool {
-    let has_token = |name: HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
-}
-
-/// Header fields some node, proxy or framework reads as the client's address (or the scheme
-/// and host it used), besides every `X-Forwarded-*`: a client could forge any of them, so the
-/// node gets none from the client, only the one the route configures (`forwarded`).
-const CLIENT_ADDRESS: [&str; 16] = [
-    "forwarded",
-    "x-real-ip",
-    "x-client-ip",
-    "client-ip",
-    "true-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-cluster-client-ip",
-    "x-original-forwarded-for",
-    "x-originating-ip",
-    "x-remote-ip",
-    "x-remote-addr",
-    "x-envoy-external-address",
-    "x-proxyuser-ip",
-    "x-appengine-user-ip",
-    "x-azure-clientip",
-];
-
-/// Whether a client's header field reaches the node: not hop-by-hop (nor named by its
-/// `Connection`), not `Upgrade`, `Expect` (the body is already read) or the length (set
-/// again for the body sent), and no client address header (see [`CLIENT_ADDRESS`]).
-fn forwarded_field(name: &HeaderName, named_by_connection: &[String]) -> bool {
-    let name_str = name.as_str();
-    !wire::dropped_request_field(name, named_by_connection)
-        && !name_str.starts_with("x-forwarded-")
-        && !CLIENT_ADDRESS.contains(&name_str)
-}
-
-/// The client's headers as the node gets them (see [`forwarded_field`]).
-fn upstream_headers(from: &HeaderMap) -> HeaderMap {
-    let named = wire::connection_tokens(from);
-    let mut headers = HeaderMap::with_capacity(from.len() + 2);
-    for (name, value) in from {
-        if forwarded_field(name, &named) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    headers
-}
-
-/// [`client_address`] as header lines on the wire.
-fn address_fields(client: SocketAddr, how: ForwardedHeader, https: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, value) in client_address(client, how, https) {
-        wire::header_field(&mut out, &name, &value);
-    }
-    out
-}
-
-/// Who the client is, in the configured header (and `X-Forwarded-Proto` with
-/// `X-Forwarded-For`).
-fn client_address(
-    client: SocketAddr,
-    how: ForwardedHeader,
-    https: bool,
-) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
-    let ip = client.ip().to_canonical();
-    let proto = if https { "https" } else { "http" };
-    let fields: [Option<(HeaderName, HeaderValue)>; 2] = match how {
-        ForwardedHeader::XForwardedFor => [
-            Some((
-                HeaderName::from_static("x-forwarded-proto"),
-                HeaderValue::from_static(proto),
-            )),
-            HeaderValue::from_str(&ip.to_string())
-                .ok()
-                .map(|v| (HeaderName::from_static("x-forwarded-for"), v)),
-        ],
-        ForwardedHeader::Forwarded => {
-            let value = match ip {
-                std::net::IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
-                std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
-            };
-            [
-                HeaderValue::from_str(&value)
-                    .ok()
-                    .map(|v| (header::FORWARDED, v)),
-                None,
-            ]
-        }
-        ForwardedHeader::None => [None, None],
-    };
-    fields.into_iter().flatten()
-}
-
-/// How a request ended, for `sentry_jsonrpc_requests_total{outcome}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Outcome {
-    /// Sent to the node (all or some of its calls).
-    Forwarded,
-    /// Answered by the sentry alone: every call denied or invalid, or malformed JSON.
-    Answered,
-    /// 403: path not served.
-    Forbidden,
-    /// 405.
-    MethodNotAllowed,
-    /// 413.
-    TooLarge,
-    /// 429: the client's call rate, or its WebSocket cap.
-    RateLimited,
-    /// 400 or 408: a body that broke off or came too slowly.
-    BadRequest,
-    /// 503: no connected upstream answered.
-    NoUpstream,
-    /// 502 or 504: the node failed or did not answer in time.
-    UpstreamFailed,
-    /// A WebSocket was upgraded and relayed.
-    WebSocket,
-    /// Not a request: a connection whose TLS handshake failed or timed out.
-    TlsFailed,
-}
-
-impl Outcome {
-    pub(super) const ALL: [Self; 11] = [
-        Self::Forwarded,
-        Self::Answered,
-        Self::Forbidden,
-        Self::MethodNotAllowed,
-        Self::TooLarge,
-        Self::RateLimited,
-        Self::BadRequest,
-        Self::NoUpstream,
-        Self::UpstreamFailed,
-        Self::WebSocket,
-        Self::TlsFailed,
-    ];
-
-    pub(super) const fn as_str(self) -> &'static str {
-        match self {
-            Self::Forwarded => "forwarded",
-            Self::Answered => "answered",
-            Self::Forbidden => "forbidden",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::TooLarge => "too_large",
-            Self::RateLimited => "rate_limited",
-            Self::BadRequest => "bad_request",
-            Self::NoUpstream => "no_upstream",
-            Self::UpstreamFailed => "upstream_failed",
-            Self::WebSocket => "websocket",
-            Self::TlsFailed => "tls_handshake_failed",
-        }
-    }
-}
-
-/// What became of one JSON-RPC call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum CallOutcome {
-    Forwarded,
-    /// Answered by the sentry: a denied method, or an invalid call.
-    Refused,
-    /// Its request (or WebSocket message) was over the client's call rate.
-    RateLimited,
-}
-
-impl CallOutcome {
-    const ALL: [Self; 3] = [Self::Forwarded, Self::Refused, Self::RateLimited];
-
-    pub(super) const fn as_str(self) -> &'static str {
-        match self {
-            Self::Forwarded => "forwarded",
-            Self::Refused => "refused",
-            Self::RateLimited => "rate_limited",
-        }
-    }
-}
-
-/// A route's JSON-RPC counters. Method labels are bounded: the first [`MAX_METHOD_LABELS`]
-/// distinct names seen keep their own label, later ones count as `other`; calls whose method
-/// is not known (refused, rate-limited) count as `-`.
-#[derive(Default)]
-pub(super) struct Stats {
-    requests: [AtomicU64; Outcome::ALL.len()],
-    calls: Mutex<Calls>,
-}
-
-#[derive(Default)]
-struct Calls {
-    /// Per method label: counts by [`CallOutcome`] (forwarded, refused, rate_limited).
-    counts: std::collections::HashMap<String, [u64; 3]>,
-}
-
-impl Stats {
-    pub(super) fn request(&self, outcome: Outcome) {
-        self.requests[outcome as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub(super) fn requests(&self) -> impl Iterator<Item = (Outcome, u64)> + '_ {
-        Outcome::ALL
-            .iter()
-            .map(|o| (*o, self.requests[*o as usize].load(Ordering::Relaxed)))
-    }
-
-    pub(super) fn call(&self, method: &str, outcome: CallOutcome) {
-        let mut calls = lock(&self.calls);
-        // A method seen before (every call but the first few of each method) hashes once.
-        if let Some(counts) = calls.counts.get_mut(method) {
-            counts[outcome as usize] += 1;
-            return;
-        }
-        // Named labels: at most MAX_METHOD_LABELS, plus "other" and "-".
-        let reserved = ["other", "-"]
-            .iter()
-            .filter(|l| calls.counts.contains_key(**l))
-            .count();
-        let named = calls.counts.len() - reserved;
-        let label = if named < MAX_METHOD_LABELS && label_safe(method) {
-            calls.counts.insert(method.to_owned(), [0; 3]);
-            method
-        } else {
-            "other"
-        };
-        bump(&mut calls, label, outcome, 1);
-    }
-
-    pub(super) fn refused_calls(&self, n: usize) {
-        self.unnamed(n, CallOutcome::Refused);
-    }
-
-    pub(super) fn rate_limited_calls(&self, n: usize) {
-        self.unnamed(n, CallOutcome::RateLimited);
-    }
-
-    fn unnamed(&self, n: usize, outcome: CallOutcome) {
-        if n > 0 {
-            let n = u64::try_from(n).unwrap_or(u64::MAX);
-            bump(&mut lock(&self.calls), "-", outcome, n);
-        }
-    }
-
-    /// (method label, outcome, count) of every non-zero count, sorted.
-    pub(super) fn calls(&self) -> Vec<(String, &'static str, u64)> {
-        let mut rows: Vec<_> = lock(&self.calls)
-            .counts
-            .iter()
-            .flat_map(|(method, counts)| {
-                CallOutcome::ALL
-                    .iter()
-                    .zip(counts)
-                    .filter(|(_, n)| **n > 0)
-                    .map(|(outcome, n)| (method.clone(), outcome.as_str(), *n))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        rows.sort();
-        rows
-    }
-}
-
-fn bump(calls: &mut Calls, label: &str, outcome: CallOutcome, n: u64) {
-    if let Some(counts) = calls.counts.get_mut(label) {
-        counts[outcome as usize] += n;
-    } else {
-        let mut counts = [0; 3];
-        counts[outcome as usize] = n;
-        calls.counts.insert(label.to_owned(), counts);
-    }
-}
-
-/// A method name is a label value only when it is short and plain.
-fn label_safe(method: &str) -> bool {
-    !method.is_empty()
-        && method.len() <= 64
-        && method
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
-}
-
-/// Whether a client connection moves bytes: a counter bumped on every read and write (no
-/// clock read per I/O); the idle check looks at it once per timeout.
-#[derive(Clone, Default)]
-struct Activity {
-    moved: Arc<AtomicU64>,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self::default()
-    }
-
-    fn touch(&self) {
-        self.moved.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Completes once no byte moved for a whole `timeout` (so after between one and two
-    /// timeouts of silence).
-    async fn idle(&self, timeout: Duration) {
-        loop {
-            let before = self.moved.load(Ordering::Relaxed);
-            tokio::time::sleep(timeout).await;
-            if self.moved.load(Ordering::Relaxed) == before {
-                return;
-            }
-        }
-    }
-}
-
-/// The client socket, counting bytes into the route's totals and noting activity.
-struct Counted {
-    inner: TcpStream,
-    slot: Arc<RouteSlot>,
-    activity: Activity,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.slot.bytes.up.fetch_add(n as u64, Ordering::Relaxed);
-            self.activity.touch();
-        }
-        result
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            self.wrote(n);
-        }
-        result
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = result {
-            self.wrote(n);
-        }
-        result
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl Counted {
-    fn wrote(&self, n: usize) {
-        if n > 0 {
-            self.slot.bytes.down.fetch_add(n as u64, Ordering::Relaxed);
-            self.activity.touch();
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
-        }
-        map
-    }
-
-    #[test]
-    fn client_chosen_address_headers_never_reach_the_node() {
-        let from = headers(&[
-            ("host", "rpc.example"),
-            ("content-type", "application/json"),
-            ("x-forwarded-for", "10.0.0.1"),
-            ("Forwarded", "for=10.0.0.1"),
-            ("x-real-ip", "10.0.0.1"),
-            ("X-Client-IP", "10.0.0.1"),
-            ("True-Client-IP", "10.0.0.1"),
-            ("CF-Connecting-IP", "10.0.0.1"),
-            ("X-Forwarded-Port", "443"),
-            ("X-Forwarded-Server", "evil"),
-            ("x-cluster-client-ip", "10.0.0.1"),
-            ("Fastly-Client-IP", "10.0.0.1"),
-            ("X-Originating-IP", "10.0.0.1"),
-            ("connection", "keep-alive, x-secret"),
-            ("x-secret", "hop"),
-            ("keep-alive", "timeout=5"),
-            ("transfer-encoding", "chunked"),
-            ("content-length", "99"),
-            ("expect", "100-continue"),
-        ]);
-        let mut out = upstream_headers(&from);
-        out.extend(client_address(
-            "[::ffff:203.0.113.9]:4000".parse().unwrap(),
-            ForwardedHeader::XForwardedFor,
-            false,
-        ));
-        let names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
-        assert_eq!(
-            names,
-            [
-                "host",
-                "content-type",
-                "x-forwarded-proto",
-                "x-forwarded-for"
-            ]
-        );
-        assert_eq!(out["x-forwarded-for"], "203.0.113.9");
-
-        let mut out = upstream_headers(&from);
-        out.extend(client_address(
-            "[2001:db8::7]:4000".parse().unwrap(),
-            ForwardedHeader::Forwarded,
-            true,
-        ));
-        assert_eq!(out["forwarded"], "for=\"[2001:db8::7]\";proto=https");
-        assert!(!out.contains_key("x-forwarded-for"));
-
-        let mut out = upstream_headers(&from);
-        out.extend(client_address(
-            "203.0.113.9:1".parse().unwrap(),
-            ForwardedHeader::None,
-            false,
-        ));
-        assert!(!out.contains_key("x-forwarded-for") && !out.contains_key("forwarded"));
-    }
-
-    #[test]
-    fn websocket_upgrade_is_recognised_by_tokens() {
-        assert!(wants_websocket(&headers(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "WebSocket"),
-        ])));
-        assert!(!wants_websocket(&headers(&[("upgrade", "websocket")])));
-        assert!(!wants_websocket(&headers(&[
-            ("connection", "upgrade"),
-            ("upgrade", "h2c"),
-        ])));
-    }
-
-    #[test]
-    fn method_labels_are_bounded() {
-        let stats = Stats::default();
-        for i in 0..(MAX_METHOD_LABELS + 10) {
-            stats.call(&format!("eth_m{i}"), CallOutcome::Forwarded);
-        }
-        stats.call("eth_m0", CallOutcome::Forwarded);
-        stats.call("bad label\n", CallOutcome::Forwarded);
-        stats.refused_calls(3);
-        let rows = stats.calls();
-        assert_eq!(rows.len(), MAX_METHOD_LABELS + 2, "the names, other, and -");
-        let count = |m: &str| rows.iter().find(|r| r.0 == m).map(|r| r.2);
-        assert_eq!(count("eth_m0"), Some(2));
-        assert_eq!(count("other"), Some(11));
-        assert_eq!(count("-"), Some(3));
-    }
 }

@@ -20,7 +20,7 @@ use crate::{clock, lock};
 /// The reusable sleeps of one connection (two are in use at most: hyper's and the
 /// gateway's), shared by its clones.
 #[derive(Clone, Default)]
-pub(super) struct ConnectionTimer {
+pub(in crate::sentry) struct ConnectionTimer {
     spare: Arc<Mutex<Vec<Pin<Box<Sleep>>>>>,
 }
 
@@ -29,7 +29,7 @@ const SPARE: usize = 2;
 
 impl ConnectionTimer {
     /// A sleep until `deadline`.
-    pub(super) fn reused_until(&self, deadline: Instant) -> ReusedSleep {
+    pub(in crate::sentry) fn reused_until(&self, deadline: Instant) -> ReusedSleep {
         let deadline = tokio::time::Instant::from_std(deadline);
         // The spare whose deadline is latest but not after this one: moving it later is the
         // cheap case. Hyper's short deadline and the gateway's long one each find their own.
@@ -59,7 +59,7 @@ impl ConnectionTimer {
 }
 
 /// A sleep from a [`ConnectionTimer`]; it goes back there when dropped.
-pub(super) struct ReusedSleep {
+pub(in crate::sentry) struct ReusedSleep {
     sleep: Option<Pin<Box<Sleep>>>,
     home: Arc<Mutex<Vec<Pin<Box<Sleep>>>>>,
 }
