@@ -173,7 +173,7 @@ pub(super) async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, 
         &mut tunnel_write,
         AGENT_IDLE_TIMEOUT,
         &stats.bytes,
-        shed.as_ref(),
+        shed,
     )
     .await;
     if !matches!(end, PumpEnd::Done) {

@@ -10,7 +10,7 @@
 //! End of stream in one direction is passed on as a half-close (`shutdown` of the writer) and
 //! the other direction keeps flowing. The pump ends when both directions have finished, when
 //! either fails, when neither moved a byte for the idle timeout, or when the tunnel shed the
-//! stream because this side stopped reading it (see [`crate::transport::budget`]).
+//! stream because this side stopped reading it (the QUIC transport's flow-control budget).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::clock;
-use crate::transport::budget::Shed;
 
 /// First buffer size of each direction.
 const MIN_BUF: usize = 4 * 1024;
@@ -69,7 +68,8 @@ enum Side {
 }
 
 /// Pump until both directions finish, one fails, `idle` passes without traffic, or `shed`
-/// (the tunnel stream's, if it has one) resolves.
+/// (the tunnel stream's signal that its credit was taken back; pending forever for a
+/// stream that has none) resolves.
 ///
 /// The streams are borrowed so that the caller can reset a tunnel stream after an error
 /// (dropping a QUIC send stream would finish it cleanly, telling the peer all is well).
@@ -80,7 +80,7 @@ pub async fn pump<CR, CW, TR, TW>(
     tunnel_write: &mut TW,
     idle: Duration,
     totals: &ByteCounters,
-    shed: Option<&Shed>,
+    shed: impl Future<Output = ()>,
 ) -> (PumpEnd, PumpStats)
 where
     CR: AsyncRead + Unpin + ?Sized,
@@ -119,12 +119,7 @@ where
             Err((Side::Tunnel, e)) => PumpEnd::TunnelError(e),
         },
         () = idle_watch(start, &last, idle) => PumpEnd::Idle,
-        () = async {
-            match shed {
-                Some(shed) => shed.wait().await,
-                None => std::future::pending().await,
-            }
-        } => PumpEnd::Shed,
+        () = shed => PumpEnd::Shed,
     };
     let stats = PumpStats {
         up: up.load(Ordering::Relaxed),
@@ -223,7 +218,7 @@ mod tests {
                 &mut tw,
                 Duration::from_secs(600),
                 &totals,
-                None,
+                std::future::pending(),
             )
             .await
         });
@@ -261,7 +256,7 @@ mod tests {
                 &mut tw,
                 Duration::from_secs(60),
                 &totals,
-                None,
+                std::future::pending(),
             )
             .await;
             assert_eq!(totals.up.load(Ordering::Relaxed), result.1.up);
@@ -312,7 +307,7 @@ mod tests {
             &mut tw,
             Duration::from_secs(5),
             &totals,
-            None,
+            std::future::pending(),
         )
         .await;
         assert!(matches!(end, PumpEnd::Idle), "{end:?}");

@@ -29,7 +29,6 @@ mod registry;
 mod reload;
 pub use reload::ReloadReport;
 mod tcp;
-mod tunnel;
 mod tunnels;
 mod udp;
 mod upstream;
@@ -68,12 +67,7 @@ use tunnels::{TLS_HANDSHAKE_LIMITS, accept_agents, accept_tls, wireguard_events,
 
 /// Longest an agent's QUIC handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest the agent may take to answer a relay header. It is above the agent's own connect
-/// timeout (3 s), so an agent that is alive always answers in time; one that does not is
-/// treated as dead and its tunnel closed, so later clients fail over without waiting.
-pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest to wait for a free stream on a tunnel that carries its maximum.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+pub use crate::transport::STATUS_TIMEOUT;
 
 static ACCEPT_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 

@@ -15,9 +15,8 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::Shared;
-use super::tunnel::Tunnel;
 use crate::keys::PublicKey;
-use crate::transport::quic::code;
+use crate::transport::{Close, Tunnel};
 use crate::{clock, lock};
 
 /// What the registry needs of a tunnel.
@@ -154,6 +153,12 @@ impl<T: Entry> Registry<T> {
     }
 }
 
+impl Entry for Tunnel {
+    fn same(&self, other: &Self) -> bool {
+        Tunnel::same(self, other)
+    }
+}
+
 impl Shared {
     /// `agent`'s tunnel is up, on any transport: its upstreams' hold-downs end, it replaces
     /// (and closes) the agent's previous tunnel, and it is logged. Holds are released before
@@ -169,7 +174,7 @@ impl Shared {
         self.health.release_agent(agent);
         let transport = tunnel.transport();
         if let Some(old) = self.tunnels.insert(agent, tunnel, key) {
-            old.close(code::REPLACED, b"replaced by a newer tunnel");
+            old.close(Close::Replaced);
         }
         info!(%agent, %remote, transport, "tunnel up");
     }

@@ -140,7 +140,7 @@ pub(super) async fn relay_client(
             &mut tunnel_write,
             route.idle_timeout,
             &slot.bytes,
-            shed.as_ref(),
+            shed,
         )
         .await;
         if !matches!(end, PumpEnd::Done) {

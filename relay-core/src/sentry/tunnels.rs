@@ -12,7 +12,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::tunnel::{TlsSession, Tunnel};
 use super::{ACCEPT_LOG, HANDSHAKE_TIMEOUT, Shared};
 use crate::admission::{Handshake, HandshakePermit, HandshakeRefusal};
 use crate::config::SentryConfig;
@@ -21,7 +20,7 @@ use crate::log_limit::LogLimit;
 use crate::transport::budget::Ledger;
 use crate::transport::quic::{self, code};
 use crate::transport::tls::{self, TlsIo};
-use crate::transport::wireguard;
+use crate::transport::{TlsSession, Tunnel, wireguard};
 use crate::{clock, lock};
 
 static HANDSHAKE_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));

@@ -4,13 +4,11 @@ use std::net::SocketAddr;
 
 use tracing::{debug, info, warn};
 
-use super::tunnel::{OpenError, connect};
 use super::{STATUS_TIMEOUT, Shared, health};
 use crate::clock;
 use crate::config::{Route, Upstream};
 use crate::relay::{Header, Proxy, Status};
-use crate::transport::TunnelStream;
-use crate::transport::quic::code;
+use crate::transport::{Close, OpenError, TunnelStream};
 
 /// A relay stream for `client` through the first upstream of `route` that answers `Ok`: the
 /// agent's name and the stream. `None` when no connected upstream does. Upstreams held down
@@ -38,7 +36,7 @@ pub(super) async fn connect_upstream(
             proxy,
             udp: route.udp,
         };
-        let refused = match connect(&tunnel, upstream.overlay, &header).await {
+        let refused = match tunnel.connect(upstream.overlay, &header).await {
             Ok(stream) => {
                 answered(shared, route, upstream);
                 return Some((upstream.agent.clone(), stream));
@@ -68,7 +66,7 @@ pub(super) async fn connect_upstream(
             }
             Err(OpenError::Unresponsive { alive: false }) => {
                 warn!(agent = %upstream.agent, transport = tunnel.transport(), "agent did not answer a relay header within {STATUS_TIMEOUT:?}, nor anything else: closing its tunnel");
-                if tunnel.close(code::UNRESPONSIVE, b"no answer to a relay header") {
+                if tunnel.close(Close::Unresponsive) {
                     registry.remove(&upstream.agent, &tunnel);
                 }
                 continue;

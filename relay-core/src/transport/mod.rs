@@ -11,6 +11,9 @@ pub mod pin;
 pub mod quic;
 mod stream;
 pub mod tls;
+mod tunnel;
 pub mod wireguard;
 
 pub use stream::{TunnelRead, TunnelStream, TunnelWrite};
+pub use tunnel::STATUS_TIMEOUT;
+pub(crate) use tunnel::{Close, OpenError, TlsSession, Tunnel};

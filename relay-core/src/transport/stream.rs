@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use quinn::SendStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::budget::{QuicRecv, Shed};
+use super::budget::QuicRecv;
 use super::quic::code;
 use super::tls::TlsRelay;
 use super::wireguard::OverlayStream;
@@ -63,13 +63,19 @@ impl TunnelStream {
         }
     }
 
-    /// A handle that resolves when the tunnel sheds this stream because its reader stopped
-    /// reading (QUIC only: the other transports have no shared credit to take back).
-    #[must_use]
-    pub fn shed_signal(&self) -> Option<Shed> {
-        match self {
+    /// A future that resolves when the tunnel sheds this stream because its reader stopped
+    /// reading (QUIC only: the other transports have no shared credit to take back, and never
+    /// resolve).
+    pub fn shed_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let shed = match self {
             Self::Quic(_, recv) => Some(recv.shed()),
             Self::Overlay(_) | Self::Tls(_) => None,
+        };
+        async move {
+            match shed {
+                Some(shed) => shed.wait().await,
+                None => std::future::pending().await,
+            }
         }
     }
 

@@ -1,4 +1,6 @@
-//! An agent's tunnel as the engine sees it, and opening a relay stream over it.
+//! An agent's tunnel as the sentry's engine sees it, on any transport: what it is, its round
+//! trip, closing it, and opening a relay stream over it (the header out, the agent's status
+//! back). The engine holds no transport match; each transport's particulars are here.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -9,18 +11,44 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::registry::Entry;
-use super::{OPEN_TIMEOUT, STATUS_TIMEOUT};
+use super::budget::Ledger;
+use super::quic::code;
+use super::tls::{self, TlsRelay};
+use super::{TunnelStream, wireguard};
 use crate::config::TransportKind;
 use crate::relay::{Header, Proxy, Status, encode_proxy_header};
-use crate::transport::budget::Ledger;
-use crate::transport::quic::code;
-use crate::transport::tls::{self, TlsRelay};
-use crate::transport::{TunnelStream, wireguard};
+
+/// Longest the agent may take to answer a relay header. It is above the agent's own connect
+/// timeout (3 s), so an agent that is alive always answers in time; one that does not is
+/// treated as dead and its tunnel closed, so later clients fail over without waiting.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest to wait for a free stream on a tunnel that carries its maximum.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the sentry closes a tunnel (a QUIC agent is told with the matching code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// A newer tunnel of the same agent took its place.
+    Replaced,
+    /// It answered neither a relay header nor anything else in time.
+    Unresponsive,
+    /// A reload unpinned its key.
+    Revoked,
+}
+
+impl Close {
+    fn code(self) -> (quinn::VarInt, &'static [u8]) {
+        match self {
+            Self::Replaced => (code::REPLACED, b"replaced by a newer tunnel"),
+            Self::Unresponsive => (code::UNRESPONSIVE, b"no answer to a relay header"),
+            Self::Revoked => (code::REVOKED, b"agent key unpinned"),
+        }
+    }
+}
 
 /// An agent's tunnel.
 #[derive(Clone)]
-pub(super) enum Tunnel {
+pub(crate) enum Tunnel {
     /// A QUIC connection and the ledger of its streams' credit.
     Quic(Connection, Arc<Ledger>),
     WireGuard(Arc<wireguard::Peer>),
@@ -28,17 +56,17 @@ pub(super) enum Tunnel {
 }
 
 /// An agent's TCP+TLS tunnel: its control connection and its pool of data connections.
-pub(super) struct TlsSession {
-    pub(super) control: tls::Control,
-    pub(super) pool: Arc<tls::Pool>,
+pub(crate) struct TlsSession {
+    pub(crate) control: tls::Control,
+    pub(crate) pool: Arc<tls::Pool>,
     /// Counts for `WANT` frames to the agent.
-    pub(super) asks: mpsc::Sender<u32>,
+    pub(crate) asks: mpsc::Sender<u32>,
     /// Ends the control connection (replaced, unresponsive, or shutdown).
-    pub(super) close: CancellationToken,
+    pub(crate) close: CancellationToken,
 }
 
 impl Tunnel {
-    pub(super) fn transport(&self) -> &'static str {
+    pub(crate) fn transport(&self) -> &'static str {
         match self {
             Self::Quic(..) => TransportKind::Quic.as_str(),
             Self::WireGuard(_) => TransportKind::WireGuard.as_str(),
@@ -46,7 +74,7 @@ impl Tunnel {
         }
     }
 
-    pub(super) fn rtt(&self) -> Duration {
+    pub(crate) fn rtt(&self) -> Duration {
         match self {
             Self::Quic(conn, _) => conn.rtt(),
             Self::WireGuard(peer) => peer.session().1.unwrap_or_default(),
@@ -54,12 +82,14 @@ impl Tunnel {
         }
     }
 
-    /// Close a tunnel the sentry gives up on (`code` tells a QUIC agent why). Whether it
-    /// closes: a WireGuard session has no close (the peer's liveness timeout ends it, and
-    /// takes it out of the registry).
-    pub(super) fn close(&self, code: quinn::VarInt, why: &'static [u8]) -> bool {
+    /// Close a tunnel the sentry gives up on. Whether it closes: a WireGuard session has no
+    /// close (the peer's liveness timeout ends it, and takes it out of the registry).
+    pub(crate) fn close(&self, why: Close) -> bool {
         match self {
-            Self::Quic(conn, _) => conn.close(code, why),
+            Self::Quic(conn, _) => {
+                let (code, reason) = why.code();
+                conn.close(code, reason);
+            }
             Self::WireGuard(_) => return false,
             Self::Tls(session) => session.close.cancel(),
         }
@@ -70,23 +100,33 @@ impl Tunnel {
     /// tunnel closes once its streams ended, within `drain`; a TLS tunnel's data connections
     /// in use are TCP connections of their own, which end with their relayed connections, so
     /// its control connection closes now.
-    pub(super) fn retire(self, drain: Duration) {
+    pub(crate) fn retire(self, drain: Duration) {
         match self {
             Self::Quic(conn, ledger) => {
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(drain, ledger.idle()).await;
-                    conn.close(code::REVOKED, b"agent key unpinned");
+                    let (code, reason) = Close::Revoked.code();
+                    conn.close(code, reason);
                 });
             }
             Self::Tls(_) | Self::WireGuard(_) => {
-                self.close(code::REVOKED, b"");
+                self.close(Close::Revoked);
             }
         }
     }
-}
 
-impl Entry for Tunnel {
-    fn same(&self, other: &Self) -> bool {
+    /// A relay stream for `header` over this tunnel (see [`connect`]).
+    pub(crate) async fn connect(
+        &self,
+        overlay: Option<SocketAddrV4>,
+        header: &Header,
+    ) -> Result<TunnelStream, OpenError> {
+        connect(self, overlay, header).await
+    }
+
+    /// Whether `other` is this very tunnel (not merely one of the same agent).
+    #[must_use]
+    pub(crate) fn same(&self, other: &Self) -> bool {
         match (self, other) {
             (Self::Quic(a, _), Self::Quic(b, _)) => a.stable_id() == b.stable_id(),
             (Self::WireGuard(a), Self::WireGuard(b)) => Arc::ptr_eq(a, b),
@@ -96,7 +136,7 @@ impl Entry for Tunnel {
     }
 }
 
-pub(super) enum OpenError {
+pub(crate) enum OpenError {
     /// A plain WireGuard peer did not accept the connection in its overlay.
     NotAccepted(String),
     /// The agent answered, but not `Ok`.
@@ -111,7 +151,7 @@ pub(super) enum OpenError {
 /// A relay stream for `header` over `tunnel`: to the agent, which answers the header with
 /// its status, or, for an upstream at `overlay` in a plain WireGuard peer's overlay, straight
 /// to that address (the sentry writes the PROXY header itself, as an agent would).
-pub(super) async fn connect(
+async fn connect(
     tunnel: &Tunnel,
     overlay: Option<SocketAddrV4>,
     header: &Header,
