@@ -29,7 +29,6 @@ mod registry;
 mod reload;
 pub use reload::ReloadReport;
 mod tcp;
-mod tunnels;
 mod udp;
 mod upstream;
 
@@ -41,50 +40,33 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use quinn::Endpoint;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admission::{
-    DEFAULT_HANDSHAKE_LIMITS, Gate, HandshakeGate, HandshakeRefusal, SentryCount,
-};
+use crate::admission::{Gate, SentryCount};
 use crate::config::{Route, SentryConfig};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Observe};
 use crate::relay::ByteCounters;
-use crate::transport::pin::IdentityError;
-use crate::transport::quic::{self, QuicError, Tuning, code};
-use crate::transport::tls;
-use crate::transport::wireguard;
+use crate::transport::listen::{ListenError, Listeners};
 use crate::{clock, lock};
 use registry::Registry;
 use tcp::accept_clients;
-use tunnels::{TLS_HANDSHAKE_LIMITS, accept_agents, accept_tls, wireguard_events, wireguard_peers};
 
-/// Longest an agent's QUIC handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub use crate::transport::STATUS_TIMEOUT;
+pub use crate::transport::listen::HANDSHAKE_TIMEOUT;
 
 static ACCEPT_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
 /// Why the sentry could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A tunnel listener (QUIC, WireGuard, TLS) could not bind, or take the pinned keys.
     #[error(transparent)]
-    Quic(#[from] QuicError),
-    #[error(transparent)]
-    WireGuard(#[from] wireguard::WgError),
-    #[error(transparent)]
-    Identity(#[from] IdentityError),
-    #[error("tls_listen: cannot listen on {addr}: {source}")]
-    TlsListen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Transport(#[from] ListenError),
     #[error("route {route:?}: cannot listen on {addr}: {source}")]
     Listen {
         route: String,
@@ -103,10 +85,6 @@ pub struct Sentry {
     shared: Arc<Shared>,
     initial: Vec<(Arc<RouteSlot>, Listener)>,
     metrics: Option<TcpListener>,
-    /// WireGuard peers going up and down.
-    wg_events: mpsc::UnboundedReceiver<(Arc<wireguard::Peer>, bool)>,
-    /// The TCP+TLS tunnel listener, when configured.
-    tls_listener: Option<TcpListener>,
 }
 
 /// A cheap handle to observe and reload a running sentry.
@@ -116,36 +94,14 @@ pub struct SentryHandle {
 }
 
 struct Shared {
-    endpoint: Endpoint,
-    /// The WireGuard listener, when configured.
-    wireguard: Option<wireguard::Device>,
-    /// Stops the WireGuard device after the drain (`stop` ends accepting before it).
-    transport_stop: CancellationToken,
-    quic_addr: SocketAddr,
-    tls_addr: Option<SocketAddr>,
-    /// The TLS settings of `tls_listen`, swapped on reload with the pinned keys.
-    tls_config: ArcSwap<rustls::ServerConfig>,
-    /// Idle TLS data connections, per pinned key they authenticated with (a key unpinned by a
-    /// reload takes its pool with it; a new key under the same name gets a pool of its own).
-    tls_pools: Mutex<HashMap<PublicKey, Arc<tls::Pool>>>,
+    /// The tunnel listeners of every transport.
+    listeners: Arc<Listeners>,
     metrics_addr: Option<SocketAddr>,
-    key: PrivateKey,
     /// The config in force (the last one applied).
     config: Mutex<SentryConfig>,
     tunnels: Registry,
     routes: Mutex<Vec<Arc<RouteSlot>>>,
     open: Arc<SentryCount>,
-    handshake_refused: [AtomicU64; HandshakeRefusal::ALL.len()],
-    /// The handshake gates of the QUIC and the TLS listener.
-    quic_gate: Arc<HandshakeGate>,
-    tls_gate: Arc<HandshakeGate>,
-    handshake_failed: AtomicU64,
-    tls_handshake_failed: AtomicU64,
-    /// TLS tunnel handshakes completed: [full, resumed].
-    tls_handshakes: [AtomicU64; 2],
-    /// Tunnel streams shed because their client stopped reading (see
-    /// [`crate::transport::budget`]).
-    streams_shed: Arc<AtomicU64>,
     /// Upstreams held down after a refusal.
     health: health::Health,
     reloads: metrics::Reloads,
@@ -223,19 +179,6 @@ impl Sentry {
     /// Bind the QUIC endpoint, every route listener and the metrics listener.
     pub async fn bind(config: &SentryConfig, key: &PrivateKey) -> Result<Self, StartError> {
         let names = agent_names(config);
-        let endpoint =
-            quic::server_endpoint(config.quic_listen, key, names.clone(), &Tuning::default())?;
-        let quic_addr = endpoint.local_addr().map_err(|source| QuicError::Bind {
-            addr: config.quic_listen,
-            source,
-        })?;
-        let tls_config = tls::server_config(key, names.clone())?;
-        let tls_listener = match config.tls_listen {
-            Some(addr) => {
-                Some(metrics::bind(addr).map_err(|source| StartError::TlsListen { addr, source })?)
-            }
-            None => None,
-        };
         let metrics = match config.metrics_listen {
             Some(addr) => {
                 Some(metrics::bind(addr).map_err(|source| StartError::Metrics { addr, source })?)
@@ -250,59 +193,25 @@ impl Sentry {
             let slot = RouteSlot::new(route, local, &open, &stop);
             initial.push((slot, listener));
         }
-        let transport_stop = CancellationToken::new();
-        let (events, wg_events) = mpsc::unbounded_channel();
-        let wireguard = match config.wireguard {
-            Some(wg) => {
-                let on_event: wireguard::PeerEvents = Arc::new(move |peer, up| {
-                    let _ = events.send((peer.clone(), up));
-                });
-                let device = wireguard::Device::bind(
-                    wg.listen,
-                    key.wireguard_secret(),
-                    wg.address,
-                    &wireguard_peers(config),
-                    on_event,
-                    transport_stop.clone(),
-                )
-                .await?;
-                Some(device)
-            }
-            None => None,
-        };
+        let epoch = clock::now();
+        let listeners = Listeners::bind(config, key, &names, stop.clone(), epoch).await?;
         let shared = Arc::new(Shared {
-            wireguard,
-            transport_stop,
-            endpoint,
-            quic_addr,
-            tls_addr: tls_listener.as_ref().and_then(|l| l.local_addr().ok()),
-            tls_config: ArcSwap::new(tls_config),
-            tls_pools: Mutex::new(HashMap::new()),
+            listeners: Arc::new(listeners),
             metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
-            key: key.clone(),
             config: Mutex::new(config.clone()),
             tunnels: Registry::new(names),
             routes: Mutex::new(initial.iter().map(|(slot, _)| slot.clone()).collect()),
             open,
-            handshake_refused: Default::default(),
-            quic_gate: HandshakeGate::new(DEFAULT_HANDSHAKE_LIMITS),
-            tls_gate: HandshakeGate::new(TLS_HANDSHAKE_LIMITS),
-            handshake_failed: AtomicU64::new(0),
-            tls_handshake_failed: AtomicU64::new(0),
-            tls_handshakes: Default::default(),
-            streams_shed: Arc::default(),
             health: health::Health::default(),
             reloads: metrics::Reloads::default(),
             stop,
             relays: TaskTracker::new(),
-            epoch: clock::now(),
+            epoch,
         });
         Ok(Self {
             shared,
             initial,
             metrics,
-            wg_events,
-            tls_listener,
         })
     }
 
@@ -319,19 +228,7 @@ impl Sentry {
     /// cleanly.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let shared = self.shared;
-        tokio::spawn(accept_agents(shared.clone()));
-        if let Some(device) = &shared.wireguard
-            && let Some(listen) = device.local_addr()
-        {
-            info!(%listen, "WireGuard listening");
-        }
-        tokio::spawn(wireguard_events(shared.clone(), self.wg_events));
-        if let Some(listener) = self.tls_listener {
-            if let Ok(listen) = listener.local_addr() {
-                info!(%listen, "TLS tunnel listening");
-            }
-            tokio::spawn(accept_tls(shared.clone(), listener));
-        }
+        shared.listeners.start(shared.clone());
         if let Some(listener) = self.metrics {
             if let Ok(listen) = listener.local_addr() {
                 info!(%listen, "metrics listening (GET /metrics, GET /healthz)");
@@ -362,11 +259,7 @@ impl Sentry {
                 "drain deadline reached; closing the rest"
             );
         }
-        shared.transport_stop.cancel();
-        shared
-            .endpoint
-            .close(code::SHUTDOWN, b"sentry shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(1), shared.endpoint.wait_idle()).await;
+        shared.listeners.shutdown().await;
         info!("sentry stopped");
     }
 }
@@ -417,29 +310,26 @@ impl SentryHandle {
     /// The bound QUIC address (useful when configured with port 0).
     #[must_use]
     pub fn quic_addr(&self) -> SocketAddr {
-        self.shared.quic_addr
+        self.shared.listeners.quic_addr()
     }
 
     /// The bound TCP+TLS tunnel address, when `tls_listen` is set.
     #[must_use]
     pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.shared.tls_addr
+        self.shared.listeners.tls_addr()
     }
 
     /// The bound WireGuard UDP address, when `wireguard_listen` is set.
     #[must_use]
     pub fn wireguard_addr(&self) -> Option<SocketAddr> {
-        self.shared
-            .wireguard
-            .as_ref()
-            .and_then(wireguard::Device::local_addr)
+        self.shared.listeners.wireguard()?.local_addr()
     }
 
     /// Time since the last completed WireGuard handshake with `peer` (an agent or a plain
     /// peer), if any.
     #[must_use]
     pub fn wireguard_handshake_age(&self, peer: &str) -> Option<Duration> {
-        self.shared.wireguard.as_ref()?.peer(peer)?.session().0
+        self.shared.listeners.wireguard()?.peer(peer)?.session().0
     }
 
     /// WireGuard datagrams dropped without an answer (unknown key, bad MAC, failed
@@ -447,9 +337,9 @@ impl SentryHandle {
     #[must_use]
     pub fn wireguard_dropped(&self) -> u64 {
         self.shared
-            .wireguard
-            .as_ref()
-            .map_or(0, wireguard::Device::dropped)
+            .listeners
+            .wireguard()
+            .map_or(0, |device| device.dropped())
     }
 
     /// The bound metrics address, when `metrics_listen` is set.

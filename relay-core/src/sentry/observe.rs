@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{RouteSlot, SentryHandle, gateway};
-use crate::admission::{HandshakeRefusal, Refusal};
+use crate::admission::Refusal;
 use crate::config::{Route, TransportKind};
 use crate::metrics::{Families, Observe};
 use crate::{clock, lock};
@@ -259,64 +259,7 @@ impl Observe for SentryHandle {
                 )
             }),
         )?;
-        out.counters(
-            "tunnel_handshakes_dropped",
-            "Tunnel handshake attempts dropped unanswered by the handshake limits, by reason.",
-            HandshakeRefusal::ALL.iter().map(|r| {
-                (
-                    [("reason", r.as_str())],
-                    shared.handshake_refused[r.index()].load(Ordering::Relaxed),
-                )
-            }),
-        )?;
-        out.gauges(
-            "tunnel_handshakes_in_flight",
-            "Tunnel handshakes in progress now, by listener (a flood of strangers shows here).",
-            [
-                ([("transport", "quic")], shared.quic_gate.in_flight()),
-                ([("transport", "tls")], shared.tls_gate.in_flight()),
-            ]
-            .map(|(l, n)| (l, i64::try_from(n).unwrap_or(i64::MAX))),
-        )?;
-        out.counters(
-            "tunnel_handshakes_failed",
-            "Tunnel handshakes that failed or timed out (unknown keys among them).",
-            [
-                (
-                    [("transport", "quic")],
-                    shared.handshake_failed.load(Ordering::Relaxed),
-                ),
-                (
-                    [("transport", "tls")],
-                    shared.tls_handshake_failed.load(Ordering::Relaxed),
-                ),
-            ],
-        )?;
-        out.counters(
-            "tunnel_tls_handshakes",
-            "TLS tunnel handshakes completed (control and data connections), by kind: a resumed \
-             one costs no certificate signature or verification.",
-            [
-                (
-                    [("kind", "full")],
-                    shared.tls_handshakes[0].load(Ordering::Relaxed),
-                ),
-                (
-                    [("kind", "resumed")],
-                    shared.tls_handshakes[1].load(Ordering::Relaxed),
-                ),
-            ],
-        )?;
-        out.counters(
-            "tunnel_streams_shed",
-            "Relayed connections closed because their client stopped reading while holding \
-             tunnel flow-control credit: past the tunnel's budget of held streams (the client \
-             address holding the most first), or for 60 s.",
-            [(
-                [("transport", "quic")],
-                shared.streams_shed.load(Ordering::Relaxed),
-            )],
-        )?;
+        shared.listeners.collect_handshakes(out)?;
         let upstreams = shared.health.snapshot(clock::now());
         out.counters(
             "upstream_hold_downs",
@@ -335,34 +278,7 @@ impl Observe for SentryHandle {
                 .iter()
                 .map(|u| ([("upstream", u.upstream.clone())], i64::from(u.held))),
         )?;
-        if let Some(device) = &shared.wireguard {
-            out.counters(
-                "wireguard_datagrams_dropped",
-                "WireGuard datagrams dropped without an answer: unknown key, bad MAC, unknown \
-                 receiver index, failed decryption or replay.",
-                [(
-                    [(
-                        "listen",
-                        device
-                            .local_addr()
-                            .map_or_else(String::new, |a| a.to_string()),
-                    )],
-                    device.dropped(),
-                )],
-            )?;
-            out.gauges(
-                "wireguard_stream_window_bytes",
-                "Buffer each way, so the most in flight per round trip, that a new relayed \
-                 stream to this WireGuard peer gets now: wireguard_window, or with \"auto\" \
-                 sized for the round trip measured.",
-                device.peers().iter().map(|peer| {
-                    (
-                        [("agent", peer.name().to_owned())],
-                        i64::try_from(peer.stream_window()).unwrap_or(i64::MAX),
-                    )
-                }),
-            )?;
-        }
+        shared.listeners.collect_wireguard(out)?;
         out.common(&shared.reloads, "sentry")
     }
 

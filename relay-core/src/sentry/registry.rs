@@ -16,6 +16,7 @@ use tracing::info;
 
 use super::Shared;
 use crate::keys::PublicKey;
+use crate::transport::listen::TunnelSink;
 use crate::transport::{Close, Tunnel};
 use crate::{clock, lock};
 
@@ -159,18 +160,16 @@ impl Entry for Tunnel {
     }
 }
 
-impl Shared {
+impl TunnelSink for Shared {
+    fn name_of(&self, key: &PublicKey) -> Option<String> {
+        self.tunnels.name_of(key)
+    }
+
     /// `agent`'s tunnel is up, on any transport: its upstreams' hold-downs end, it replaces
     /// (and closes) the agent's previous tunnel, and it is logged. Holds are released before
     /// the tunnel is registered (a hold its first stream earns must stay), and it is
     /// registered before it is logged: whoever reads "tunnel up" can use it.
-    pub(super) fn register(
-        &self,
-        agent: &str,
-        tunnel: Tunnel,
-        key: Option<PublicKey>,
-        remote: &dyn Display,
-    ) {
+    fn up(&self, agent: &str, tunnel: Tunnel, key: Option<PublicKey>, remote: &dyn Display) {
         self.health.release_agent(agent);
         let transport = tunnel.transport();
         if let Some(old) = self.tunnels.insert(agent, tunnel, key) {
@@ -181,13 +180,7 @@ impl Shared {
 
     /// `agent`'s `tunnel` went down (`why`): it leaves the registry unless a newer one
     /// replaced it already.
-    pub(super) fn unregister(
-        &self,
-        agent: &str,
-        tunnel: &Tunnel,
-        remote: &dyn Display,
-        why: &dyn Display,
-    ) {
+    fn down(&self, agent: &str, tunnel: &Tunnel, remote: &dyn Display, why: &dyn Display) {
         self.tunnels.remove(agent, tunnel);
         info!(%agent, %remote, transport = tunnel.transport(), "tunnel down: {why}");
     }

@@ -1,13 +1,10 @@
 //! Reload: a new config applied to the running sentry, bind first.
 use tracing::info;
 
-use super::tunnels::wireguard_peers;
 use super::{RouteSlot, SentryHandle, StartError, agent_names, bind_route, health, spawn_route};
 use crate::config::SentryConfig;
 use crate::keys::PrivateKey;
 use crate::lock;
-use crate::transport::quic::{self, Tuning};
-use crate::transport::tls;
 
 /// What a reload changed, for the log line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -58,17 +55,15 @@ impl SentryHandle {
             }
         }
         let names = agent_names(config);
-        let server = quic::server_config(&shared.key, names.clone(), &Tuning::default())?;
-        let tls_server = tls::server_config(&shared.key, names.clone())?;
+        // The transports take the new pins first: this fails before anything changes, or
+        // applies.
+        shared.listeners.set_pins(config, &names)?;
         // 2. Apply.
-        shared.endpoint.set_server_config(Some(server));
-        shared.tls_config.store(tls_server);
-        if let Some(device) = &shared.wireguard {
-            device.set_peers(&wireguard_peers(config));
-        }
         shared.tunnels.set_names(names.clone());
         for (agent, tunnel, key) in shared.tunnels.revoke(&names) {
-            shared.retire(&agent, tunnel, key, config.drain_timeout);
+            shared
+                .listeners
+                .retire(&agent, tunnel, key, config.drain_timeout);
         }
         shared.open.set_max(config.max_connections);
         shared.health.retain(|upstream| {
@@ -114,7 +109,7 @@ impl SentryHandle {
         if config.metrics_listen != running.metrics_listen {
             report.need_restart.push("sentry.metrics_listen");
         }
-        if key.public_key() != shared.key.public_key() {
+        if key.public_key() != shared.listeners.public_key() {
             report.need_restart.push("sentry.private_key");
         }
         let mut applied = config.clone();
