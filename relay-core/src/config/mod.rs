@@ -1,9 +1,10 @@
 //! Config files for both roles, parsed once into validated types.
 //!
-//! The schema structs (in `sentry_file` and `agent_file`) mirror SPEC.md key by key with
-//! `deny_unknown_fields`; each is converted once into the types below, which hold
+//! The schema structs (in `sentry_file` and `agent_file`) mirror the documented config keys
+//! (the README and `configs/*.example.toml`) one by one with `deny_unknown_fields`; each is
+//! converted once into the types below, which hold
 //! `SocketAddr`, `Duration` and `PublicKey` values and never an `Option` that "must be set".
-//! Every error names the file, the line and column, and the key path. Keys that SPEC.md
+//! Every error names the file, the line and column, and the key path. Keys that the contract
 //! defines but this version does not implement yet are refused by name rather than ignored:
 //! silently ignoring, say, a `deny` list would be a security hole.
 

@@ -1,4 +1,4 @@
-//! One relayed connection over either transport.
+//! One relayed connection over any transport (QUIC, WireGuard, TCP+TLS).
 
 use std::io;
 use std::pin::Pin;
