@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::keys::PrivateKey;
+use crate::lock;
 
 const SENTRY_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 1);
 const AGENT_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
