@@ -140,17 +140,15 @@ impl AsyncWrite for TunnelWrite<'_> {
     }
 }
 
+// The whole stream reads and writes through its halves.
 impl AsyncRead for TunnelStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Quic(_, recv) => Pin::new(recv).poll_read(cx, buf),
-            Self::Overlay(stream) => Pin::new(stream).poll_read(cx, buf),
-            Self::Tls(relay) => Pin::new(&mut **relay).poll_read(cx, buf),
-        }
+        let (mut read, _) = self.get_mut().halves();
+        Pin::new(&mut read).poll_read(cx, buf)
     }
 }
 
@@ -160,26 +158,17 @@ impl AsyncWrite for TunnelStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Quic(send, _) => Pin::new(send).poll_write(cx, data).map_err(io::Error::from),
-            Self::Overlay(stream) => Pin::new(stream).poll_write(cx, data),
-            Self::Tls(relay) => Pin::new(&mut **relay).poll_write(cx, data),
-        }
+        let (_, mut write) = self.get_mut().halves();
+        Pin::new(&mut write).poll_write(cx, data)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Quic(send, _) => Pin::new(send).poll_flush(cx),
-            Self::Overlay(stream) => Pin::new(stream).poll_flush(cx),
-            Self::Tls(relay) => Pin::new(&mut **relay).poll_flush(cx),
-        }
+        let (_, mut write) = self.get_mut().halves();
+        Pin::new(&mut write).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Quic(send, _) => Pin::new(send).poll_shutdown(cx),
-            Self::Overlay(stream) => Pin::new(stream).poll_shutdown(cx),
-            Self::Tls(relay) => Pin::new(&mut **relay).poll_shutdown(cx),
-        }
+        let (_, mut write) = self.get_mut().halves();
+        Pin::new(&mut write).poll_shutdown(cx)
     }
 }

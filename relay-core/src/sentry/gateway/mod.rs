@@ -338,12 +338,7 @@ impl Ctx {
                         if !self.calls_allowed(calls) {
                             return self.rate_limited(calls);
                         }
-                        for method in &methods {
-                            self.gateway.stats.call(method, CallOutcome::Forwarded);
-                        }
-                        self.gateway
-                            .stats
-                            .refused_calls(calls.saturating_sub(methods.len()));
+                        self.gateway.stats.forwarded(&methods, calls, None);
                         let body = match body {
                             Forwarded::Unchanged => bytes,
                             Forwarded::Rebuilt(text) => Bytes::from(text),

@@ -138,6 +138,27 @@ impl Stats {
         bump(&mut calls, label, outcome, 1);
     }
 
+    /// A verdict that forwards `methods` out of `calls`: each forwarded call counted by its
+    /// method, the rest (answered by the sentry) as refused. A message forwarded without a
+    /// method (a WebSocket frame of the node's own subscription protocol) counts as one call
+    /// named `unnamed`, when given.
+    pub(in crate::sentry) fn forwarded(
+        &self,
+        methods: &[String],
+        calls: usize,
+        unnamed: Option<&str>,
+    ) {
+        let mut forwarded = methods.len();
+        if let (true, Some(name)) = (methods.is_empty(), unnamed) {
+            self.call(name, CallOutcome::Forwarded);
+            forwarded = 1;
+        }
+        for method in methods {
+            self.call(method, CallOutcome::Forwarded);
+        }
+        self.refused_calls(calls.saturating_sub(forwarded));
+    }
+
     pub(in crate::sentry) fn refused_calls(&self, n: usize) {
         self.unnamed(n, CallOutcome::Refused);
     }

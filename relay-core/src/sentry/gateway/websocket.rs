@@ -37,7 +37,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tracing::debug;
 
-use super::outcome::{CallOutcome, Outcome};
+use super::outcome::Outcome;
 use super::pool::{Relayed, Upstream};
 use super::{Body, Ctx, UPSTREAM_TIMEOUT};
 use crate::clock;
@@ -212,18 +212,10 @@ fn filter(ctx: &Ctx, settings: &JsonRpc, calls: bool, data: &[u8], text: bool) -
             calls,
             methods,
         } => {
-            if methods.is_empty() {
-                // A subscription request of the node's own protocol.
-                ctx.gateway
-                    .stats
-                    .call("subscription", CallOutcome::Forwarded);
-            }
-            for method in &methods {
-                ctx.gateway.stats.call(method, CallOutcome::Forwarded);
-            }
+            // A message without a method: a subscription request of the node's own protocol.
             ctx.gateway
                 .stats
-                .refused_calls(calls.saturating_sub(methods.len().max(1)));
+                .forwarded(&methods, calls, Some("subscription"));
             let message = match (body, text) {
                 (Forwarded::Unchanged, true) => {
                     Message::Text(String::from_utf8_lossy(data).into_owned().into())
