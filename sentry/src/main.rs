@@ -252,18 +252,10 @@ fn serve(path: &Path) -> Result<(), Failure> {
             routes = config.routes.len(),
             "sentry ready"
         );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(sentry.run(async move {
-            let _ = stopped.await;
-        }));
-        supervise(path, |path| {
-            let refused = |e: String| {
+        let reload = |path: &Path| {
+            let (config, key) = reload_inputs(path, config::load_sentry, || {
                 handle.count_refused_reload();
-                e
-            };
-            let config = config::load_sentry(path).map_err(|e| refused(e.to_string()))?;
-            let key = keys::load_private_key(&config.private_key)
-                .map_err(|e| refused(e.to_string()))?;
+            })?;
             let report = handle.reload(&config, &key).map_err(|e| e.to_string())?;
             warn_need_restart(&report.need_restart);
             Ok(format!(
@@ -273,13 +265,9 @@ fn serve(path: &Path) -> Result<(), Failure> {
                 report.removed,
                 config.agents.len()
             ))
-        })
-        .await;
-        info!(drain = ?handle.drain_timeout(), "shutting down: new connections refused, open ones drain (send the signal again to exit at once)");
-        let _ = stop.send(());
-        running
-            .await
-            .map_err(|e| Failure::Runtime(format!("the sentry task failed: {e}")))
+        };
+        let stopping = || info!(drain = ?handle.drain_timeout(), "shutting down: new connections refused, open ones drain (send the signal again to exit at once)");
+        run_daemon(path, "sentry", |stop| sentry.run(stop), reload, stopping).await
     })
 }
 
@@ -299,32 +287,83 @@ fn agent(path: &Path) -> Result<(), Failure> {
             services = config.services.len(),
             "agent starting"
         );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(agent.run(async move {
-            let _ = stopped.await;
-        }));
-        supervise(path, |path| {
-            let refused = |e: String| {
+        let reload = |path: &Path| {
+            let (config, key) = reload_inputs(path, config::load_agent, || {
                 handle.count_refused_reload();
-                e
-            };
-            let config = config::load_agent(path).map_err(|e| refused(e.to_string()))?;
-            let key =
-                keys::load_private_key(&config.private_key).map_err(|e| refused(e.to_string()))?;
+            })?;
             let report = handle.reload(&config, &key).map_err(|e| e.to_string())?;
             warn_need_restart(&report.need_restart);
             Ok(format!(
                 "{} service(s) exported, sentries added {:?}, removed {:?}",
                 report.services, report.added, report.removed
             ))
-        })
-        .await;
-        info!("shutting down: open streams drain (send the signal again to exit at once)");
-        let _ = stop.send(());
-        running
-            .await
-            .map_err(|e| Failure::Runtime(format!("the agent task failed: {e}")))
+        };
+        let stopping =
+            || info!("shutting down: open streams drain (send the signal again to exit at once)");
+        run_daemon(path, "agent", |stop| agent.run(stop), reload, stopping).await
     })
+}
+
+/// A config file and the key it names, for a reload; `refused` counts a reload that failed
+/// here (the file did not parse, or its key did not load).
+fn reload_inputs<C: HasKey, E: std::fmt::Display>(
+    path: &Path,
+    load: impl FnOnce(&Path) -> Result<C, E>,
+    refused: impl Fn(),
+) -> Result<(C, PrivateKey), String> {
+    let config = load(path).map_err(|e| {
+        refused();
+        e.to_string()
+    })?;
+    let key = keys::load_private_key(config.key_path()).map_err(|e| {
+        refused();
+        e.to_string()
+    })?;
+    Ok((config, key))
+}
+
+/// A config that names its daemon's private key file.
+trait HasKey {
+    fn key_path(&self) -> &Path;
+}
+
+impl HasKey for config::SentryConfig {
+    fn key_path(&self) -> &Path {
+        &self.private_key
+    }
+}
+
+impl HasKey for config::AgentConfig {
+    fn key_path(&self) -> &Path {
+        &self.private_key
+    }
+}
+
+/// Resolves when a daemon is told to stop.
+type Stop = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Run a daemon (`run`, given the future that tells it to stop) until a stop signal, reloading
+/// it on SIGHUP; at the stop signal, log `stopping` and wait for it to drain and end.
+async fn run_daemon<F>(
+    path: &Path,
+    what: &str,
+    run: impl FnOnce(Stop) -> F,
+    reload: impl Fn(&Path) -> Result<String, String>,
+    stopping: impl FnOnce(),
+) -> Result<(), Failure>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(run(Box::pin(async move {
+        let _ = stopped.await;
+    })));
+    supervise(path, reload).await;
+    stopping();
+    let _ = stop.send(());
+    running
+        .await
+        .map_err(|e| Failure::Runtime(format!("the {what} task failed: {e}")))
 }
 
 fn warn_need_restart(keys: &[&str]) {

@@ -1,4 +1,5 @@
 //! Reload: a new config applied to the running sentry, bind first.
+
 use tracing::info;
 
 use super::{RouteSlot, SentryHandle, StartError, agent_names, bind_route, health, spawn_route};
