@@ -224,19 +224,10 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
 
 /// A cap from 1 to 65 536 (`default` when absent).
 fn cap(check: &mut Checker<'_>, value: Option<&Spanned<u64>>, key: &str, default: usize) -> usize {
-    const MAX: u64 = 65_536;
-    match value {
-        None => default,
-        Some(v) if (1..=MAX).contains(v.get_ref()) => {
-            usize::try_from(*v.get_ref()).unwrap_or(default)
-        }
-        Some(v) => {
-            check.fail(
-                v,
-                key,
-                format!("must be from 1 to {MAX} (a cap of 0 would take nothing)"),
-            );
-            default
-        }
-    }
+    check.cap(
+        value,
+        key,
+        default,
+        (65_536, "a cap of 0 would take nothing"),
+    )
 }

@@ -490,6 +490,27 @@ impl<'a> Checker<'a> {
         self.errors.push(error);
     }
 
+    /// A cap from 1 to `max`, or `default` when absent; a value out of range is reported, `why`
+    /// saying what a cap of 0 would do.
+    fn cap(
+        &mut self,
+        value: Option<&Spanned<u64>>,
+        key: &str,
+        default: usize,
+        (max, why): (u64, &str),
+    ) -> usize {
+        match value {
+            None => default,
+            Some(v) if (1..=max).contains(v.get_ref()) => {
+                usize::try_from(*v.get_ref()).unwrap_or(default)
+            }
+            Some(v) => {
+                self.fail(v, key, format!("must be from 1 to {max} ({why})"));
+                default
+            }
+        }
+    }
+
     /// Report names seen twice; `key` builds the key path of entry `i`.
     fn unique<'n>(
         &mut self,

@@ -505,21 +505,7 @@ pub(super) fn count(
     key: &str,
     default: usize,
 ) -> usize {
-    const MAX: u64 = 1_000_000;
-    match value {
-        None => default,
-        Some(v) if (1..=MAX).contains(v.get_ref()) => {
-            usize::try_from(*v.get_ref()).unwrap_or(default)
-        }
-        Some(v) => {
-            check.fail(
-                v,
-                key,
-                format!("must be from 1 to {MAX} (a cap of 0 admits nobody)"),
-            );
-            default
-        }
-    }
+    check.cap(value, key, default, (1_000_000, "a cap of 0 admits nobody"))
 }
 
 pub(super) fn upstream(
