@@ -9,7 +9,7 @@ use std::time::Duration;
 
 /// Reconnect schedule state.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     base: Duration,
     cap: Duration,
     attempt: u32,
@@ -28,7 +28,7 @@ impl Backoff {
 
     /// The delay before the next attempt. `jitter` in `[0, 1]` (clamped) picks the point in
     /// `[d/2, d]`.
-    pub fn next_delay(&mut self, jitter: f64) -> Duration {
+    pub(crate) fn next_delay(&mut self, jitter: f64) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
         let step = self.base.saturating_mul(factor).min(self.cap);
         self.attempt = self.attempt.saturating_add(1);

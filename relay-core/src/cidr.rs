@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Largest list file read (bytes); a larger one is refused rather than loaded.
-pub const MAX_LIST_BYTES: usize = 32 << 20;
+pub(crate) const MAX_LIST_BYTES: usize = 32 << 20;
 
 /// A set of addresses given as CIDR blocks. IPv4-mapped IPv6 blocks (`::ffff:a.b.c.d/n`,
 /// n ≥ 96) are stored as IPv4, and looked-up addresses are canonicalised the same way, so a
@@ -96,7 +96,7 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 
 /// A bad line of a list file: 1-based line and column, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListError {
+pub(crate) struct ListError {
     pub line: usize,
     pub column: usize,
     pub message: String,
@@ -106,7 +106,7 @@ pub struct ListError {
 ///
 /// # Errors
 /// Every bad line (never a partial list).
-pub fn parse_list(text: &str) -> Result<Vec<IpNet>, Vec<ListError>> {
+pub(crate) fn parse_list(text: &str) -> Result<Vec<IpNet>, Vec<ListError>> {
     let mut nets = Vec::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {

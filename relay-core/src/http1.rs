@@ -12,9 +12,9 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
 
 /// Largest response head (status line and headers), and largest block of trailers.
-pub const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// Largest chunk-size line (the size and any extensions).
-pub const MAX_LINE: usize = 4 * 1024;
+pub(crate) const MAX_LINE: usize = 4 * 1024;
 /// Most header fields in one response head.
 const MAX_HEADERS: usize = 128;
 
@@ -52,7 +52,7 @@ pub enum Framing {
 
 /// A final response head from the node.
 #[derive(Debug)]
-pub struct ResponseHead {
+pub(crate) struct ResponseHead {
     pub status: StatusCode,
     /// The node's headers as the client gets them: without hop-by-hop fields (and those its
     /// `Connection` names), `Transfer-Encoding` and `Upgrade`. `Content-Length` stays when it
@@ -65,7 +65,7 @@ pub struct ResponseHead {
 }
 
 /// Hop-by-hop header fields (RFC 9110 section 7.6.1) and `Upgrade`, never relayed.
-pub const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -79,7 +79,7 @@ pub const HOP_BY_HOP: [&str; 9] = [
 
 /// Parse the node's response at the start of `buf`, skipping informational (1xx) responses.
 /// `Ok(None)` until the whole head is there; otherwise the head and the bytes it took.
-pub fn parse_response(
+pub(crate) fn parse_response(
     buf: &[u8],
     request_method: &Method,
 ) -> Result<Option<(ResponseHead, usize)>, Error> {
@@ -232,7 +232,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
 
 /// A chunked body being decoded.
 #[derive(Debug, Default)]
-pub struct Chunked {
+pub(crate) struct Chunked {
     state: ChunkState,
 }
 
@@ -252,7 +252,7 @@ enum ChunkState {
 
 /// What [`Chunked::decode`] found.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     /// Body bytes, taken from the buffer.
     Data(Bytes),
     /// More bytes are needed.
@@ -335,7 +335,8 @@ impl Chunked {
         }
     }
 
-    pub fn is_done(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_done(&self) -> bool {
         self.state == ChunkState::Done
     }
 }
@@ -349,7 +350,7 @@ pub fn request_line(out: &mut Vec<u8>, method: &Method, target: &str) {
 }
 
 /// Append one header field.
-pub fn header_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+pub(crate) fn header_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
@@ -366,7 +367,7 @@ pub fn content_length(out: &mut Vec<u8>, length: usize) {
 /// Whether `name` is one of the fields the gateway never forwards to the node: hop-by-hop ones
 /// (and those the request's `Connection` names), `Expect` (the body is read already) and the
 /// length (written again for the body sent).
-pub fn dropped_request_field(name: &HeaderName, named_by_connection: &[String]) -> bool {
+pub(crate) fn dropped_request_field(name: &HeaderName, named_by_connection: &[String]) -> bool {
     let lower = name.as_str();
     HOP_BY_HOP.contains(&lower)
         || named_by_connection.iter().any(|n| n == lower)
@@ -375,7 +376,7 @@ pub fn dropped_request_field(name: &HeaderName, named_by_connection: &[String]) 
 }
 
 /// The field names a request's `Connection` header lists, lowercased.
-pub fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+pub(crate) fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
         .iter()

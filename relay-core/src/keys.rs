@@ -24,7 +24,7 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 use zeroize::Zeroize;
 
 /// Length of an Ed25519 seed and of an Ed25519 public key.
-pub const KEY_LEN: usize = 32;
+pub(crate) const KEY_LEN: usize = 32;
 
 /// DER prefix of a PKCS#8 v1 Ed25519 private key (RFC 8410 §7); the seed follows.
 const PKCS8_ED25519_PREFIX: [u8; 16] = [
@@ -93,13 +93,13 @@ impl PrivateKey {
 
     /// Parse the base64 line of a key file.
     #[must_use]
-    pub fn from_base64(text: &str) -> Option<Self> {
+    pub(crate) fn from_base64(text: &str) -> Option<Self> {
         decode_32(text).map(|seed| Self { seed })
     }
 
     /// The base64 line stored in a key file.
     #[must_use]
-    pub fn to_base64(&self) -> String {
+    pub(crate) fn to_base64(&self) -> String {
         B64.encode(self.seed)
     }
 
@@ -115,7 +115,7 @@ impl PrivateKey {
 
     /// The key as PKCS#8 v1 DER, the form rustls and rcgen take.
     #[must_use]
-    pub fn pkcs8_der(&self) -> Vec<u8> {
+    pub(crate) fn pkcs8_der(&self) -> Vec<u8> {
         let mut der = PKCS8_ED25519_PREFIX.to_vec();
         der.extend_from_slice(&self.seed);
         der
@@ -179,7 +179,7 @@ impl PublicKey {
 
     /// Parse the base64 form printed by `sentry keygen` / `sentry pubkey`.
     #[must_use]
-    pub fn from_base64(text: &str) -> Option<Self> {
+    pub(crate) fn from_base64(text: &str) -> Option<Self> {
         decode_32(text).map(Self)
     }
 
@@ -189,9 +189,10 @@ impl PublicKey {
         &self.0
     }
 
+    #[cfg(test)]
     /// The DER SubjectPublicKeyInfo of this key.
     #[must_use]
-    pub fn spki_der(&self) -> Vec<u8> {
+    pub(crate) fn spki_der(&self) -> Vec<u8> {
         let mut der = SPKI_ED25519_PREFIX.to_vec();
         der.extend_from_slice(&self.0);
         der
@@ -199,7 +200,7 @@ impl PublicKey {
 
     /// The key inside an Ed25519 SubjectPublicKeyInfo; `None` for any other key type.
     #[must_use]
-    pub fn from_spki_der(der: &[u8]) -> Option<Self> {
+    pub(crate) fn from_spki_der(der: &[u8]) -> Option<Self> {
         let key = der.strip_prefix(&SPKI_ED25519_PREFIX[..])?;
         key.try_into().ok().map(Self)
     }
@@ -252,7 +253,7 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKey, KeyError> {
 
 /// Why a secret file's metadata is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OwnerOrMode {
+pub(crate) enum OwnerOrMode {
     /// Permission bits in `forbidden` are set (the file's mode).
     Mode(u32),
     /// Owned by `owner`, neither the daemon's user `daemon` nor root.
@@ -264,7 +265,7 @@ pub enum OwnerOrMode {
 ///
 /// # Errors
 /// What is wrong with it.
-pub fn check_owner_and_mode(meta: &fs::Metadata, forbidden: u32) -> Result<(), OwnerOrMode> {
+pub(crate) fn check_owner_and_mode(meta: &fs::Metadata, forbidden: u32) -> Result<(), OwnerOrMode> {
     use std::os::unix::fs::MetadataExt;
     let mode = meta.permissions().mode() & 0o777;
     if mode & forbidden != 0 {

@@ -8,14 +8,14 @@
 
 pub mod admission;
 pub mod agent;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod cidr;
 pub mod clock;
 pub mod config;
 pub mod http1;
 pub mod jsonrpc;
 pub mod keys;
-pub mod log_limit;
+pub(crate) mod log_limit;
 pub mod metrics;
 pub mod relay;
 pub mod sentry;

@@ -10,7 +10,7 @@ use crate::clock;
 
 /// One line per `interval` for one class of event.
 #[derive(Debug)]
-pub struct LogLimit {
+pub(crate) struct LogLimit {
     interval: Duration,
     state: Mutex<State>,
 }

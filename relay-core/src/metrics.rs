@@ -41,15 +41,15 @@ use tracing::warn;
 use crate::log_limit::LogLimit;
 
 /// Scrapers served at once; more are closed at once.
-pub const MAX_CONNECTIONS: usize = 32;
+pub(crate) const MAX_CONNECTIONS: usize = 32;
 /// Longest a client may take to send its request headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head kept in memory.
-pub const MAX_REQUEST_BUF: usize = 16 * 1024;
+pub(crate) const MAX_REQUEST_BUF: usize = 16 * 1024;
 /// A scraper connection is closed after this long, keep-alive or not.
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Every series name starts with this and an underscore.
-pub const PREFIX: &str = "sentry";
+pub(crate) const PREFIX: &str = "sentry";
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -122,7 +122,7 @@ impl Families<'_> {
     ///
     /// # Errors
     /// When the encoder fails.
-    pub fn gauges<L: EncodeLabelSet, N: EncodeGaugeValue>(
+    pub(crate) fn gauges<L: EncodeLabelSet, N: EncodeGaugeValue>(
         &mut self,
         name: &str,
         help: &str,
@@ -161,7 +161,7 @@ impl Families<'_> {
 
 /// The whole exposition of `source`, as `GET /metrics` serves it.
 #[must_use]
-pub fn render(source: Arc<dyn Observe>) -> String {
+pub(crate) fn render(source: Arc<dyn Observe>) -> String {
     let mut registry = Registry::with_prefix(PREFIX);
     registry.register_collector(Box::new(Source(source)));
     let mut out = String::new();

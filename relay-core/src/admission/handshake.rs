@@ -173,7 +173,12 @@ impl HandshakeGate {
 
     /// Decide on an attempt from `ip` at `now`; `validated`: the peer already proved its
     /// address (it echoed a retry token, or it is a TCP connection).
-    pub fn decide(self: &Arc<Self>, now: Duration, ip: IpAddr, validated: bool) -> Handshake {
+    pub(crate) fn decide(
+        self: &Arc<Self>,
+        now: Duration,
+        ip: IpAddr,
+        validated: bool,
+    ) -> Handshake {
         let limits = &self.limits;
         if !validated && self.in_flight.load(Ordering::Relaxed) >= limits.retry_above {
             return Handshake::Retry;

@@ -90,7 +90,7 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
 /// The unit new UDP flows are rated in: an IPv4 /24 or an IPv6 /48 (mapped IPv4 as IPv4).
 /// A spoofed source costs nothing to make up; a network's worth of them counts as one.
 #[must_use]
-pub fn prefix_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn prefix_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()),
         IpAddr::V6(v6) => {
@@ -163,7 +163,7 @@ impl SentryCount {
 
     /// Change the cap (on reload). Connections above a lowered cap are not cut; new ones wait
     /// until the count falls below it.
-    pub fn set_max(&self, max: usize) {
+    pub(crate) fn set_max(&self, max: usize) {
         self.max.store(max, Ordering::Relaxed);
     }
 
@@ -249,7 +249,7 @@ impl Gate {
 
     /// Apply a new policy (on reload) to later decisions. Open connections keep their
     /// permits and still count against the new caps; none is cut.
-    pub fn set_limits(&self, limits: Limits) {
+    pub(crate) fn set_limits(&self, limits: Limits) {
         if limits.connect_rate_per_ip != self.limits.load().connect_rate_per_ip {
             self.limiter.store(Arc::new(RateLimiter::dashmap_with_clock(
                 quota(limits.connect_rate_per_ip),
@@ -325,7 +325,7 @@ impl Gate {
     }
 
     /// Count a refusal decided outside the gate (a UDP route's rate of new flows per network).
-    pub fn count_refusal(&self, reason: Refusal) {
+    pub(crate) fn count_refusal(&self, reason: Refusal) {
         self.refused[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -352,7 +352,7 @@ impl Drop for Permit {
 
 /// A per-client rate of events that come in counts, such as JSON-RPC calls (a batch of N
 /// counts N), on a clock passed in like [`Gate`]'s.
-pub struct CallRate {
+pub(crate) struct CallRate {
     rate: units::Rate,
     /// What one key is: [`client_key`] or [`prefix_key`].
     key: fn(IpAddr) -> IpAddr,
@@ -378,7 +378,7 @@ impl CallRate {
 
     /// A rate per network (IPv4 /24 or IPv6 /48, see [`prefix_key`]).
     #[must_use]
-    pub fn per_prefix(rate: units::Rate) -> Self {
+    pub(crate) fn per_prefix(rate: units::Rate) -> Self {
         Self::keyed(rate, prefix_key)
     }
 
@@ -416,13 +416,13 @@ impl CallRate {
 /// A per-client cap on things held open (such as WebSockets), with places given back by
 /// dropping the [`Held`] guard.
 #[derive(Debug, Default)]
-pub struct PerClientCap {
+pub(crate) struct PerClientCap {
     held: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// One place held under a [`PerClientCap`].
 #[derive(Debug)]
-pub struct Held {
+pub(crate) struct Held {
     cap: Arc<PerClientCap>,
     key: IpAddr,
 }

@@ -47,7 +47,7 @@ use tunnel::{LiveTunnel, Tunnel};
 
 /// Longest a connection attempt to a service may take before the agent answers
 /// `ConnectFailed`. Kept below the sentry's status timeout.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest the sentry may take to send a complete header on a new stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a tunnel handshake may take.

@@ -29,14 +29,14 @@ pub use units::Window;
 
 /// Default `idle_timeout` of a route: a relayed connection silent both ways this long is
 /// closed. P2P links of most chains ping well within it.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// A UDP flow (one client address on a udp route) with no datagram either way for this long
 /// is forgotten; discovery protocols exchange a few datagrams and go quiet.
-pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default `drain_timeout` of both roles: after SIGTERM/SIGINT, open relayed connections get
 /// this long to finish before the rest are closed.
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A parsed config file of either role.
 #[derive(Debug, Clone)]
@@ -85,8 +85,9 @@ pub struct WireGuard {
 }
 
 /// Range of a fixed `wireguard_window`, and the default (sized for the round trip).
-pub const WIREGUARD_WINDOW: std::ops::RangeInclusive<usize> = units::MIN_WINDOW..=units::MAX_WINDOW;
-pub const DEFAULT_WIREGUARD_WINDOW: Window = Window::Auto;
+pub(crate) const WIREGUARD_WINDOW: std::ops::RangeInclusive<usize> =
+    units::MIN_WINDOW..=units::MAX_WINDOW;
+pub(crate) const DEFAULT_WIREGUARD_WINDOW: Window = Window::Auto;
 
 /// Which PROXY protocol version a route asks the agent to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,14 +204,14 @@ pub enum ForwardedHeader {
 }
 
 /// Default of `[route.jsonrpc] max_body`.
-pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+pub(crate) const DEFAULT_MAX_BODY: usize = 1 << 20;
 /// Default of `[route.jsonrpc] rate_per_ip`: 50 calls/s.
-pub const DEFAULT_CALL_RATE_PER_IP: units::Rate = units::Rate {
+pub(crate) const DEFAULT_CALL_RATE_PER_IP: units::Rate = units::Rate {
     count: std::num::NonZeroU32::new(50).expect("invariant: 50 is not zero"),
     per: Duration::from_secs(1),
 };
 /// Default of `[route.jsonrpc] max_websockets_per_ip`.
-pub const DEFAULT_MAX_WEBSOCKETS_PER_IP: usize = 4;
+pub(crate) const DEFAULT_MAX_WEBSOCKETS_PER_IP: usize = 4;
 
 /// A route's admission policy. See [`crate::admission`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,16 +232,16 @@ pub struct Limits {
 }
 
 /// Default of `[[route]] max_connections`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default of `[[route]] max_connections_per_ip`.
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 16;
+pub(crate) const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 16;
 /// Default of `[[route]] connect_rate_per_ip`: 20/s.
-pub const DEFAULT_CONNECT_RATE_PER_IP: units::Rate = units::Rate {
+pub(crate) const DEFAULT_CONNECT_RATE_PER_IP: units::Rate = units::Rate {
     count: std::num::NonZeroU32::new(20).expect("invariant: 20 is not zero"),
     per: Duration::from_secs(1),
 };
 /// Default of `[sentry] max_connections`: open relayed connections across all routes.
-pub const DEFAULT_SENTRY_MAX_CONNECTIONS: usize = 16384;
+pub(crate) const DEFAULT_SENTRY_MAX_CONNECTIONS: usize = 16384;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -289,10 +290,10 @@ pub struct AgentConfig {
 
 /// Default of `[agent] max_streams_per_sentry`: what one sentry may make this agent hold at
 /// once (a compromised sentry cannot hold more), far above a validator's peers and RPC load.
-pub const DEFAULT_MAX_STREAMS_PER_SENTRY: usize = 2048;
+pub(crate) const DEFAULT_MAX_STREAMS_PER_SENTRY: usize = 2048;
 /// Default of `[[service]] max_connections`: relayed connections (or UDP flows) to one service
 /// at once, across all sentries.
-pub const DEFAULT_SERVICE_MAX_CONNECTIONS: usize = 1024;
+pub(crate) const DEFAULT_SERVICE_MAX_CONNECTIONS: usize = 1024;
 
 /// A sentry the agent dials.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,10 +12,10 @@ use serde::de::{self, Deserializer, Visitor};
 use crate::keys::PublicKey;
 
 /// Longest accepted name (routes, agents, services). Names travel in the relay header.
-pub const MAX_NAME_LEN: usize = 64;
+pub(crate) const MAX_NAME_LEN: usize = 64;
 
 /// Parse a duration such as `500ms`, `30s`, `15m`, `2h`, `1d` or `1h30m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let expected = || {
         format!(
             "invalid duration {text:?}: expected a number and a unit (ms, s, m, h, d), \
@@ -60,7 +60,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Check a route, agent or service name: 1 to 64 of `A-Z a-z 0-9 - _ .`.
-pub fn check_name(text: &str) -> Result<(), String> {
+pub(crate) fn check_name(text: &str) -> Result<(), String> {
     let ok = !text.is_empty()
         && text.len() <= MAX_NAME_LEN
         && text
@@ -294,7 +294,7 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
 
 /// Parse a size in bytes: `1MiB`, `512KiB`, `1GiB`, `4096B` or a plain number of bytes.
 /// Binary units only, so `1MiB` means what the operator of a node's config means by it.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let bad = || {
         format!(
             "invalid size {text:?}: expected a number of bytes with a unit (B, KiB, MiB, GiB), \
@@ -326,7 +326,7 @@ string_value!(
 );
 
 /// `wireguard_window`: `"auto"`, or a size.
-pub fn parse_window(text: &str) -> Result<Window, String> {
+pub(crate) fn parse_window(text: &str) -> Result<Window, String> {
     if text.trim() == "auto" {
         return Ok(Window::Auto);
     }

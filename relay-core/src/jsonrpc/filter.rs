@@ -15,15 +15,15 @@ use super::preset::Preset;
 
 /// Deepest JSON nesting accepted (objects and arrays). Real calls nest a handful of levels;
 /// parsers of deeply nested input are where stack exhaustion lives.
-pub const MAX_DEPTH: usize = 32;
+pub(crate) const MAX_DEPTH: usize = 32;
 /// Longest method name repeated in an error message.
 const MAX_NAME_IN_MESSAGE: usize = 64;
 
 /// JSON-RPC error codes the sentry answers with.
 pub mod code {
-    pub const PARSE_ERROR: i32 = -32700;
-    pub const INVALID_REQUEST: i32 = -32600;
-    pub const METHOD_NOT_FOUND: i32 = -32601;
+    pub(crate) const PARSE_ERROR: i32 = -32700;
+    pub(crate) const INVALID_REQUEST: i32 = -32600;
+    pub(crate) const METHOD_NOT_FOUND: i32 = -32601;
 }
 
 /// A route's filter, from its preset and config.
@@ -256,7 +256,7 @@ impl Policy {
     /// Whether a call of `method` may reach the node: an allow glob matches, no deny glob
     /// does, and the name has no control character.
     #[must_use]
-    pub fn method_allowed(&self, method: &str) -> bool {
+    pub(crate) fn method_allowed(&self, method: &str) -> bool {
         // A node written in C may cut a name at NUL, and no chain names a method with a
         // control character: such a name is never allowed, whatever the globs say.
         !method.chars().any(char::is_control)
@@ -357,7 +357,7 @@ impl Policy {
     /// sockets): no method to filter, so it passes unchanged when it is bounded, well-formed
     /// JSON, and counts as one call.
     #[must_use]
-    pub fn check_subscription(&self, message: &[u8]) -> Verdict {
+    pub(crate) fn check_subscription(&self, message: &[u8]) -> Verdict {
         let bad = |message: &str| answer(error(None, code::PARSE_ERROR, message), 1);
         if message.len() > self.max_body {
             return answer(error(None, code::INVALID_REQUEST, "message too large"), 1);
@@ -492,7 +492,7 @@ pub fn error(id: Option<&str>, code: i32, message: &str) -> String {
 /// Whether no object or array in `json` nests deeper than `max` (strings are skipped, with
 /// their escapes). Linear, no allocation: run before any parser sees the input.
 #[must_use]
-pub fn depth_within(json: &[u8], max: usize) -> bool {
+pub(crate) fn depth_within(json: &[u8], max: usize) -> bool {
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;

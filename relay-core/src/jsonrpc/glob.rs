@@ -10,7 +10,7 @@
 
 /// Whether `text` matches the method glob `pattern`.
 #[must_use]
-pub fn method_matches(pattern: &str, text: &str) -> bool {
+pub(crate) fn method_matches(pattern: &str, text: &str) -> bool {
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let (mut pi, mut ti) = (0, 0);
     // Position after the last `*` seen, and where in `text` that star's match began.
@@ -36,7 +36,7 @@ pub fn method_matches(pattern: &str, text: &str) -> bool {
 
 /// Whether the canonical `path` matches the path glob `pattern`.
 #[must_use]
-pub fn path_matches(pattern: &str, path: &str) -> bool {
+pub(crate) fn path_matches(pattern: &str, path: &str) -> bool {
     if !pattern.contains('*') {
         return pattern == path;
     }
@@ -54,7 +54,7 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
 
 /// Why a request path is refused before any pattern is consulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathError {
+pub(crate) enum PathError {
     /// Not starting with `/`, or longer than [`MAX_PATH`].
     Shape,
     /// A byte outside `A-Z a-z 0-9 - _ . ~ /` and `:` `@` `!` `$` `&` `'` `(` `)` `+` `,` `;`
@@ -66,7 +66,7 @@ pub enum PathError {
 }
 
 /// Longest path accepted.
-pub const MAX_PATH: usize = 1024;
+pub(crate) const MAX_PATH: usize = 1024;
 
 /// Check that `path` (without its query) has only one spelling: percent-encoding, dot and
 /// empty segments, backslashes and trailing dots are refused rather than decoded, so what
@@ -75,7 +75,7 @@ pub const MAX_PATH: usize = 1024;
 ///
 /// # Errors
 /// Why the path is not canonical.
-pub fn canonical_path(path: &str) -> Result<(), PathError> {
+pub(crate) fn canonical_path(path: &str) -> Result<(), PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') || bytes.len() > MAX_PATH {
         return Err(PathError::Shape);

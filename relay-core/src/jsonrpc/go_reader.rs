@@ -50,7 +50,7 @@ pub fn calls(body: &[u8]) -> Option<Vec<(String, String)>> {
 
 /// The methods a node would run: [`methods`] without the empty ones.
 #[must_use]
-pub fn executed(body: &[u8]) -> Vec<String> {
+pub(crate) fn executed(body: &[u8]) -> Vec<String> {
     methods(body)
         .unwrap_or_default()
         .into_iter()
@@ -60,7 +60,7 @@ pub fn executed(body: &[u8]) -> Vec<String> {
 
 /// Whether `key` names `field` to Go: exactly, or equal under its case folding.
 #[must_use]
-pub fn folds_to(key: &str, field: &str) -> bool {
+pub(crate) fn folds_to(key: &str, field: &str) -> bool {
     let mut a = key.chars().map(fold);
     let mut b = field.chars().map(fold);
     loop {

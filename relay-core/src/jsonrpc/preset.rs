@@ -113,7 +113,7 @@ pub const ETHEREUM: Preset = Preset {
 
 /// CometBFT (Cosmos SDK chains) RPC: JSON-RPC by `POST /`, the same calls as `GET /{method}`,
 /// and WebSocket subscriptions on `/websocket`.
-pub const COSMOS: Preset = Preset {
+pub(crate) const COSMOS: Preset = Preset {
     name: "cosmos",
     post_paths: &[entry("/", "the JSON-RPC endpoint")],
     get_method_paths: &[entry("/*", "URI-form calls, such as GET /status")],
@@ -139,7 +139,7 @@ pub const COSMOS: Preset = Preset {
 };
 
 /// Nothing but what the config lists.
-pub const NONE: Preset = Preset {
+pub(crate) const NONE: Preset = Preset {
     name: "none",
     post_paths: &[],
     get_method_paths: &[],
@@ -156,6 +156,6 @@ pub const ALL: [Preset; 4] = [ICON, ETHEREUM, COSMOS, NONE];
 
 /// The preset called `name`.
 #[must_use]
-pub fn by_name(name: &str) -> Option<Preset> {
+pub(crate) fn by_name(name: &str) -> Option<Preset> {
     ALL.into_iter().find(|p| p.name == name)
 }

@@ -10,13 +10,13 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The largest UDP payload (65 535 − 8 − 20).
-pub const MAX_DATAGRAM: usize = 65_507;
+pub(crate) const MAX_DATAGRAM: usize = 65_507;
 
 /// Write one datagram and flush it (a datagram is sent whole or not at all).
 ///
 /// # Errors
 /// The stream failed, or `payload` is over [`MAX_DATAGRAM`].
-pub async fn write_datagram<W: AsyncWrite + Unpin + ?Sized>(
+pub(crate) async fn write_datagram<W: AsyncWrite + Unpin + ?Sized>(
     writer: &mut W,
     payload: &[u8],
 ) -> io::Result<()> {
@@ -41,7 +41,7 @@ pub async fn write_datagram<W: AsyncWrite + Unpin + ?Sized>(
 ///
 /// # Errors
 /// The stream failed or ended inside a frame, or a frame claims more than [`MAX_DATAGRAM`].
-pub async fn read_datagram<R: AsyncRead + Unpin + ?Sized>(
+pub(crate) async fn read_datagram<R: AsyncRead + Unpin + ?Sized>(
     reader: &mut R,
 ) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 2];

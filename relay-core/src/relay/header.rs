@@ -174,7 +174,9 @@ impl Header {
     /// Read exactly one header from a stream (at most [`MAX_HEADER_LEN`] bytes).
     ///
     /// Not cancel-safe: a cancelled read leaves the stream mid-header.
-    pub async fn read_from<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, HeaderError> {
+    pub(crate) async fn read_from<R: AsyncRead + Unpin>(
+        reader: &mut R,
+    ) -> Result<Self, HeaderError> {
         let mut buf = [0u8; MAX_HEADER_LEN];
         let io = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => HeaderError::Truncated,

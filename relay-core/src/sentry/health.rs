@@ -83,7 +83,7 @@ impl Health {
 
     /// A new tunnel from `agent` (restarted, perhaps with its services fixed): end the holds
     /// of its upstreams, so they are tried in their place again at once.
-    pub fn release_agent(&self, agent: &str) {
+    pub(crate) fn release_agent(&self, agent: &str) {
         for (key, entry) in lock(&self.entries).iter_mut() {
             if key.split_once('/').is_some_and(|(a, _)| a == agent) {
                 entry.until = None;
@@ -92,12 +92,12 @@ impl Health {
     }
 
     /// Forget upstreams for which `keep` is false (after a reload).
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+    pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
         lock(&self.entries).retain(|k, _| keep(k));
     }
 
     /// Every upstream ever held, sorted by name.
-    pub fn snapshot(&self, now: Instant) -> Vec<UpstreamHealth> {
+    pub(crate) fn snapshot(&self, now: Instant) -> Vec<UpstreamHealth> {
         let mut all: Vec<UpstreamHealth> = lock(&self.entries)
             .iter()
             .map(|(k, e)| UpstreamHealth {

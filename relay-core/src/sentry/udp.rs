@@ -50,7 +50,7 @@ const FLOW_QUEUE_BYTES: usize = 256 * 1024;
 /// Bytes all the flows of a route queue toward their agents, at most.
 const ROUTE_QUEUE_BYTES: usize = 16 << 20;
 /// New flows per IPv4 /24 (IPv6 /48) per second, with a burst of as many.
-pub const NEW_FLOWS_PER_PREFIX: Rate = Rate {
+pub(crate) const NEW_FLOWS_PER_PREFIX: Rate = Rate {
     count: std::num::NonZeroU32::new(64).expect("invariant: 64 is not zero"),
     per: Duration::from_secs(1),
 };

@@ -61,15 +61,15 @@ use crate::log_limit::LogLimit;
 static SHED_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
 /// The credit of the streams that flow (the connection window with no stream held).
-pub const BASE_WINDOW: u32 = CONNECTION_WINDOW;
+pub(crate) const BASE_WINDOW: u32 = CONNECTION_WINDOW;
 /// Streams that may hold a stream window each at once, per tunnel.
-pub const MAX_HELD: usize = 8;
+pub(crate) const MAX_HELD: usize = 8;
 /// How often the monitor looks at the streams (while there are any).
-pub const TICK: Duration = Duration::from_millis(25);
+pub(crate) const TICK: Duration = Duration::from_millis(25);
 /// A stream held at least this long may be shed when the budget is over.
-pub const SHED_AFTER: Duration = Duration::from_millis(100);
+pub(crate) const SHED_AFTER: Duration = Duration::from_millis(100);
 /// A stream held this long is shed even within the budget.
-pub const STALL_DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const STALL_DEADLINE: Duration = Duration::from_secs(60);
 /// Ticks below the need before the window is lowered.
 const LOWER_AFTER: u64 = 40;
 /// `Held::since` of a reader that waits (or a stream that ended): holds nothing.
@@ -81,7 +81,7 @@ const WAITING: u64 = u64::MAX;
 /// between ticks: a tunnel whose owner is gone (and whose streams are) is not kept alive by
 /// its monitor.
 #[derive(Debug)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     conn: Connection,
     streams: Mutex<Slots>,
     /// Advanced by the monitor every [`TICK`]; marks record it.
@@ -110,7 +110,7 @@ struct Window {
 
 /// A stream's mark: whether its reader is waiting, and since when it is not.
 #[derive(Debug)]
-pub struct Held {
+pub(crate) struct Held {
     recv: Mutex<RecvStream>,
     /// The ledger's tick at the read after which the reader did not come back; [`WAITING`].
     since: AtomicU64,
@@ -130,7 +130,7 @@ pub struct QuicRecv {
 
 /// Resolves once the stream was shed (see [`QuicRecv::shed`]).
 #[derive(Debug, Clone)]
-pub struct Shed(Arc<Held>);
+pub(crate) struct Shed(Arc<Held>);
 
 impl Ledger {
     /// A ledger for `conn`; its monitor runs while the connection has streams, and each
@@ -247,12 +247,12 @@ impl Held {
 impl QuicRecv {
     /// The reader will not read for a while and expects nothing (a pooled connection): it
     /// holds no credit.
-    pub fn park(&self) {
+    pub(crate) fn park(&self) {
         self.held.since.store(WAITING, Ordering::Relaxed);
     }
 
     /// The stream now serves the client at `client` (a pooled connection changes hands).
-    pub fn set_client(&self, client: IpAddr) {
+    pub(crate) fn set_client(&self, client: IpAddr) {
         self.held
             .client
             .store(client_key(client), Ordering::Relaxed);
@@ -265,7 +265,7 @@ impl QuicRecv {
 
     /// A handle that resolves once the ledger sheds this stream.
     #[must_use]
-    pub fn shed(&self) -> Shed {
+    pub(crate) fn shed(&self) -> Shed {
         Shed(self.held.clone())
     }
 }

@@ -20,10 +20,10 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use crate::keys::{PrivateKey, PublicKey};
 
 /// The ALPN protocol of the sentry tunnel over QUIC, version 1.
-pub const ALPN: &[u8] = b"sentry-relay/1";
+pub(crate) const ALPN: &[u8] = b"sentry-relay/1";
 /// The ALPN protocol of the sentry tunnel over TCP+TLS, version 1. Distinct from QUIC's, so
 /// neither listener ever mistakes the other's peer for its own.
-pub const TLS_ALPN: &[u8] = b"sentry-relay-tls/1";
+pub(crate) const TLS_ALPN: &[u8] = b"sentry-relay-tls/1";
 /// The server name the agent sends; verifiers ignore it, rustls requires one.
 pub const SERVER_NAME: &str = "sentry";
 
@@ -35,7 +35,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// The sentry's TLS 1.3 settings: its identity, client certificates checked against the pinned
 /// agent keys (key → name), and `alpn` as the one protocol.
-pub fn server_tls(
+pub(crate) fn server_tls(
     key: &PrivateKey,
     agents: HashMap<PublicKey, String>,
     alpn: &[u8],
@@ -52,7 +52,7 @@ pub fn server_tls(
 }
 
 /// The agent's TLS 1.3 settings toward a sentry whose key is `pin`.
-pub fn client_tls(
+pub(crate) fn client_tls(
     key: &PrivateKey,
     pin: PublicKey,
     alpn: &[u8],
@@ -71,7 +71,7 @@ pub fn client_tls(
 
 /// A host's TLS identity: a self-signed certificate around its key.
 #[derive(Debug)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub cert: CertificateDer<'static>,
     pub key: PrivateKeyDer<'static>,
 }
@@ -144,7 +144,7 @@ macro_rules! pinned_signatures {
 
 /// The sentry's check of agents: the client certificate must carry a pinned agent key.
 #[derive(Debug)]
-pub struct AgentVerifier {
+pub(crate) struct AgentVerifier {
     /// Pinned agent keys and the names they map to.
     pins: HashMap<PublicKey, String>,
     algorithms: WebPkiSupportedAlgorithms,
@@ -182,7 +182,7 @@ impl ClientCertVerifier for AgentVerifier {
 
 /// The agent's check of a sentry: the server certificate must carry exactly the pinned key.
 #[derive(Debug)]
-pub struct SentryVerifier {
+pub(crate) struct SentryVerifier {
     pin: PublicKey,
     algorithms: WebPkiSupportedAlgorithms,
 }

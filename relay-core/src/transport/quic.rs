@@ -31,13 +31,13 @@ use crate::keys::{PrivateKey, PublicKey};
 /// Requested UDP socket send and receive buffer size.
 pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// How often an idle tunnel sends a keep-alive.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// How long a silent tunnel lives.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Per-stream receive window.
-pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+pub(crate) const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Per-connection receive and send window.
-pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+pub(crate) const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Relayed connections one tunnel carries at once.
 pub const MAX_STREAMS: u32 = 16 * 1024;
 
@@ -75,18 +75,18 @@ impl Tuning {
 pub mod code {
     use quinn::VarInt;
     /// The daemon is shutting down.
-    pub const SHUTDOWN: VarInt = VarInt::from_u32(0);
+    pub(crate) const SHUTDOWN: VarInt = VarInt::from_u32(0);
     /// The same agent connected again; this older tunnel is retired.
-    pub const REPLACED: VarInt = VarInt::from_u32(1);
+    pub(crate) const REPLACED: VarInt = VarInt::from_u32(1);
     /// The agent did not answer a relay header in time.
-    pub const UNRESPONSIVE: VarInt = VarInt::from_u32(2);
+    pub(crate) const UNRESPONSIVE: VarInt = VarInt::from_u32(2);
     /// A relayed connection failed on one side; the stream is reset.
-    pub const RELAY_ERROR: VarInt = VarInt::from_u32(3);
+    pub(crate) const RELAY_ERROR: VarInt = VarInt::from_u32(3);
     /// The stream's reader stopped reading and its credit was taken back (see
     /// [`crate::transport::budget`]).
-    pub const STALLED: VarInt = VarInt::from_u32(4);
+    pub(crate) const STALLED: VarInt = VarInt::from_u32(4);
     /// A reload unpinned the agent's key.
-    pub const REVOKED: VarInt = VarInt::from_u32(5);
+    pub(crate) const REVOKED: VarInt = VarInt::from_u32(5);
 }
 
 /// Why an endpoint could not be made.
@@ -106,7 +106,7 @@ pub enum QuicError {
 /// The transport parameters both sides use. `peer_streams` is how many bidirectional streams
 /// the peer may open at once: the sentry opens them, the agent accepts them.
 #[must_use]
-pub fn transport_config(peer_streams: u32, tuning: &Tuning) -> TransportConfig {
+pub(crate) fn transport_config(peer_streams: u32, tuning: &Tuning) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
@@ -174,7 +174,7 @@ pub fn client_config(
 }
 
 /// [`client_config`], letting the sentry open at most `streams` streams at once.
-pub fn client_config_with_streams(
+pub(crate) fn client_config_with_streams(
     key: &PrivateKey,
     pin: PublicKey,
     tuning: &Tuning,

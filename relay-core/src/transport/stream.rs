@@ -37,7 +37,7 @@ pub enum TunnelWrite<'a> {
 
 impl TunnelStream {
     /// Both halves, to pump each direction on its own.
-    pub fn halves(&mut self) -> (TunnelRead<'_>, TunnelWrite<'_>) {
+    pub(crate) fn halves(&mut self) -> (TunnelRead<'_>, TunnelWrite<'_>) {
         match self {
             Self::Quic(send, recv) => (TunnelRead::Quic(recv), TunnelWrite::Quic(send)),
             Self::Overlay(stream) => (TunnelRead::Overlay(stream), TunnelWrite::Overlay(stream)),
@@ -50,14 +50,14 @@ impl TunnelStream {
 
     /// The reader expects nothing for a while (a pooled connection waiting for its next
     /// request): a QUIC stream then holds no flow-control credit (see [`super::budget`]).
-    pub fn park(&self) {
+    pub(crate) fn park(&self) {
         if let Self::Quic(_, recv) = self {
             recv.park();
         }
     }
 
     /// The stream now carries the connection of the client at `client` (for fair shedding).
-    pub fn set_client(&self, client: std::net::IpAddr) {
+    pub(crate) fn set_client(&self, client: std::net::IpAddr) {
         if let Self::Quic(_, recv) = self {
             recv.set_client(client);
         }
@@ -66,7 +66,7 @@ impl TunnelStream {
     /// A future that resolves when the tunnel sheds this stream because its reader stopped
     /// reading (QUIC only: the other transports have no shared credit to take back, and never
     /// resolve).
-    pub fn shed_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub(crate) fn shed_signal(&self) -> impl Future<Output = ()> + Send + 'static {
         let shed = match self {
             Self::Quic(_, recv) => Some(recv.shed()),
             Self::Overlay(_) | Self::Tls(_) => None,

@@ -49,15 +49,15 @@ use crate::{clock, lock};
 pub type TlsIo = tokio_rustls::TlsStream<TcpStream>;
 
 /// Idle data connections the agent keeps open toward each sentry.
-pub const POOL_IDLE: usize = 4;
+pub(crate) const POOL_IDLE: usize = 4;
 /// Most idle data connections a sentry holds per agent (the oldest is closed past it), and
 /// the most an agent keeps open per sentry however often it is asked.
-pub const MAX_POOLED: usize = 256;
+pub(crate) const MAX_POOLED: usize = 256;
 /// Most data connections one `WANT` frame asks for.
-pub const MAX_WANT: u32 = 64;
+pub(crate) const MAX_WANT: u32 = 64;
 /// Keep-alive and liveness of the control connection: as over QUIC.
-pub const KEEP_ALIVE: Duration = quic::KEEP_ALIVE;
-pub const IDLE_TIMEOUT: Duration = quic::IDLE_TIMEOUT;
+pub(crate) const KEEP_ALIVE: Duration = quic::KEEP_ALIVE;
+pub(crate) const IDLE_TIMEOUT: Duration = quic::IDLE_TIMEOUT;
 /// TCP keep-alive: first probe after this much silence, then every [`TCP_KEEPALIVE_INTERVAL`],
 /// given up after [`TCP_KEEPALIVE_RETRIES`] unanswered (a dead pooled connection is noticed
 /// within 25 s; common NATs keep idle TCP mappings for minutes).
@@ -214,7 +214,7 @@ impl rustls::client::ClientSessionStore for Tickets {
 
 /// No Nagle delay, TCP keep-alive and a user timeout on a tunnel connection. Failures leave
 /// the kernel defaults, which work, only slower to notice a dead peer.
-pub fn tune(tcp: &TcpStream) {
+pub(crate) fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     let socket = SockRef::from(tcp);
     let keepalive = TcpKeepalive::new()
@@ -314,7 +314,7 @@ impl AsyncWrite for TlsRelay {
 /// (a TCP keep-alive that went unanswered) or any byte (the agent sends none while pooled)
 /// ends the task and closes it, so the pool never hands out a connection known dead.
 #[derive(Default)]
-pub struct Pool {
+pub(crate) struct Pool {
     idle: Mutex<VecDeque<Pooled>>,
     pushed: Notify,
 }
@@ -337,24 +337,13 @@ impl Pool {
         self.pushed.notify_one();
     }
 
-    /// Idle connections held (some may have died since the last push or take).
-    #[must_use]
-    pub fn len(&self) -> usize {
-        lock(&self.idle).len()
-    }
-
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Close every idle connection (the agent's tunnel went away or was replaced).
     pub fn clear(&self) {
         lock(&self.idle).clear();
     }
 
     /// A live idle connection, the most recently pooled first, if there is one.
-    pub async fn take_now(&self) -> Option<TlsIo> {
+    pub(crate) async fn take_now(&self) -> Option<TlsIo> {
         loop {
             let pooled = lock(&self.idle).pop_back()?;
             let (tx, rx) = oneshot::channel();
@@ -403,7 +392,7 @@ async fn hold(mut io: TlsIo, mut take: oneshot::Receiver<oneshot::Sender<TlsIo>>
 
 /// One side's view of a control connection while it runs.
 #[derive(Debug, Default)]
-pub struct Control {
+pub(crate) struct Control {
     /// Last measured round-trip time, in microseconds.
     rtt_micros: AtomicU64,
     /// The token of the ping in flight and when it was sent (microseconds since start).
@@ -423,7 +412,7 @@ impl Control {
 /// breaks the protocol; returns why it ended. Pings every [`KEEP_ALIVE`] (the first at
 /// once), answers the peer's pings, sends a `WANT` for each count from `asks`, and hands the
 /// peer's `WANT`s to `on_want`. `first` fires when the first frame arrives.
-pub async fn run_control(
+pub(crate) async fn run_control(
     io: TlsIo,
     control: &Control,
     mut asks: mpsc::Receiver<u32>,

@@ -72,19 +72,19 @@ use window::{stash_max, window_unit};
 pub const MTU: usize = 1420;
 /// The TCP port, inside the overlay, on which an agent accepts relayed streams (each starts
 /// with the relay header, as a QUIC stream does).
-pub const RELAY_PORT: u16 = 51820;
+pub(crate) const RELAY_PORT: u16 = 51820;
 /// Persistent keepalive an agent sends, well inside the 30 s UDP timeout of common NATs.
-pub const AGENT_KEEPALIVE: u16 = 5;
+pub(crate) const AGENT_KEEPALIVE: u16 = 5;
 /// An agent (or sentry, seen from an agent) silent this long is down.
-pub const AGENT_LIVENESS: Duration = Duration::from_secs(15);
+pub(crate) const AGENT_LIVENESS: Duration = Duration::from_secs(15);
 /// A plain WireGuard peer is reachable while its last packet is younger than this (its
 /// session's lifetime: it may keep no keepalive of its own).
-pub const PLAIN_LIVENESS: Duration = Duration::from_secs(180);
+pub(crate) const PLAIN_LIVENESS: Duration = Duration::from_secs(180);
 /// Each stream's receive and send buffer on a short round trip, and the least an automatic
 /// window gives (see [`Window::Auto`]). The receive buffer is the TCP window, and a stream
 /// carries at most one window per round trip: 512 KiB is 2 Gbit/s at 2 ms, 0.1 Gbit/s at
 /// 40 ms.
-pub const STREAM_BUFFER: usize = 512 * 1024;
+pub(crate) const STREAM_BUFFER: usize = 512 * 1024;
 /// The rate an automatic window is sized for: the round trip times this, in bytes per
 /// second. One stream uses about four fifths of its window per round trip (measured across
 /// the `wan` bench's 40 ms line: 4 MiB windows carried 0.66 Gbit/s of 0.84), so 200 MB/s
@@ -167,7 +167,7 @@ pub enum WgError {
 
 /// A peer as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerSpec {
+pub(crate) struct PeerSpec {
     /// The agent, plain peer or sentry name (log lines and metrics).
     pub name: String,
     /// Its WireGuard (X25519) public key.
@@ -187,11 +187,11 @@ pub struct PeerSpec {
 }
 
 /// A peer went up or down (called outside any lock).
-pub type PeerEvents = Arc<dyn Fn(&Arc<Peer>, bool) + Send + Sync>;
+pub(crate) type PeerEvents = Arc<dyn Fn(&Arc<Peer>, bool) + Send + Sync>;
 
 /// One UDP socket and the peers behind it.
 #[derive(Clone)]
-pub struct Device {
+pub(crate) struct Device {
     inner: Arc<Inner>,
 }
 
@@ -333,6 +333,7 @@ impl Device {
         self.inner.udp.local_addr().ok()
     }
 
+    #[cfg(test)]
     /// This device's WireGuard public key.
     #[must_use]
     pub fn public_key(&self) -> [u8; 32] {
@@ -341,7 +342,7 @@ impl Device {
 
     /// Replace the peer set. A peer whose key, address and role are unchanged keeps its
     /// session and streams; a removed peer gets no more packets.
-    pub fn set_peers(&self, specs: &[PeerSpec]) {
+    pub(crate) fn set_peers(&self, specs: &[PeerSpec]) {
         let inner = &self.inner;
         let old = inner.peers.load();
         let mut table = PeerTable::default();

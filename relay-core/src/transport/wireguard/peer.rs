@@ -119,13 +119,14 @@ impl Peer {
 
     /// How long after its last packet it still counts as up.
     #[must_use]
-    pub fn liveness(&self) -> Duration {
+    pub(crate) fn liveness(&self) -> Duration {
         self.spec.liveness
     }
 
+    #[cfg(test)]
     /// Whether an authenticated packet arrived within the liveness window.
     #[must_use]
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         lock(&self.state).up
     }
 
@@ -151,7 +152,7 @@ impl Peer {
     /// The buffers, each way, a stream opened to or by this peer now gets (`wireguard_window`:
     /// fixed, or sized for the round trip measured so far).
     #[must_use]
-    pub fn stream_window(&self) -> usize {
+    pub(crate) fn stream_window(&self) -> usize {
         lock(&self.state).stream_window()
     }
 
@@ -163,7 +164,7 @@ impl Peer {
 
     /// The next stream the peer opened to us; `None` once the peer is removed. Only one
     /// caller may take streams (the first gets the queue).
-    pub fn take_accepted(&self) -> Option<mpsc::Receiver<OverlayStream>> {
+    pub(crate) fn take_accepted(&self) -> Option<mpsc::Receiver<OverlayStream>> {
         lock(&self.accepted).take()
     }
 
