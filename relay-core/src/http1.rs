@@ -52,7 +52,7 @@ pub enum Framing {
 
 /// A final response head from the node.
 #[derive(Debug)]
-pub(crate) struct ResponseHead {
+pub struct ResponseHead {
     pub status: StatusCode,
     /// The node's headers as the client gets them: without hop-by-hop fields (and those its
     /// `Connection` names), `Transfer-Encoding` and `Upgrade`. `Content-Length` stays when it
@@ -65,7 +65,7 @@ pub(crate) struct ResponseHead {
 }
 
 /// Hop-by-hop header fields (RFC 9110 section 7.6.1) and `Upgrade`, never relayed.
-pub(crate) const HOP_BY_HOP: [&str; 9] = [
+pub const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -79,7 +79,7 @@ pub(crate) const HOP_BY_HOP: [&str; 9] = [
 
 /// Parse the node's response at the start of `buf`, skipping informational (1xx) responses.
 /// `Ok(None)` until the whole head is there; otherwise the head and the bytes it took.
-pub(crate) fn parse_response(
+pub fn parse_response(
     buf: &[u8],
     request_method: &Method,
 ) -> Result<Option<(ResponseHead, usize)>, Error> {
@@ -232,7 +232,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &str> {
 
 /// A chunked body being decoded.
 #[derive(Debug, Default)]
-pub(crate) struct Chunked {
+pub struct Chunked {
     state: ChunkState,
 }
 
@@ -252,7 +252,7 @@ enum ChunkState {
 
 /// What [`Chunked::decode`] found.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Decoded {
+pub enum Decoded {
     /// Body bytes, taken from the buffer.
     Data(Bytes),
     /// More bytes are needed.

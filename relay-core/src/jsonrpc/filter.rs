@@ -256,7 +256,7 @@ impl Policy {
     /// Whether a call of `method` may reach the node: an allow glob matches, no deny glob
     /// does, and the name has no control character.
     #[must_use]
-    pub(crate) fn method_allowed(&self, method: &str) -> bool {
+    pub fn method_allowed(&self, method: &str) -> bool {
         // A node written in C may cut a name at NUL, and no chain names a method with a
         // control character: such a name is never allowed, whatever the globs say.
         !method.chars().any(char::is_control)
@@ -357,7 +357,7 @@ impl Policy {
     /// sockets): no method to filter, so it passes unchanged when it is bounded, well-formed
     /// JSON, and counts as one call.
     #[must_use]
-    pub(crate) fn check_subscription(&self, message: &[u8]) -> Verdict {
+    pub fn check_subscription(&self, message: &[u8]) -> Verdict {
         let bad = |message: &str| answer(error(None, code::PARSE_ERROR, message), 1);
         if message.len() > self.max_body {
             return answer(error(None, code::INVALID_REQUEST, "message too large"), 1);

@@ -36,7 +36,7 @@ pub(crate) fn method_matches(pattern: &str, text: &str) -> bool {
 
 /// Whether the canonical `path` matches the path glob `pattern`.
 #[must_use]
-pub(crate) fn path_matches(pattern: &str, path: &str) -> bool {
+pub fn path_matches(pattern: &str, path: &str) -> bool {
     if !pattern.contains('*') {
         return pattern == path;
     }
@@ -54,7 +54,7 @@ pub(crate) fn path_matches(pattern: &str, path: &str) -> bool {
 
 /// Why a request path is refused before any pattern is consulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PathError {
+pub enum PathError {
     /// Not starting with `/`, or longer than [`MAX_PATH`].
     Shape,
     /// A byte outside `A-Z a-z 0-9 - _ . ~ /` and `:` `@` `!` `$` `&` `'` `(` `)` `+` `,` `;`
@@ -75,7 +75,7 @@ pub(crate) const MAX_PATH: usize = 1024;
 ///
 /// # Errors
 /// Why the path is not canonical.
-pub(crate) fn canonical_path(path: &str) -> Result<(), PathError> {
+pub fn canonical_path(path: &str) -> Result<(), PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') || bytes.len() > MAX_PATH {
         return Err(PathError::Shape);

@@ -50,7 +50,7 @@ pub fn calls(body: &[u8]) -> Option<Vec<(String, String)>> {
 
 /// The methods a node would run: [`methods`] without the empty ones.
 #[must_use]
-pub(crate) fn executed(body: &[u8]) -> Vec<String> {
+pub fn executed(body: &[u8]) -> Vec<String> {
     methods(body)
         .unwrap_or_default()
         .into_iter()

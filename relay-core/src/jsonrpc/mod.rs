@@ -6,9 +6,9 @@
 //! listener builds on these.
 
 pub mod filter;
-pub(crate) mod glob;
+pub mod glob;
 #[cfg(any(test, fuzzing))]
-pub(crate) mod go_reader;
+pub mod go_reader;
 pub mod preset;
 
 pub use filter::{BatchMerge, Forwarded, Kind, Policy, Refusal, Verdict, merge_batch};

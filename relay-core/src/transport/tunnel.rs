@@ -126,7 +126,7 @@ impl Tunnel {
 
     /// Whether `other` is this very tunnel (not merely one of the same agent).
     #[must_use]
-    pub(crate) fn same(&self, other: &Self) -> bool {
+    pub fn same(&self, other: &Self) -> bool {
         match (self, other) {
             (Self::Quic(a, _), Self::Quic(b, _)) => a.stable_id() == b.stable_id(),
             (Self::WireGuard(a), Self::WireGuard(b)) => Arc::ptr_eq(a, b),
