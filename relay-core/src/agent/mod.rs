@@ -19,7 +19,7 @@ mod reload;
 pub use reload::ReloadReport;
 mod service;
 mod tunnel;
-pub use tunnel::dial;
+pub use crate::transport::dial::{DialError, dial};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,43 +29,33 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use quinn::ClientConfig;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::config::{AgentConfig, SentryPeer, TransportKind};
+use crate::config::{AgentConfig, SentryPeer};
 use crate::keys::PrivateKey;
 use crate::lock;
 use crate::log_limit::LogLimit;
 use crate::metrics::{self, Observe};
 use crate::relay::{ByteCounters, Status};
-use crate::transport::quic::{self, QuicError, Tuning};
-use crate::transport::tls;
-use tunnel::{LiveTunnel, Tunnel};
+use crate::transport::dial::{Dialer, Live};
+use crate::transport::quic::QuicError;
+use tunnel::Tunnel;
 
 /// Longest a connection attempt to a service may take before the agent answers
 /// `ConnectFailed`. Kept below the sentry's status timeout.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest the sentry may take to send a complete header on a new stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest a tunnel handshake may take.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// First reconnect delay and its cap.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const BACKOFF_CAP: Duration = Duration::from_secs(15);
 /// A tunnel that lived this long was healthy: the next failure starts the backoff over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
-/// How long the sentry may stay silent over WireGuard before the agent rebuilds the tunnel
-/// with a fresh UDP socket (a fresh NAT mapping) and resolves the sentry's name again.
-const WG_REBUILD_AFTER: Duration = Duration::from_secs(30);
 /// While a fallback transport carries the tunnel, how often the preferred (QUIC) one is tried.
 const PREFER_RETRY: Duration = Duration::from_secs(30);
-/// Data connections a TLS tunnel opens at once.
-const MAX_OPENING: usize = 16;
-/// Pause after a TLS data connection that failed or was closed unused at once.
-const DATA_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// Idle timeout of relayed connections on the agent side. The sentry enforces the route's
 /// idle timeout; this only reaps streams whose sentry vanished without a word.
 const AGENT_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -77,23 +67,6 @@ const STATUSES: [Status; 7] = Status::ALL;
 const NO_SERVICE: &str = "-";
 
 static REFUSED_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
-
-/// Why one tunnel could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum DialError {
-    #[error("resolving {0}: {1}")]
-    Resolve(String, std::io::Error),
-    #[error("{0} resolved to no address")]
-    NoAddress(String),
-    #[error(transparent)]
-    Quic(#[from] QuicError),
-    #[error("connecting: {0}")]
-    Connect(#[from] quinn::ConnectError),
-    #[error("handshake: {0}")]
-    Handshake(#[from] quinn::ConnectionError),
-    #[error("handshake timed out after {DIAL_TIMEOUT:?}")]
-    Timeout,
-}
 
 /// Why the agent could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -148,28 +121,6 @@ struct ServiceSlot {
     stats: Arc<ServiceStats>,
 }
 
-/// One of a bounded number of places (a service's connections, a sentry's streams); given
-/// back when dropped.
-struct Place(Arc<AtomicUsize>);
-
-impl Place {
-    /// A place of `count`'s, if fewer than `max` are taken.
-    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Self(count.clone()))
-    }
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 #[derive(Default)]
 struct ServiceStats {
     bytes: ByteCounters,
@@ -211,31 +162,8 @@ fn group_peers(peers: &[SentryPeer]) -> Vec<Vec<SentryPeer>> {
 struct TunnelState {
     peer: SentryPeer,
     dialer: Dialer,
-    live: Mutex<Option<(LiveTunnel, Instant)>>,
+    live: Mutex<Option<(Live, Instant)>>,
     connects: AtomicU64,
-}
-
-/// What an entry needs to dial.
-enum Dialer {
-    Quic(ClientConfig),
-    WireGuard,
-    Tls(Arc<rustls::ClientConfig>),
-}
-
-impl Dialer {
-    fn new(key: &PrivateKey, peer: &SentryPeer, streams: usize) -> Result<Self, QuicError> {
-        Ok(match peer.transport {
-            // The sentry may open no more streams than this agent lets one sentry hold.
-            TransportKind::Quic => Self::Quic(quic::client_config_with_streams(
-                key,
-                peer.public_key,
-                &Tuning::default(),
-                u32::try_from(streams).unwrap_or(u32::MAX),
-            )?),
-            TransportKind::WireGuard => Self::WireGuard,
-            TransportKind::Tls => Self::Tls(tls::client_config(key, peer.public_key)?),
-        })
-    }
 }
 
 fn status_index(status: Status) -> usize {

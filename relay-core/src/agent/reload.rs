@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::{AgentError, AgentHandle, Dialer, Group, group_peers};
+use super::{AgentError, AgentHandle, Group, group_peers};
 use crate::config::AgentConfig;
 use crate::keys::PrivateKey;
 use crate::lock;
+use crate::transport::dial::Dialer;
 
 /// What a reload changed, for the log line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -10,15 +10,15 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
-use super::tunnel::unspecified;
 use super::{
-    AGENT_IDLE_TIMEOUT, CONNECT_TIMEOUT, HEADER_TIMEOUT, Place, REFUSED_LOG, ServiceSlot,
-    ServiceStats, Shared,
+    AGENT_IDLE_TIMEOUT, CONNECT_TIMEOUT, HEADER_TIMEOUT, REFUSED_LOG, ServiceSlot, ServiceStats,
+    Shared,
 };
 use crate::clock;
 use crate::relay::datagram::{MAX_DATAGRAM, read_datagram, write_datagram};
 use crate::relay::{Header, PumpEnd, Status, encode_proxy_header, idle_watch, millis_since, pump};
 use crate::transport::TunnelStream;
+use crate::transport::dial::{Place, unspecified};
 
 /// Why the agent refuses a stream whatever its header says.
 #[derive(Clone, Copy)]

@@ -7,6 +7,7 @@
 //! code above does not care which carried it.
 
 pub mod budget;
+pub(crate) mod dial;
 pub(crate) mod listen;
 pub mod pin;
 pub mod quic;
