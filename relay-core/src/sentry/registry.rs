@@ -100,7 +100,7 @@ impl<T: Entry> Registry<T> {
     }
 
     /// Register `tunnel` (authenticated with `key`) as `agent`'s; returns the one it replaced.
-    fn insert(&self, agent: &str, tunnel: T, key: Option<PublicKey>) -> Option<T> {
+    pub(super) fn insert(&self, agent: &str, tunnel: T, key: Option<PublicKey>) -> Option<T> {
         let old = {
             let mut state = lock(&self.state);
             *state.connects.entry(agent.to_owned()).or_insert(0) += 1;
