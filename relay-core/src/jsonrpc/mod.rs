@@ -9,9 +9,11 @@ pub mod filter;
 pub mod glob;
 #[cfg(any(test, fuzzing))]
 pub mod go_reader;
+pub mod merge;
 pub mod preset;
 
-pub use filter::{BatchMerge, Forwarded, Kind, Policy, Refusal, Verdict, merge_batch};
+pub use filter::{Forwarded, Kind, Policy, Refusal, Verdict};
+pub use merge::{BatchMerge, merge_batch};
 
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,9 @@
 //! Table-driven tests of the filter per preset, and property tests: no request reaches a
 //! path outside the allow-list, and nothing panics.
 
-use super::filter::{Forwarded, Kind, Policy, Refusal, Verdict, code, depth_within, merge_batch};
+use super::filter::{Forwarded, Kind, Policy, Refusal, Verdict, code, depth_within};
 use super::go_reader;
+use super::merge::merge_batch;
 use super::preset::{self, Preset};
 
 const MIB: usize = 1 << 20;
