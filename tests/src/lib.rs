@@ -161,17 +161,23 @@ pub async fn deployment_to(
     target: SocketAddr,
     extra: &str,
 ) -> (RunningSentry, RunningAgent) {
+    deployment_with("p2p", service, ("svc", target), extra).await
+}
+
+/// A sentry with route `route` (`extra`: more TOML lines for it) to agent "v1"'s `service`;
+/// the agent exports `exported` (a name and its target). Returns once the tunnel is up.
+pub async fn deployment_with(
+    route: &str,
+    service: &str,
+    exported: (&str, SocketAddr),
+    extra: &str,
+) -> (RunningSentry, RunningAgent) {
     let (sentry_key, agent_key) = (key(), key());
     let upstream = format!("v1/{service}");
-    let config = sentry_config(&[("v1", &agent_key)], &[("p2p", &[&upstream], extra)]);
+    let config = sentry_config(&[("v1", &agent_key)], &[(route, &[&upstream], extra)]);
     let sentry = start_sentry(&config, &sentry_key).await;
     let agent = start_agent(
-        agent_config(
-            "v1",
-            sentry.handle.quic_addr(),
-            &sentry_key,
-            &[("svc", target)],
-        ),
+        agent_config("v1", sentry.handle.quic_addr(), &sentry_key, &[exported]),
         agent_key,
     );
     sentry.wait_agent("v1", true).await;

@@ -58,24 +58,11 @@ async fn rpc_route_to(
     route: &str,
     jsonrpc: &str,
 ) -> (RunningSentry, RunningAgent) {
-    let (sentry_key, agent_key) = (key(), key());
     // Tests open many short connections; the connection rate is not what they test.
     let extra = format!(
         "protocol = \"jsonrpc\"\nconnect_rate_per_ip = \"1000/s\"\n{route}[route.jsonrpc]\n{jsonrpc}\n"
     );
-    let config = sentry_config(&[("v1", &agent_key)], &[("rpc", &["v1/rpc"], &extra)]);
-    let sentry = start_sentry(&config, &sentry_key).await;
-    let agent = start_agent(
-        agent_config(
-            "v1",
-            sentry.handle.quic_addr(),
-            &sentry_key,
-            &[("rpc", node_addr)],
-        ),
-        agent_key,
-    );
-    sentry.wait_agent("v1", true).await;
-    (sentry, agent)
+    deployment_with("rpc", "rpc", ("rpc", node_addr), &extra).await
 }
 
 /// An HTTP/1.1 keep-alive client connection.
