@@ -90,9 +90,9 @@ fn deployment(
         cap = n + 100,
     );
     let agent = format!(
-        "[agent]\nname = \"v\"\nprivate_key = \"agent.key\"\n\n\
+        "[agent]\nname = \"v\"\nprivate_key = \"agent.key\"\nmax_streams_per_sentry = {cap}\n\n\
          [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\n{}\n\
-         [[service]]\nname = \"echo\"\ntarget = \"{target}\"\n",
+         [[service]]\nname = \"echo\"\ntarget = \"{target}\"\nmax_connections = {cap}\n",
         if wireguard { wg } else { quic },
         sentry_key.public_key(),
         if wireguard {
@@ -100,6 +100,7 @@ fn deployment(
         } else {
             ""
         },
+        cap = n + 100,
     );
     std::fs::write(dir.join("sentry.toml"), sentry).expect("write");
     std::fs::write(dir.join("agent.toml"), agent).expect("write");

@@ -64,13 +64,15 @@ pub(super) fn sentry_path(
         _ => (sentry.logged_addr("sentry ready", &[], "quic"), ""),
     };
     let mut agent = format!(
-        "[agent]\nname = \"bench\"\nprivate_key = \"{}\"\n\n\
+        "[agent]\nname = \"bench\"\nprivate_key = \"{}\"\nmax_streams_per_sentry = {cap}\n\n\
          [[sentry]]\naddress = \"{dial}\"\npublic_key = \"{}\"\ntransport = \"{transport}\"\n{agent_extra}",
         ak.display(),
         sentry_key.public_key()
     );
     for (name, target) in services {
-        agent += &format!("\n[[service]]\nname = \"{name}\"\ntarget = \"{target}\"\n");
+        agent += &format!(
+            "\n[[service]]\nname = \"{name}\"\ntarget = \"{target}\"\nmax_connections = {cap}\n"
+        );
     }
     let agent_path = dir.join(format!("{transport}-agent.toml"));
     std::fs::write(&agent_path, agent).expect("write");
