@@ -18,6 +18,7 @@ pub mod keys;
 pub(crate) mod log_limit;
 pub mod metrics;
 pub mod relay;
+pub mod reload;
 pub mod sentry;
 pub mod transport;
 

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use relay_core::config::{self, Config};
 use relay_core::keys::{self, PrivateKey};
+use relay_core::reload::Reload;
 use tracing::{debug, error, info, warn};
 
 const ABOUT: &str = "Keep a blockchain validator private: a public sentry relays P2P and RPC \
@@ -252,20 +253,7 @@ fn serve(path: &Path) -> Result<(), Failure> {
             routes = config.routes.len(),
             "sentry ready"
         );
-        let reload = |path: &Path| {
-            let (config, key) = reload_inputs(path, config::load_sentry, || {
-                handle.count_refused_reload();
-            })?;
-            let report = handle.reload(&config, &key).map_err(|e| e.to_string())?;
-            warn_need_restart(&report.need_restart);
-            Ok(format!(
-                "{} route(s) kept, added {:?}, removed {:?}; {} agent(s) pinned",
-                report.kept,
-                report.added,
-                report.removed,
-                config.agents.len()
-            ))
-        };
+        let reload = |path: &Path| reload_from(&handle, path, config::load_sentry);
         let stopping = || info!(drain = ?handle.drain_timeout(), "shutting down: new connections refused, open ones drain (send the signal again to exit at once)");
         run_daemon(path, "sentry", |stop| sentry.run(stop), reload, stopping).await
     })
@@ -287,55 +275,60 @@ fn agent(path: &Path) -> Result<(), Failure> {
             services = config.services.len(),
             "agent starting"
         );
-        let reload = |path: &Path| {
-            let (config, key) = reload_inputs(path, config::load_agent, || {
-                handle.count_refused_reload();
-            })?;
-            let report = handle.reload(&config, &key).map_err(|e| e.to_string())?;
-            warn_need_restart(&report.need_restart);
-            Ok(format!(
-                "{} service(s) exported, sentries added {:?}, removed {:?}",
-                report.services, report.added, report.removed
-            ))
-        };
+        let reload = |path: &Path| reload_from(&handle, path, config::load_agent);
         let stopping =
             || info!("shutting down: open streams drain (send the signal again to exit at once)");
         run_daemon(path, "agent", |stop| agent.run(stop), reload, stopping).await
     })
 }
 
-/// A config file and the key it names, for a reload; `refused` counts a reload that failed
-/// here (the file did not parse, or its key did not load).
-fn reload_inputs<C: HasKey, E: std::fmt::Display>(
+/// Reload a running daemon from its config file (SIGHUP): the file and the key it names are
+/// loaded, then applied; a failure anywhere is counted as a refused reload and leaves the
+/// running config in place. Returns the log line's summary.
+fn reload_from<H: Reload>(
+    handle: &H,
     path: &Path,
-    load: impl FnOnce(&Path) -> Result<C, E>,
-    refused: impl Fn(),
-) -> Result<(C, PrivateKey), String> {
-    let config = load(path).map_err(|e| {
-        refused();
-        e.to_string()
-    })?;
-    let key = keys::load_private_key(config.key_path()).map_err(|e| {
-        refused();
-        e.to_string()
-    })?;
-    Ok((config, key))
+    load: fn(&Path) -> Result<H::Config, config::ConfigErrors>,
+) -> Result<String, String>
+where
+    H::Config: DaemonConfig,
+{
+    let refused = |e: String| {
+        handle.count_refused_reload();
+        e
+    };
+    let config = load(path).map_err(|e| refused(e.to_string()))?;
+    let key = keys::load_private_key(config.key_path()).map_err(|e| refused(e.to_string()))?;
+    let changes = handle.reload(&config, &key).map_err(|e| e.to_string())?;
+    warn_need_restart(&changes.need_restart);
+    Ok(format!("{}{}", changes.summary(H::KEPT), config.pinned()))
 }
 
-/// A config that names its daemon's private key file.
-trait HasKey {
+/// What the reload of either daemon needs of its config.
+trait DaemonConfig {
+    /// The daemon's private key file.
     fn key_path(&self) -> &Path;
+    /// The keys the daemon pins, for the reload's log line.
+    fn pinned(&self) -> String;
 }
 
-impl HasKey for config::SentryConfig {
+impl DaemonConfig for config::SentryConfig {
     fn key_path(&self) -> &Path {
         &self.private_key
     }
+
+    fn pinned(&self) -> String {
+        format!("; {} agent(s) pinned", self.agents.len())
+    }
 }
 
-impl HasKey for config::AgentConfig {
+impl DaemonConfig for config::AgentConfig {
     fn key_path(&self) -> &Path {
         &self.private_key
+    }
+
+    fn pinned(&self) -> String {
+        format!("; {} sentry key(s) pinned", self.sentries.len())
     }
 }
 

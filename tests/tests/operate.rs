@@ -5,6 +5,7 @@
 //! so nothing races for a port.
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
+use relay_core::reload::Reload;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;

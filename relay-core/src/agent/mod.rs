@@ -16,7 +16,6 @@
 
 mod observe;
 mod reload;
-pub use reload::ReloadReport;
 mod service;
 mod tunnel;
 pub use crate::transport::dial::{DialError, dial};

@@ -8,52 +8,31 @@ use super::{AgentError, AgentHandle, Group, group_peers};
 use crate::config::AgentConfig;
 use crate::keys::PrivateKey;
 use crate::lock;
+use crate::metrics::Reloads;
+use crate::reload::{Changes, Reload};
 use crate::transport::dial::Dialer;
 
-/// What a reload changed, for the log line.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ReloadReport {
-    /// Sentries dialed from now on.
-    pub added: Vec<String>,
-    /// Sentries whose tunnels take no new streams and close once their streams end.
-    pub removed: Vec<String>,
-    /// Services exported now.
-    pub services: usize,
-    /// Changes that only a restart applies (the running value stays).
-    pub need_restart: Vec<&'static str>,
-}
+impl Reload for AgentHandle {
+    type Config = AgentConfig;
+    type Error = AgentError;
+    const KEPT: &'static str = "service(s) exported";
 
-impl AgentHandle {
-    /// Apply `config` (already parsed and validated) to the running agent.
-    ///
-    /// # Errors
-    /// A new sentry's TLS settings cannot be made from the key.
-    pub fn reload(
-        &self,
-        config: &AgentConfig,
-        key: &PrivateKey,
-    ) -> Result<ReloadReport, AgentError> {
-        let result = self.apply(config, key);
-        self.shared.reloads.count(result.is_ok());
-        result
+    fn reloads(&self) -> &Reloads {
+        &self.shared.reloads
     }
 
-    /// Count a reload refused before it reached [`Self::reload`] (the new config did not
-    /// parse or its key did not load), so `config_reloads_total{result="error"}` sees it.
-    pub fn count_refused_reload(&self) {
-        self.shared.reloads.count(false);
-    }
-
-    fn apply(&self, config: &AgentConfig, key: &PrivateKey) -> Result<ReloadReport, AgentError> {
+    /// Apply `config` (already parsed and validated) to the running agent: a new sentry's
+    /// TLS settings are made before anything changes.
+    fn apply(&self, config: &AgentConfig, key: &PrivateKey) -> Result<Changes, AgentError> {
         let shared = &self.shared;
         let mut running = lock(&shared.config);
-        let mut report = ReloadReport::default();
+        let mut report = Changes::default();
         // Client settings for new sentries first: the only step that can fail.
         for peer in &config.sentries {
             Dialer::new(&shared.key, peer, config.max_streams_per_sentry)?;
         }
         shared.set_services(config);
-        report.services = config.services.len();
+        report.kept = config.services.len();
         // A sentry whose entries changed in any way (an added fallback, a new order) is
         // retired and started again as a new group.
         let wanted = group_peers(&config.sentries);

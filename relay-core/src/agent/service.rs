@@ -16,7 +16,7 @@ use super::{
 };
 use crate::clock;
 use crate::relay::datagram::{MAX_DATAGRAM, read_datagram, write_datagram};
-use crate::relay::{Header, PumpEnd, Status, encode_proxy_header, idle_watch, millis_since, pump};
+use crate::relay::{Header, Status, encode_proxy_header, idle_watch, millis_since};
 use crate::transport::TunnelStream;
 use crate::transport::dial::{Place, unspecified};
 
@@ -163,26 +163,9 @@ pub(super) async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, 
         return;
     }
     stats.count(Status::Ok);
-    let shed = stream.shed_signal();
-    let (mut tcp_read, mut tcp_write) = tcp.into_split();
-    let (mut tunnel_read, mut tunnel_write) = stream.halves();
-    let (end, moved) = pump(
-        &mut tcp_read,
-        &mut tcp_write,
-        &mut tunnel_read,
-        &mut tunnel_write,
-        AGENT_IDLE_TIMEOUT,
-        &stats.bytes,
-        shed,
-    )
-    .await;
-    if !matches!(end, PumpEnd::Done) {
-        stream.abort();
-    }
-    if matches!(end, PumpEnd::TunnelError(_) | PumpEnd::Shed) {
-        // The service must not take a cut-off stream for a whole one: a reset, not a FIN.
-        let _ = tcp_read.as_ref().set_zero_linger();
-    }
+    let (end, moved) = stream
+        .relay_tcp(&mut tcp, AGENT_IDLE_TIMEOUT, &stats.bytes)
+        .await;
     debug!(route = %header.route, client = %header.client, service = %header.service, to_service = moved.down, from_service = moved.up, ?end, "relayed connection closed");
 }
 

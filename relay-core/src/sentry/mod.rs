@@ -27,7 +27,6 @@ pub use health::HOLD_DOWN;
 mod observe;
 mod registry;
 mod reload;
-pub use reload::ReloadReport;
 mod tcp;
 mod udp;
 mod upstream;

@@ -6,47 +6,25 @@ use super::{RouteSlot, SentryHandle, StartError, agent_names, bind_route, health
 use crate::config::SentryConfig;
 use crate::keys::PrivateKey;
 use crate::lock;
+use crate::metrics::Reloads;
+use crate::reload::{Changes, Reload};
 
-/// What a reload changed, for the log line.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ReloadReport {
-    /// Routes bound by this reload.
-    pub added: Vec<String>,
-    /// Routes whose listeners were closed (their open connections finish).
-    pub removed: Vec<String>,
-    /// Routes kept, with the new policy.
-    pub kept: usize,
-    /// Changes that only a restart applies (the running value stays).
-    pub need_restart: Vec<&'static str>,
-}
+impl Reload for SentryHandle {
+    type Config = SentryConfig;
+    type Error = StartError;
+    const KEPT: &'static str = "route(s) kept";
 
-impl SentryHandle {
+    fn reloads(&self) -> &Reloads {
+        &self.shared.reloads
+    }
+
     /// Apply `config` (already parsed and validated) to the running sentry. Bind first: if a
     /// new listener cannot be bound, nothing changes and the error says why.
-    ///
-    /// # Errors
-    /// A new route's listen address cannot be bound, or the agents' keys cannot be installed.
-    pub fn reload(
-        &self,
-        config: &SentryConfig,
-        key: &PrivateKey,
-    ) -> Result<ReloadReport, StartError> {
-        let result = self.apply(config, key);
-        self.shared.reloads.count(result.is_ok());
-        result
-    }
-
-    /// Count a reload refused before it reached [`Self::reload`] (the new config did not
-    /// parse or its key did not load), so `config_reloads_total{result="error"}` sees it.
-    pub fn count_refused_reload(&self) {
-        self.shared.reloads.count(false);
-    }
-
-    fn apply(&self, config: &SentryConfig, key: &PrivateKey) -> Result<ReloadReport, StartError> {
+    fn apply(&self, config: &SentryConfig, key: &PrivateKey) -> Result<Changes, StartError> {
         let shared = &self.shared;
         let mut running = lock(&shared.config);
         let mut routes = lock(&shared.routes);
-        let mut report = ReloadReport::default();
+        let mut report = Changes::default();
         // 1. Everything that can fail, before anything changes.
         let mut fresh = Vec::new();
         for route in &config.routes {

@@ -14,7 +14,7 @@ use crate::admission::Permit;
 use crate::clock;
 use crate::config::Route;
 use crate::log_limit::LogLimit;
-use crate::relay::{Proxy, PumpEnd, pump};
+use crate::relay::Proxy;
 
 pub(super) static NO_UPSTREAM_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
@@ -130,26 +130,9 @@ pub(super) async fn relay_client(
         }
     };
     if let Some((agent, mut stream)) = connect_upstream(&shared, &route, client, proxy).await {
-        let shed = stream.shed_signal();
-        let (mut client_read, mut client_write) = tcp.split();
-        let (mut tunnel_read, mut tunnel_write) = stream.halves();
-        let (end, stats) = pump(
-            &mut client_read,
-            &mut client_write,
-            &mut tunnel_read,
-            &mut tunnel_write,
-            route.idle_timeout,
-            &slot.bytes,
-            shed,
-        )
-        .await;
-        if !matches!(end, PumpEnd::Done) {
-            stream.abort();
-        }
-        if matches!(end, PumpEnd::TunnelError(_) | PumpEnd::Shed) {
-            // The client must not take a cut-off answer for a whole one: a reset, not a FIN.
-            let _ = tcp.set_zero_linger();
-        }
+        let (end, stats) = stream
+            .relay_tcp(&mut tcp, route.idle_timeout, &slot.bytes)
+            .await;
         debug!(route = %route.name, %client, %agent, up = stats.up, down = stats.down, ?end, "relayed connection closed");
         return;
     }

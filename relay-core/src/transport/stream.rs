@@ -3,14 +3,17 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use quinn::SendStream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::budget::QuicRecv;
 use super::quic::code;
 use super::tls::TlsRelay;
 use super::wireguard::OverlayStream;
+use crate::relay::{ByteCounters, PumpEnd, PumpStats, pump};
 
 /// A relayed connection: a QUIC stream pair, a TCP connection inside the WireGuard overlay,
 /// or a TCP+TLS connection of its own.
@@ -77,6 +80,39 @@ impl TunnelStream {
                 None => std::future::pending().await,
             }
         }
+    }
+
+    /// Relay a TCP connection over this stream (see [`pump`]) until both directions finish,
+    /// one fails, or nothing moved for `idle`. A pump that did not end cleanly aborts the
+    /// stream (the far end sees a reset, not an end of stream); one cut by the tunnel (an
+    /// error, or credit shed) resets the TCP connection too, so its peer never takes a
+    /// cut-off stream for a whole one.
+    pub async fn relay_tcp(
+        &mut self,
+        tcp: &mut TcpStream,
+        idle: Duration,
+        totals: &ByteCounters,
+    ) -> (PumpEnd, PumpStats) {
+        let shed = self.shed_signal();
+        let (mut tcp_read, mut tcp_write) = tcp.split();
+        let (mut tunnel_read, mut tunnel_write) = self.halves();
+        let (end, stats) = pump(
+            &mut tcp_read,
+            &mut tcp_write,
+            &mut tunnel_read,
+            &mut tunnel_write,
+            idle,
+            totals,
+            shed,
+        )
+        .await;
+        if !matches!(end, PumpEnd::Done) {
+            self.abort();
+        }
+        if matches!(end, PumpEnd::TunnelError(_) | PumpEnd::Shed) {
+            let _ = tcp.set_zero_linger();
+        }
+        (end, stats)
     }
 
     /// End it as failed: the far end sees a reset, not a clean end of stream (dropping a

@@ -1,6 +1,7 @@
 //! HTTPS terminated at the sentry, and a reload that rereads the certificate.
 
 use super::*;
+use relay_core::reload::Reload;
 
 /// A fresh self-signed certificate for `rpc.example`, written as PEM files in `dir`; its DER.
 fn write_certificate(dir: &std::path::Path) -> Vec<u8> {
