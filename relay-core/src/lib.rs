@@ -17,6 +17,7 @@ pub mod jsonrpc;
 pub mod keys;
 pub(crate) mod log_limit;
 pub mod metrics;
+pub(crate) mod net;
 pub mod relay;
 pub mod reload;
 pub mod sentry;

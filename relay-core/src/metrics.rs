@@ -68,6 +68,12 @@ pub trait Observe: Send + Sync + 'static {
     /// # Errors
     /// Unhealthy, with the reason.
     fn health(&self) -> Result<String, String>;
+
+    /// The `GET /peers` text, for a daemon that keeps such a table (the agent: which client
+    /// each mapped source address stands for); `None` answers 404.
+    fn peers(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Config reloads of a daemon, by result.
@@ -232,7 +238,7 @@ fn answer(source: &Arc<dyn Observe>, method: &Method, path: &str) -> Response<Fu
     if method != Method::GET && method != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET /metrics and GET /healthz\n",
+            "only GET /metrics, GET /healthz and GET /peers\n",
         );
     }
     match path {
@@ -250,9 +256,16 @@ fn answer(source: &Arc<dyn Observe>, method: &Method, path: &str) -> Response<Fu
                 &format!("unhealthy: {line}\n"),
             ),
         },
+        "/peers" => match source.peers() {
+            Some(table) => text(StatusCode::OK, &table),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no peer table here: GET /peers is the agent's (mapped source addresses)\n",
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
-            "only GET /metrics and GET /healthz\n",
+            "only GET /metrics, GET /healthz and GET /peers\n",
         ),
     }
 }

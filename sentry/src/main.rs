@@ -112,6 +112,14 @@ enum Command {
         /// The daemon's metrics_listen address.
         #[arg(long, default_value = "127.0.0.1:9900")]
         metrics: std::net::SocketAddr,
+        /// Show the agent's relayed peers instead: the loopback address the node sees for
+        /// each client of a `source = "mapped"` service, and the real client.
+        #[arg(long)]
+        peers: bool,
+        /// With --peers: only the rows of this address, mapped (as the node logged it) or
+        /// client.
+        #[arg(long, value_name = "IP", requires = "peers")]
+        lookup: Option<std::net::IpAddr>,
     },
     /// Run a sentry, an agent and a sample validator on loopback with throwaway keys, push
     /// sample traffic through, and print what happened and what to try.
@@ -158,8 +166,17 @@ fn main() -> ExitCode {
         })
         .map(|message| println!("{message}"))
         .map_err(Failure::Invalid),
-        Command::Status { metrics } => runtime().and_then(|rt| {
-            rt.block_on(status::report(metrics))
+        Command::Status {
+            metrics,
+            peers,
+            lookup,
+        } => runtime().and_then(|rt| {
+            let report = if peers {
+                rt.block_on(status::peers(metrics, lookup))
+            } else {
+                rt.block_on(status::report(metrics))
+            };
+            report
                 .map(|report| print!("{report}"))
                 .map_err(Failure::Runtime)
         }),

@@ -50,6 +50,53 @@ async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
         .map_err(|_| format!("{addr}{path}: no answer within {TIMEOUT:?}"))?
 }
 
+/// The agent's table of relayed peers (`GET /peers`): every row, or with `lookup` only the
+/// rows whose mapped or client address is that one.
+pub async fn peers(addr: SocketAddr, lookup: Option<std::net::IpAddr>) -> Result<String, String> {
+    let (code, text) = get(addr, "/peers").await?;
+    if code != 200 {
+        return Err(format!("{addr}/peers answered HTTP {code}: {}", text.trim()));
+    }
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    let mut rows = vec![[
+        "MAPPED".to_owned(),
+        "CLIENT".to_owned(),
+        "SERVICE".to_owned(),
+        "OPEN".to_owned(),
+        "TOTAL".to_owned(),
+        "LAST SEEN".to_owned(),
+    ]];
+    if !header.starts_with("# mapped client") {
+        return Err(format!("{addr}/peers: not a peer table"));
+    }
+    for line in lines {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [mapped, client, service, open, total, ago] = fields[..] else {
+            return Err(format!("{addr}/peers: cannot read {line:?}"));
+        };
+        if let Some(ip) = lookup {
+            let ip = ip.to_string();
+            if mapped != ip && client != ip {
+                continue;
+            }
+        }
+        rows.push([
+            mapped.to_owned(),
+            client.to_owned(),
+            service.to_owned(),
+            open.to_owned(),
+            total.to_owned(),
+            format!("{} ago", age(ago.parse::<f64>().ok())),
+        ]);
+    }
+    let mut out = String::from(
+        "Relayed peers of source = \"mapped\" services: the address the node sees, and the client it stands for\n",
+    );
+    table(&mut out, &rows);
+    Ok(out)
+}
+
 /// The status report of the daemon whose metrics listener is `addr`.
 pub async fn report(addr: SocketAddr) -> Result<String, String> {
     let (code, text) = get(addr, "/metrics").await?;
@@ -140,6 +187,11 @@ impl<'a> View<'a> {
         table(out, &tunnels);
         out.push_str("\nRoutes\n");
         table(out, &routes);
+        let egress = self.egress("sentry_egress", "agent", "refused_total");
+        if egress.len() > 1 {
+            out.push_str("\nEgress (agents' outbound connections)\n");
+            table(out, &egress);
+        }
         let dropped = self.sum("sentry_tunnel_handshakes_dropped_total", &[]);
         let failed = self.sum("sentry_tunnel_handshakes_failed_total", &[]);
         let _ = writeln!(
@@ -231,6 +283,58 @@ impl<'a> View<'a> {
         table(out, &tunnels);
         out.push_str("\nServices\n");
         table(out, &services);
+        let egress = self.egress("sentry_agent_egress", "listen", "failed_total");
+        if egress.len() > 1 {
+            out.push_str("\nEgress (the node's outbound connections)\n");
+            table(out, &egress);
+        }
+    }
+
+    /// The egress table of either role: one row per `key` label value of `{prefix}_active`,
+    /// what was not relayed summed from `{prefix}_{not_relayed}` by reason (and, on the
+    /// sentry, `{prefix}_connect_failed_total`).
+    fn egress(&self, prefix: &str, key: &str, not_relayed: &str) -> Vec<[String; 6]> {
+        let mut rows = vec![[
+            key.to_uppercase(),
+            "ACTIVE".to_owned(),
+            "CONNECTED".to_owned(),
+            "NOT RELAYED".to_owned(),
+            "UP".to_owned(),
+            "DOWN".to_owned(),
+        ]];
+        let metric = |suffix: &str| format!("{prefix}_{suffix}");
+        for s in self.all(&metric("active")) {
+            let name = s.label(key).unwrap_or("?");
+            let labels = [(key, name)];
+            let mut reasons: Vec<(String, f64)> = self
+                .all(&metric(not_relayed))
+                .filter(|r| r.label(key) == Some(name) && r.value > 0.0)
+                .map(|r| (r.label("reason").unwrap_or("?").to_owned(), r.value))
+                .collect();
+            let failed = self.value(&metric("connect_failed_total"), &labels);
+            if failed > 0.0 {
+                reasons.push(("connect_failed".to_owned(), failed));
+            }
+            let total: f64 = reasons.iter().map(|(_, v)| v).sum();
+            let parts: Vec<String> = reasons
+                .iter()
+                .map(|(r, v)| format!("{r} {}", count(*v)))
+                .collect();
+            let direction = |d| self.value(&metric("bytes_total"), &[(key, name), ("direction", d)]);
+            rows.push([
+                name.to_owned(),
+                count(s.value),
+                count(self.value(&metric("connections_total"), &labels)),
+                if parts.is_empty() {
+                    "0".to_owned()
+                } else {
+                    format!("{} ({})", count(total), parts.join(", "))
+                },
+                bytes(direction("up")),
+                bytes(direction("down")),
+            ]);
+        }
+        rows
     }
 }
 

@@ -14,7 +14,10 @@
 //!   pinned key changed) stops taking new streams and keeps its tunnel until its open streams
 //!   end.
 
+mod egress;
 mod observe;
+mod peers;
+pub use peers::mapped_source;
 mod reload;
 mod service;
 mod tunnel;
@@ -31,9 +34,10 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::config::{AgentConfig, SentryPeer};
+use crate::config::{AgentConfig, SentryPeer, Source};
 use crate::keys::PrivateKey;
 use crate::lock;
 use crate::log_limit::LogLimit;
@@ -77,6 +81,11 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("egress listen: cannot listen on {addr}: {source}")]
+    Egress {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// An agent ready to run.
@@ -84,6 +93,8 @@ pub struct Agent {
     shared: Arc<Shared>,
     spawn: mpsc::UnboundedReceiver<Tunnel>,
     metrics: Option<TcpListener>,
+    /// The `[[egress]]` listeners, bound; they accept once `run` starts.
+    egress: Vec<(Arc<egress::Slot>, TcpListener)>,
 }
 
 /// A cheap handle to observe and reload a running agent.
@@ -108,6 +119,12 @@ struct Shared {
     reloads: metrics::Reloads,
     stop: CancellationToken,
     metrics_addr: Option<SocketAddr>,
+    /// Recent clients of `source = "mapped"` services, by mapped address.
+    peers: peers::Peers,
+    /// The `[[egress]]` listeners in force.
+    egress: Mutex<Vec<Arc<egress::Slot>>>,
+    /// Counters per egress listen address ever bound, kept across reloads.
+    egress_stats: Mutex<HashMap<SocketAddr, Arc<egress::ListenerStats>>>,
 }
 
 #[derive(Clone)]
@@ -117,6 +134,8 @@ struct ServiceSlot {
     udp: bool,
     /// Relayed connections (UDP flows) to it at once, across sentries.
     max_connections: usize,
+    /// How connections to it are addressed.
+    source: Source,
     stats: Arc<ServiceStats>,
 }
 
@@ -134,6 +153,10 @@ struct Group {
     entries: Vec<Arc<TunnelState>>,
     /// Cancelled when a reload removes or changes this sentry (and at shutdown).
     retire: CancellationToken,
+    /// Relayed connections of this sentry, both ways (egress ones hold a token), across
+    /// reconnects (over TLS they outlive the control connection that was up when they
+    /// began); the drain waits for them.
+    relays: TaskTracker,
 }
 
 impl Group {
@@ -200,7 +223,21 @@ impl Agent {
             reloads: metrics::Reloads::default(),
             stop: CancellationToken::new(),
             metrics_addr: metrics.as_ref().and_then(|l| l.local_addr().ok()),
+            peers: peers::Peers::default(),
+            egress: Mutex::new(Vec::new()),
+            egress_stats: Mutex::new(HashMap::new()),
         });
+        let mut bound = Vec::new();
+        for listener in &config.egress {
+            let (socket, local) = egress::bind(listener).map_err(|source| AgentError::Egress {
+                addr: listener.listen,
+                source,
+            })?;
+            let stats = egress::stats_for(&shared.egress_stats, listener.listen);
+            let slot = egress::Slot::new(listener, local, stats, &shared.stop);
+            bound.push((slot, socket));
+        }
+        lock(&shared.egress).extend(bound.iter().map(|(slot, _)| slot.clone()));
         shared.set_services(config);
         for peers in group_peers(&config.sentries) {
             shared.add_group(&peers, config.max_streams_per_sentry)?;
@@ -209,6 +246,7 @@ impl Agent {
             shared,
             spawn: spawned,
             metrics,
+            egress: bound,
         })
     }
 
@@ -232,6 +270,9 @@ impl Agent {
                 shared: shared.clone(),
             });
             tokio::spawn(metrics::serve(listener, source, shared.stop.clone()));
+        }
+        for (slot, listener) in self.egress {
+            tokio::spawn(egress::accept(slot, listener, shared.clone()));
         }
         // A JoinSet, not a detached spawn: dropping `run` (an aborted task) takes the tunnels
         // down with it, as a killed process would.
@@ -279,6 +320,7 @@ impl Shared {
                         target: s.target,
                         udp: s.udp,
                         max_connections: s.max_connections,
+                        source: s.source,
                         stats,
                     },
                 )
@@ -302,6 +344,7 @@ impl Shared {
         let group = Arc::new(Group {
             entries,
             retire: self.stop.child_token(),
+            relays: TaskTracker::new(),
         });
         lock(&self.groups).push(group.clone());
         // The receiver lives as long as `run`; after it, nothing is dialed any more.

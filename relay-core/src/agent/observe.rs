@@ -139,7 +139,12 @@ impl Observe for AgentHandle {
                 )
             }),
         )?;
+        super::egress::collect(&shared.egress_stats, out)?;
         out.common(&shared.reloads, "agent")
+    }
+
+    fn peers(&self) -> Option<String> {
+        Some(self.shared.peers.render())
     }
 
     fn health(&self) -> Result<String, String> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use super::{AgentError, AgentHandle, Group, group_peers};
+use super::{AgentError, AgentHandle, Group, egress, group_peers};
 use crate::config::AgentConfig;
 use crate::keys::PrivateKey;
 use crate::lock;
@@ -27,10 +27,46 @@ impl Reload for AgentHandle {
         let shared = &self.shared;
         let mut running = lock(&shared.config);
         let mut report = Changes::default();
-        // Client settings for new sentries first: the only step that can fail.
+        // Client settings for new sentries, and new egress listeners bound, first: the only
+        // steps that can fail.
         for peer in &config.sentries {
             Dialer::new(&shared.key, peer, config.max_streams_per_sentry)?;
         }
+        let mut slots = lock(&shared.egress);
+        let mut fresh = Vec::new();
+        for listener in &config.egress {
+            if !slots.iter().any(|s| s.config.load().listen == listener.listen) {
+                let (socket, local) =
+                    egress::bind(listener).map_err(|source| AgentError::Egress {
+                        addr: listener.listen,
+                        source,
+                    })?;
+                fresh.push((listener, socket, local));
+            }
+        }
+        slots.retain(|slot| {
+            let listen = slot.config.load().listen;
+            match config.egress.iter().find(|l| l.listen == listen) {
+                Some(listener) => {
+                    slot.config.store(Arc::new(listener.clone()));
+                    true
+                }
+                None => {
+                    info!(listen = %slot.local, "egress listener removed: closed, open connections continue");
+                    slot.stop.cancel();
+                    report.removed.push(format!("egress {}", slot.local));
+                    false
+                }
+            }
+        });
+        for (listener, socket, local) in fresh {
+            let stats = egress::stats_for(&shared.egress_stats, listener.listen);
+            let slot = egress::Slot::new(listener, local, stats, &shared.stop);
+            tokio::spawn(egress::accept(slot.clone(), socket, shared.clone()));
+            report.added.push(format!("egress {local}"));
+            slots.push(slot);
+        }
+        drop(slots);
         shared.set_services(config);
         report.kept = config.services.len();
         // A sentry whose entries changed in any way (an added fallback, a new order) is

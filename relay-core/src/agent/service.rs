@@ -1,20 +1,21 @@
 //! The service side: a relay header checked against the exported services, and the
 //! connection (or UDP flow) to the one it names.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
 use super::{
     AGENT_IDLE_TIMEOUT, CONNECT_TIMEOUT, HEADER_TIMEOUT, REFUSED_LOG, ServiceSlot, ServiceStats,
     Shared,
 };
-use crate::clock;
+use super::peers::mapped_source;
+use crate::config::Source;
+use crate::{clock, net};
 use crate::relay::datagram::{MAX_DATAGRAM, read_datagram, write_datagram};
 use crate::relay::{Header, Status, encode_proxy_header, idle_watch, millis_since};
 use crate::transport::TunnelStream;
@@ -57,6 +58,7 @@ pub(super) async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, 
         target,
         udp,
         max_connections,
+        source,
         stats,
     }) = shared.services.load().get(&header.service).cloned()
     else {
@@ -100,13 +102,17 @@ pub(super) async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, 
         refuse(send, &stats, Status::Busy, why).await;
         return;
     };
+    // The node sees this client as itself: its own loopback address (see `peers`).
+    let mapped = (source == Source::Mapped).then(|| mapped_source(header.client.ip()));
+    let _seen = mapped.map(|m| shared.peers.open(m, header.client.ip(), &header.service));
+    let from = mapped.map(IpAddr::V4);
     if udp {
-        relay_flow(stream, &header, target, &stats).await;
+        relay_flow(stream, &header, (from, target), &stats).await;
         return;
     }
-    let mut tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+    let mut tcp = match net::connect_from(from, target, CONNECT_TIMEOUT).await {
+        Ok(tcp) => tcp,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
             refuse(
                 send,
                 &stats,
@@ -119,22 +125,12 @@ pub(super) async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, 
             .await;
             return;
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             refuse(
                 send,
                 &stats,
                 Status::ConnectFailed,
                 format!("service {} at {target}: {e}", header.service),
-            )
-            .await;
-            return;
-        }
-        Err(_) => {
-            refuse(
-                send,
-                &stats,
-                Status::ConnectFailed,
-                format!("service {} at {target}: connect timed out", header.service),
             )
             .await;
             return;
@@ -166,7 +162,7 @@ pub(super) async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, 
     let (end, moved) = stream
         .relay_tcp(&mut tcp, AGENT_IDLE_TIMEOUT, &stats.bytes)
         .await;
-    debug!(route = %header.route, client = %header.client, service = %header.service, to_service = moved.down, from_service = moved.up, ?end, "relayed connection closed");
+    debug!(route = %header.route, client = %header.client, source = ?mapped, service = %header.service, to_service = moved.down, from_service = moved.up, ?end, "relayed connection closed");
 }
 
 /// A UDP flow to a `udp` service: a socket of its own, connected to the service (so only the
@@ -174,14 +170,10 @@ pub(super) async fn relay_stream(mut stream: TunnelStream, shared: Arc<Shared>, 
 pub(super) async fn relay_flow(
     mut stream: TunnelStream,
     header: &Header,
-    target: SocketAddr,
+    (from, target): (Option<IpAddr>, SocketAddr),
     stats: &ServiceStats,
 ) {
-    let connected = async {
-        let socket = UdpSocket::bind(unspecified(target)).await?;
-        socket.connect(target).await?;
-        Ok::<_, std::io::Error>(socket)
-    };
+    let connected = net::udp_from(from.unwrap_or(unspecified(target).ip()), target);
     let socket = match connected.await {
         Ok(socket) => socket,
         Err(e) => {

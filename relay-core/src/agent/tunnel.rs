@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::service::{Refuse, relay_stream};
@@ -23,9 +22,6 @@ use crate::{clock, lock};
 pub(super) struct Tunnel {
     group: Arc<Group>,
     shared: Arc<Shared>,
-    /// Relayed connections of this sentry, across reconnects (over TLS they outlive the
-    /// control connection that was up when they began).
-    relays: TaskTracker,
     /// A tunnel over the preferred transport, dialed while a fallback was up; the next
     /// attempt of the preferred entry takes it instead of dialing.
     upgrade: Mutex<Option<Preconnected>>,
@@ -40,7 +36,6 @@ impl Tunnel {
         Self {
             group,
             shared,
-            relays: TaskTracker::new(),
             upgrade: Mutex::new(None),
             streams: Arc::default(),
         }
@@ -118,7 +113,7 @@ impl Tunnel {
         let shared = self.shared.clone();
         match Place::take(&self.streams, max) {
             Some(place) => {
-                self.relays.spawn(async move {
+                self.group.relays.spawn(async move {
                     let _place = place;
                     relay_stream(stream, shared, Refuse::No).await;
                 });
@@ -155,7 +150,7 @@ impl Tunnel {
     /// Retired: new streams are answered `ShuttingDown` by `refuse_new` (the sentry fails
     /// over) while the open ones finish; at shutdown for at most `drain_timeout`.
     async fn drain(&self, refuse_new: impl Future<Output = ()>) {
-        let relays = &self.relays;
+        let relays = &self.group.relays;
         relays.close();
         let deadline = async {
             self.shared.stop.cancelled().await;
@@ -236,7 +231,7 @@ impl Host for EntryHost<'_> {
     }
 
     fn spawn_relay(&self, task: BoxFuture<'static>) {
-        self.tunnel.relays.spawn(task);
+        self.tunnel.group.relays.spawn(task);
     }
 
     fn streams(&self) -> (Arc<AtomicUsize>, usize) {

@@ -1,12 +1,16 @@
 //! The schema of `agent.toml` and its conversion into [`AgentConfig`].
 
+use std::net::IpAddr;
+
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::sentry_file::wireguard_window;
 use super::units::{Addr, HostPort, HumanDuration, HumanWindow, Key, Name};
+use super::egress::DEFAULT_EGRESS_LISTENER_MAX_CONNECTIONS;
 use super::{
-    AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT,
+    AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, Destination,
+    EgressListener, EgressMode, Source,
     DEFAULT_MAX_STREAMS_PER_SENTRY, DEFAULT_SERVICE_MAX_CONNECTIONS, Locator, SentryPeer, Service,
     TransportKind, deserialize, overlay_address,
 };
@@ -19,6 +23,8 @@ struct Doc {
     sentry: Vec<SentryTable>,
     #[serde(default)]
     service: Vec<ServiceTable>,
+    #[serde(default)]
+    egress: Vec<EgressTable>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +63,32 @@ struct ServiceTable {
     target: Spanned<Addr>,
     protocol: Option<ServiceProtocol>,
     max_connections: Option<Spanned<u64>>,
+    source: Option<Spanned<SourceKey>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum SourceKey {
+    Mapped,
+    Agent,
+    Client,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EgressTable {
+    listen: Spanned<Addr>,
+    mode: Spanned<ModeKey>,
+    to: Option<Spanned<String>>,
+    max_connections: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum ModeKey {
+    Transparent,
+    Socks5,
+    Forward,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -198,8 +230,10 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
                 &format!("service[{i}].max_connections"),
                 DEFAULT_SERVICE_MAX_CONNECTIONS,
             ),
+            source: source(&mut check, i, s),
         })
         .collect();
+    let egress = egress(&mut check, &doc.egress);
     let max_streams_per_sentry = cap(
         &mut check,
         doc.agent.max_streams_per_sentry.as_ref(),
@@ -218,8 +252,100 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
             .as_ref()
             .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
         max_streams_per_sentry,
+        egress,
     };
     check.finish(config)
+}
+
+/// `[[service]] source`: `mapped` by default for an IPv4 loopback target (all of
+/// 127.0.0.0/8 is local), `agent` otherwise; `mapped` needs an IPv4 loopback target.
+fn source(check: &mut Checker<'_>, i: usize, table: &ServiceTable) -> Source {
+    let target = table.target.get_ref().0;
+    let mappable = matches!(target.ip(), IpAddr::V4(ip) if ip.is_loopback());
+    let key = format!("service[{i}].source");
+    match table.source.as_ref().map(|s| (s, *s.get_ref())) {
+        None if mappable => Source::Mapped,
+        None | Some((_, SourceKey::Agent)) => Source::Agent,
+        Some((_, SourceKey::Mapped)) if mappable => Source::Mapped,
+        Some((spanned, SourceKey::Mapped)) => {
+            check.fail(
+                spanned,
+                key,
+                format!(
+                    "\"mapped\" needs an IPv4 loopback target (the node listening on                      127.0.0.1): each client gets a source address in 127.0.0.0/8, which is                      local only to this host; {target} is not one. Use \"agent\""
+                ),
+            );
+            Source::Agent
+        }
+        Some((spanned, SourceKey::Client)) => {
+            check.fail(
+                spanned,
+                key,
+                "\"client\" (the real client address, IP_TRANSPARENT) is not built in this                  version; \"mapped\" gives each client its own stable loopback address",
+            );
+            Source::Agent
+        }
+    }
+}
+
+/// `[[egress]]` listeners: loopback only (anything else would make the agent an open proxy
+/// for its network), listen addresses unique, `to` exactly with `mode = "forward"`.
+fn egress(check: &mut Checker<'_>, tables: &[EgressTable]) -> Vec<EgressListener> {
+    let mut listeners: Vec<EgressListener> = Vec::new();
+    for (i, table) in tables.iter().enumerate() {
+        let key = |field: &str| format!("egress[{i}].{field}");
+        let listen = table.listen.get_ref().0;
+        if !listen.ip().is_loopback() {
+            check.fail(
+                &table.listen,
+                key("listen"),
+                format!(
+                    "{listen} is not a loopback address: an egress listener reachable from                      another host would let it send traffic out through your sentries; listen                      on 127.0.0.1"
+                ),
+            );
+        }
+        if listeners.iter().any(|l| l.listen == listen) {
+            check.fail(
+                &table.listen,
+                key("listen"),
+                format!("duplicate egress listen address {listen}"),
+            );
+        }
+        let mode = match (*table.mode.get_ref(), &table.to) {
+            (ModeKey::Forward, Some(to)) => match Destination::parse(to.get_ref()) {
+                Ok(destination) => EgressMode::Forward(destination),
+                Err(why) => {
+                    check.fail(to, key("to"), why);
+                    continue;
+                }
+            },
+            (ModeKey::Forward, None) => {
+                check.fail(
+                    &table.mode,
+                    key("to"),
+                    "mode = \"forward\" needs to = \"HOST:PORT\", the one destination",
+                );
+                continue;
+            }
+            (_, Some(to)) => {
+                check.fail(to, key("to"), "applies only with mode = \"forward\"");
+                continue;
+            }
+            (ModeKey::Transparent, None) => EgressMode::Transparent,
+            (ModeKey::Socks5, None) => EgressMode::Socks5,
+        };
+        listeners.push(EgressListener {
+            listen,
+            mode,
+            max_connections: cap(
+                check,
+                table.max_connections.as_ref(),
+                &key("max_connections"),
+                DEFAULT_EGRESS_LISTENER_MAX_CONNECTIONS,
+            ),
+        });
+    }
+    listeners
 }
 
 /// A cap from 1 to 65 536 (`default` when absent).

@@ -9,6 +9,7 @@
 //! silently ignoring, say, a `deny` list would be a security hole.
 
 mod agent_file;
+mod egress;
 mod error;
 mod sentry_file;
 pub mod units;
@@ -25,6 +26,9 @@ pub use error::{ConfigError, ConfigErrors};
 
 use crate::cidr::CidrSet;
 use crate::keys::PublicKey;
+pub use egress::{
+    Destination, EgressListener, EgressMode, EgressPolicy, MAX_HOST_NAME, Source, check_host_name,
+};
 pub use units::Window;
 
 /// Default `idle_timeout` of a route: a relayed connection silent both ways this long is
@@ -71,6 +75,9 @@ pub struct SentryConfig {
     /// `[[wireguard_peer]]`: plain WireGuard peers (no agent software). Names are unique
     /// among agents and peers, keys and overlay addresses among everyone.
     pub wireguard_peers: Vec<WireGuardPeer>,
+    /// `[egress]`: what the sentry dials for agents with `egress = true` (defaults when the
+    /// table is absent).
+    pub egress: EgressPolicy,
 }
 
 /// The sentry's WireGuard listener.
@@ -116,6 +123,9 @@ pub struct AgentPeer {
     pub public_key: PublicKey,
     /// Its overlay address, when it may connect over WireGuard.
     pub wireguard_address: Option<Ipv4Addr>,
+    /// `egress = true`: its node's outbound connections may leave from this sentry (under
+    /// [`SentryConfig::egress`]).
+    pub egress: bool,
 }
 
 /// A public TCP listener relayed to agents.
@@ -286,6 +296,9 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Relayed streams (and TLS data connections) one sentry may hold open at this agent.
     pub max_streams_per_sentry: usize,
+    /// `[[egress]]`: loopback listeners whose connections leave from the sentries (listen
+    /// addresses unique).
+    pub egress: Vec<EgressListener>,
 }
 
 /// Default of `[agent] max_streams_per_sentry`: what one sentry may make this agent hold at
@@ -347,6 +360,8 @@ pub struct Service {
     pub udp: bool,
     /// Relayed connections (UDP flows) to it at once; past it the agent answers `Busy`.
     pub max_connections: usize,
+    /// How the agent's connections (UDP flows) to it are addressed.
+    pub source: Source,
 }
 
 /// Read and validate a config file of either role; the role is told by its top table

@@ -7,10 +7,13 @@
 //! framed datagrams instead (see [`datagram`]).
 
 pub mod datagram;
+mod egress;
 mod header;
 mod proxy;
 mod pump;
+pub mod socks5;
 
+pub use egress::{EgressRequest, EgressStatus};
 pub use header::{Header, HeaderError, MAX_HEADER_LEN, Status, VERSION};
 pub use proxy::{Proxy, ProxyVersion, encode as encode_proxy_header};
 pub use pump::{ByteCounters, PumpEnd, PumpStats, pump};

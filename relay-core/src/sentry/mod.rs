@@ -21,6 +21,7 @@
 //!   finish, an added one binds. Every new socket is bound before anything changes, so a
 //!   reload that cannot bind changes nothing.
 
+mod egress;
 mod gateway;
 mod health;
 pub use health::HOLD_DOWN;
@@ -103,6 +104,8 @@ struct Shared {
     open: Arc<SentryCount>,
     /// Upstreams held down after a refusal.
     health: health::Health,
+    /// Agents' outbound connections.
+    egress: egress::Egress,
     reloads: metrics::Reloads,
     stop: CancellationToken,
     relays: TaskTracker,
@@ -202,6 +205,7 @@ impl Sentry {
             routes: Mutex::new(initial.iter().map(|(slot, _)| slot.clone()).collect()),
             open,
             health: health::Health::default(),
+            egress: egress::Egress::new(config),
             reloads: metrics::Reloads::default(),
             stop,
             relays: TaskTracker::new(),

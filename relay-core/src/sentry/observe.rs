@@ -279,6 +279,7 @@ impl Observe for SentryHandle {
                 .map(|u| ([("upstream", u.upstream.clone())], i64::from(u.held))),
         )?;
         shared.listeners.collect_wireguard(out)?;
+        shared.egress.collect(out)?;
         out.common(&shared.reloads, "sentry")
     }
 

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -17,7 +17,7 @@ use tracing::info;
 use super::Shared;
 use crate::keys::PublicKey;
 use crate::transport::listen::TunnelSink;
-use crate::transport::{Close, Tunnel};
+use crate::transport::{Close, Tunnel, TunnelStream};
 use crate::{clock, lock};
 
 /// What the registry needs of a tunnel.
@@ -70,7 +70,7 @@ impl<T: Entry> Registry<T> {
 
     /// Pin a new set of keys (a reload). Tunnels of keys that left stay until [`Self::revoke`].
     pub(super) fn set_names(&self, names: HashMap<PublicKey, String>) {
-        self.names.store(std::sync::Arc::new(names));
+        self.names.store(Arc::new(names));
     }
 
     pub(super) fn get(&self, agent: &str) -> Option<T> {
@@ -184,12 +184,19 @@ impl TunnelSink for Shared {
         self.tunnels.remove(agent, tunnel);
         info!(%agent, %remote, transport = tunnel.transport(), "tunnel down: {why}");
     }
+
+    /// An egress stream from `agent`: served among the relayed connections (the drain waits
+    /// for it).
+    fn egress(self: Arc<Self>, agent: &str, stream: TunnelStream) {
+        let agent = agent.to_owned();
+        self.relays
+            .clone()
+            .spawn(super::egress::serve(self, agent, stream));
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::keys::PrivateKey;
 

@@ -45,6 +45,7 @@ impl Reload for SentryHandle {
                 .retire(&agent, tunnel, key, config.drain_timeout);
         }
         shared.open.set_max(config.max_connections);
+        shared.egress.set_config(config);
         shared.health.retain(|upstream| {
             config
                 .routes

@@ -116,25 +116,30 @@ pub(crate) enum Dialer {
 }
 
 /// The tunnel to a sentry while it is up.
+#[derive(Clone)]
 pub(crate) enum Live {
-    Quic(Connection),
+    /// The connection, and the ledger of its streams' credit.
+    Quic(Connection, Arc<Ledger>),
+    /// The device's one peer: the sentry.
     WireGuard(Arc<wireguard::Peer>),
-    Tls(Arc<tls::Control>),
+    /// The control connection, and how to open another connection to the same sentry (an
+    /// egress connection).
+    Tls(Arc<tls::Control>, SocketAddr, Arc<rustls::ClientConfig>),
 }
 
 impl Live {
     pub(crate) fn rtt(&self) -> Duration {
         match self {
-            Self::Quic(conn) => conn.rtt(),
+            Self::Quic(conn, _) => conn.rtt(),
             Self::WireGuard(peer) => peer.session().1.unwrap_or_default(),
-            Self::Tls(control) => control.rtt(),
+            Self::Tls(control, ..) => control.rtt(),
         }
     }
 
     pub(crate) fn stream_window(&self) -> Option<usize> {
         match self {
             Self::WireGuard(peer) => Some(peer.stream_window()),
-            Self::Quic(_) | Self::Tls(_) => None,
+            Self::Quic(..) | Self::Tls(..) => None,
         }
     }
 }
@@ -230,8 +235,9 @@ async fn attempt_quic(peer: &SentryPeer, client: &ClientConfig, host: &dyn Host)
         Err(e) => return Attempt::Failed(e.to_string()),
     };
     info!(%sentry, remote = %conn.remote_address(), transport = "quic", "tunnel up");
-    host.up(Live::Quic(conn.clone()));
-    let reason = serve_quic(&conn, host).await;
+    let ledger = Ledger::watch(&conn, host.streams_shed());
+    host.up(Live::Quic(conn.clone(), ledger.clone()));
+    let reason = serve_quic(&conn, &ledger, host).await;
     host.down();
     endpoint.close(code::SHUTDOWN, b"agent shutting down");
     if retire.is_cancelled() {
@@ -243,8 +249,11 @@ async fn attempt_quic(peer: &SentryPeer, client: &ClientConfig, host: &dyn Host)
 
 /// Serve relayed streams until the tunnel closes (returns why) or the tunnel is retired
 /// (drains first: until its streams end, but at shutdown for at most `drain_timeout`).
-async fn serve_quic(conn: &Connection, host: &dyn Host) -> quinn::ConnectionError {
-    let ledger = Ledger::watch(conn, host.streams_shed());
+async fn serve_quic(
+    conn: &Connection,
+    ledger: &Arc<Ledger>,
+    host: &dyn Host,
+) -> quinn::ConnectionError {
     loop {
         let accepted = tokio::select! {
             () = host.retired().cancelled() => break,
@@ -425,7 +434,7 @@ async fn attempt_tls(
         }
     }
     info!(%sentry, %remote, transport = "tls", "tunnel up");
-    host.up(Live::Tls(control.clone()));
+    host.up(Live::Tls(control.clone(), remote, client.clone()));
     let generation = retire.child_token();
     let ended = tokio::select! {
         why = &mut run => Attempt::Ended(why),

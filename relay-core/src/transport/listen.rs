@@ -22,7 +22,7 @@ use super::budget::Ledger;
 use super::pin::IdentityError;
 use super::quic::{self, QuicError, Tuning, code};
 use super::tls::{self, TlsIo};
-use super::{TlsSession, Tunnel, wireguard};
+use super::{TlsSession, Tunnel, TunnelStream, wireguard};
 use crate::admission::{
     DEFAULT_HANDSHAKE_LIMITS, Handshake, HandshakeGate, HandshakePermit, HandshakeRefusal,
 };
@@ -47,6 +47,9 @@ pub(crate) trait TunnelSink: Send + Sync + 'static {
     fn up(&self, agent: &str, tunnel: Tunnel, key: Option<PublicKey>, remote: &dyn Display);
     /// `agent`'s `tunnel` went down (`why`).
     fn down(&self, agent: &str, tunnel: &Tunnel, remote: &dyn Display, why: &dyn Display);
+    /// `agent` opened a stream for egress (see [`super::egress`]); its request is not read
+    /// yet. Called from the tunnel's own task: spawn, never wait.
+    fn egress(self: Arc<Self>, agent: &str, stream: TunnelStream);
 }
 
 /// Why a transport could not listen, or could not take a new set of pinned keys.
@@ -438,9 +441,20 @@ async fn tunnel(incoming: quinn::Incoming, run: Run, permit: HandshakePermit) {
     };
     // A pinned agent: its address gets a reserved place in later handshakes.
     permit.authenticated();
-    let tunnel = Tunnel::Quic(conn.clone(), Ledger::watch(&conn, run.streams_shed.clone()));
+    let ledger = Ledger::watch(&conn, run.streams_shed.clone());
+    let tunnel = Tunnel::Quic(conn.clone(), ledger.clone());
     run.sink.up(&agent, tunnel.clone(), key, &remote);
-    let reason = conn.closed().await;
+    // Streams the agent opens are egress requests; the tunnel lives until the connection
+    // closes.
+    let reason = loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let stream = TunnelStream::Quic(send, ledger.recv(recv, None));
+                run.sink.clone().egress(&agent, stream);
+            }
+            Err(reason) => break reason,
+        }
+    };
     run.sink.down(&agent, &tunnel, &remote, &reason);
 }
 
@@ -457,7 +471,8 @@ pub(crate) fn wireguard_peers(config: &SentryConfig) -> Vec<wireguard::PeerSpec>
             endpoint: None,
             keepalive: None,
             liveness: wireguard::AGENT_LIVENESS,
-            accept: false,
+            // An agent's egress streams; the engine refuses them unless it has egress.
+            accept: true,
             window,
         })
     });
@@ -477,7 +492,8 @@ pub(crate) fn wireguard_peers(config: &SentryConfig) -> Vec<wireguard::PeerSpec>
     agents.chain(plain).collect()
 }
 
-/// WireGuard peers going up and down, into the registry.
+/// WireGuard peers going up and down, into the registry. The first time an agent's peer
+/// comes up, the streams it opens (egress) start going to the engine.
 async fn wireguard_events(run: Run, mut events: PeerEvents) {
     while let Some((peer, up)) = events.recv().await {
         let name = peer.name().to_owned();
@@ -486,6 +502,16 @@ async fn wireguard_events(run: Run, mut events: PeerEvents) {
             .endpoint()
             .map_or_else(|| "-".to_owned(), |e| e.to_string());
         if up {
+            if let Some(mut accepted) = peer.take_accepted() {
+                let sink = run.sink.clone();
+                let agent = name.clone();
+                // Ends when the peer is gone (removed by a reload): its queue closes.
+                tokio::spawn(async move {
+                    while let Some(stream) = accepted.recv().await {
+                        sink.clone().egress(&agent, TunnelStream::Overlay(stream));
+                    }
+                });
+            }
             run.sink.up(&name, tunnel, None, &remote);
         } else {
             let why = format!("no packet within {:?}", peer.liveness());
@@ -591,6 +617,10 @@ async fn tls_connection(tcp: TcpStream, remote: SocketAddr, run: Run, permit: Ha
     permit.authenticated();
     match tls::Role::from_byte(role) {
         Some(tls::Role::Data) => run.tls_pool(key).push(io),
+        Some(tls::Role::Egress) => {
+            let stream = TunnelStream::Tls(Box::new(tls::TlsRelay::new(io)));
+            run.sink.clone().egress(&agent, stream);
+        }
         Some(tls::Role::Control) => tls_control(io, agent, key, remote, &run).await,
         None => debug!(%remote, %agent, "unknown role byte on a TLS tunnel connection"),
     }

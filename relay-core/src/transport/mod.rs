@@ -8,6 +8,7 @@
 
 pub mod budget;
 pub(crate) mod dial;
+pub(crate) mod egress;
 pub(crate) mod listen;
 pub mod pin;
 pub mod quic;

@@ -40,6 +40,10 @@ pub(crate) const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub(crate) const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 /// Relayed connections one tunnel carries at once.
 pub const MAX_STREAMS: u32 = 16 * 1024;
+/// Egress streams an agent may open on one tunnel at once. The sentry's `[egress]` policy
+/// decides per stream (and refuses every one of an agent without `egress = true`); this only
+/// bounds what a tunnel can hold.
+pub(crate) const EGRESS_STREAMS: u32 = 4096;
 
 /// The knobs the tuning above sets, so a benchmark can measure each against quinn's defaults.
 /// The daemons always use [`Tuning::default`].
@@ -104,7 +108,7 @@ pub enum QuicError {
 }
 
 /// The transport parameters both sides use. `peer_streams` is how many bidirectional streams
-/// the peer may open at once: the sentry opens them, the agent accepts them.
+/// the peer may open at once: the sentry opens relayed connections, the agent egress ones.
 #[must_use]
 pub(crate) fn transport_config(peer_streams: u32, tuning: &Tuning) -> TransportConfig {
     let mut t = TransportConfig::default();
@@ -145,8 +149,8 @@ pub fn server_config(
     let tls = pin::server_tls(key, agents, ALPN)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = ServerConfig::with_crypto(Arc::new(crypto));
-    // Agents never open streams towards the sentry.
-    server.transport_config(Arc::new(transport_config(0, tuning)));
+    // Agents open streams towards the sentry only for egress.
+    server.transport_config(Arc::new(transport_config(EGRESS_STREAMS, tuning)));
     // Attempts waiting for the accept loop, and the packets buffered for them, are bounded
     // far below quinn's defaults (65 536 and 100 MiB): the accept loop decides on each at
     // once (see `admission::HandshakeGate`), so a deep queue would only hold a flood.

@@ -84,6 +84,8 @@ pub const GO: u8 = b'G';
 pub enum Role {
     Control = b'C',
     Data = b'D',
+    /// An egress connection: the agent's egress request follows, then the sentry's answer.
+    Egress = b'E',
 }
 
 impl Role {
@@ -92,6 +94,7 @@ impl Role {
         match byte {
             b'C' => Some(Self::Control),
             b'D' => Some(Self::Data),
+            b'E' => Some(Self::Egress),
             _ => None,
         }
     }
@@ -504,6 +507,7 @@ mod tests {
         assert_eq!(Frame::decode([4, 0, 0, 0, 1]), None);
         assert_eq!(Role::from_byte(b'C'), Some(Role::Control));
         assert_eq!(Role::from_byte(b'D'), Some(Role::Data));
+        assert_eq!(Role::from_byte(b'E'), Some(Role::Egress));
         assert_eq!(Role::from_byte(GO), None);
     }
 }

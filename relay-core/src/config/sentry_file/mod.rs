@@ -1,5 +1,6 @@
 //! The schema of `sentry.toml` and its conversion into [`SentryConfig`].
 
+mod egress;
 mod route;
 
 use std::collections::HashSet;
@@ -26,6 +27,7 @@ struct Doc {
     wireguard_peer: Vec<WireGuardPeerTable>,
     #[serde(default)]
     route: Vec<RouteTable>,
+    egress: Option<egress::EgressTable>,
 }
 
 #[derive(Deserialize)]
@@ -56,6 +58,7 @@ struct AgentTable {
     name: Spanned<Name>,
     public_key: Spanned<Key>,
     wireguard_address: Option<Spanned<String>>,
+    egress: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +192,7 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
             name: a.name.get_ref().0.clone(),
             public_key: a.public_key.get_ref().0,
             wireguard_address,
+            egress: a.egress.unwrap_or(false),
         })
         .collect();
     let wireguard_peers = wireguard_peers(
@@ -303,6 +307,7 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
             .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
         wireguard,
         wireguard_peers,
+        egress: egress::policy(&mut check, doc.egress.as_ref()),
     };
     check.finish(config)
 }
