@@ -111,6 +111,9 @@ mod tests {
     #[test]
     fn own_addresses_include_loopback() {
         let own = own_addresses().unwrap();
-        assert!(own.contains(&"127.0.0.1".parse::<IpAddr>().unwrap()), "{own:?}");
+        assert!(
+            own.contains(&"127.0.0.1".parse::<IpAddr>().unwrap()),
+            "{own:?}"
+        );
     }
 }

@@ -55,7 +55,10 @@ async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
 pub async fn peers(addr: SocketAddr, lookup: Option<std::net::IpAddr>) -> Result<String, String> {
     let (code, text) = get(addr, "/peers").await?;
     if code != 200 {
-        return Err(format!("{addr}/peers answered HTTP {code}: {}", text.trim()));
+        return Err(format!(
+            "{addr}/peers answered HTTP {code}: {}",
+            text.trim()
+        ));
     }
     let mut lines = text.lines();
     let header = lines.next().unwrap_or_default();
@@ -320,7 +323,8 @@ impl<'a> View<'a> {
                 .iter()
                 .map(|(r, v)| format!("{r} {}", count(*v)))
                 .collect();
-            let direction = |d| self.value(&metric("bytes_total"), &[(key, name), ("direction", d)]);
+            let direction =
+                |d| self.value(&metric("bytes_total"), &[(key, name), ("direction", d)]);
             rows.push([
                 name.to_owned(),
                 count(s.value),

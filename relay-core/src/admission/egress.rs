@@ -9,14 +9,14 @@
 //! agent's open egress connections and its connection rate, on a clock passed in.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use governor::RateLimiter;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
-use governor::RateLimiter;
 
 use super::{PassedClock, quota};
 use crate::config::{EgressPolicy, units};
@@ -362,7 +362,10 @@ mod tests {
         };
         assert_eq!(decide(&policy, "203.0.113.10", 7100), Ok(()));
         assert_eq!(decide(&policy, "203.0.113.10", 26658), Ok(()));
-        assert_eq!(decide(&policy, "203.0.113.10", 22), Err(EgressRefusal::Port));
+        assert_eq!(
+            decide(&policy, "203.0.113.10", 22),
+            Err(EgressRefusal::Port)
+        );
         assert_eq!(
             decide(&policy, "203.0.113.66", 7100),
             Err(EgressRefusal::Denied)
@@ -393,7 +396,10 @@ mod tests {
         );
         // ...but never deny, allow or ports.
         policy.deny = set(&["10.1.2.0/24"]);
-        assert_eq!(decide(&policy, "10.1.2.3", 7100), Err(EgressRefusal::Denied));
+        assert_eq!(
+            decide(&policy, "10.1.2.3", 7100),
+            Err(EgressRefusal::Denied)
+        );
         policy.allow = set(&["198.51.100.0/24"]);
         assert_eq!(
             decide(&policy, "10.1.3.3", 7100),
@@ -403,7 +409,10 @@ mod tests {
             decide(&policy, "203.0.113.10", 7100),
             Err(EgressRefusal::NotAllowed)
         );
-        assert_eq!(decide(&policy, "10.1.3.3", 22), Err(EgressRefusal::NotAllowed));
+        assert_eq!(
+            decide(&policy, "10.1.3.3", 22),
+            Err(EgressRefusal::NotAllowed)
+        );
     }
 
     #[test]
@@ -423,7 +432,10 @@ mod tests {
         assert!(gate.admit(t(400)).is_ok());
         gate.set_limits(1, parse_rate("100/s").unwrap());
         let held = gate.admit(t(500)).unwrap();
-        assert_eq!(gate.admit(t(600)).unwrap_err(), EgressRefusal::MaxConnections);
+        assert_eq!(
+            gate.admit(t(600)).unwrap_err(),
+            EgressRefusal::MaxConnections
+        );
         drop(held);
         assert_eq!(gate.admitted(), 5);
     }

@@ -26,10 +26,10 @@ use crate::config::{Limits, units};
 mod calls;
 mod egress;
 mod handshake;
+pub(crate) use calls::{CallRate, PerClientCap};
 pub use egress::{
     EgressGate, EgressPermit, EgressRefusal, check_destination, special as special_range,
 };
-pub(crate) use calls::{CallRate, PerClientCap};
 pub use handshake::{
     DEFAULT_HANDSHAKE_LIMITS, Handshake, HandshakeGate, HandshakeLimits, HandshakePermit,
     HandshakeRefusal,

@@ -13,8 +13,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -284,7 +284,10 @@ async fn serve(shared: Arc<Shared>, slot: Arc<Slot>, mut tcp: TcpStream, _place:
             let reply = failure.reply(error.as_ref());
             slot.stats.fail(failure);
             if let Some(suppressed) = FAILED_LOG.allow() {
-                let why = error.map_or_else(|| "no tunnel to a sentry is up".to_owned(), |e| e.to_string());
+                let why = error.map_or_else(
+                    || "no tunnel to a sentry is up".to_owned(),
+                    |e| e.to_string(),
+                );
                 warn!(listen = %slot.local, %destination, failure = failure.as_str(), suppressed, "egress connection not relayed: {why}");
             }
             if socks {
@@ -294,7 +297,12 @@ async fn serve(shared: Arc<Shared>, slot: Arc<Slot>, mut tcp: TcpStream, _place:
             return;
         }
     };
-    if socks && tcp.write_all(&socks5::reply(Reply::Succeeded, slot.local)).await.is_err() {
+    if socks
+        && tcp
+            .write_all(&socks5::reply(Reply::Succeeded, slot.local))
+            .await
+            .is_err()
+    {
         stream.abort();
         return;
     }
@@ -318,8 +326,9 @@ async fn destination(
     match mode {
         EgressMode::Forward(to) => Ok((to.clone(), Vec::new())),
         EgressMode::Transparent => {
-            let original = net::original_destination(tcp)
-                .map_err(|e| format!("no original destination (is the redirect rule in place?): {e}"))?;
+            let original = net::original_destination(tcp).map_err(|e| {
+                format!("no original destination (is the redirect rule in place?): {e}")
+            })?;
             let local = tcp.local_addr().map_err(|e| e.to_string())?;
             if original == local || original == slot.local {
                 return Err(format!(

@@ -373,4 +373,13 @@ impl AgentHandle {
     pub fn render_metrics(&self) -> String {
         metrics::render(Arc::new(self.clone()))
     }
+
+    /// The bound address of the egress listener configured at `listen` (useful with port 0).
+    #[must_use]
+    pub fn egress_addr(&self, listen: SocketAddr) -> Option<SocketAddr> {
+        lock(&self.shared.egress)
+            .iter()
+            .find(|slot| slot.config.load().listen == listen)
+            .map(|slot| slot.local)
+    }
 }

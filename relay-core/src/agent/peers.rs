@@ -153,7 +153,11 @@ impl State {
             let Some((mapped, touch)) = self.order.pop_front() else {
                 break;
             };
-            if self.by_mapped.get(&mapped).is_some_and(|p| p.touch == touch) {
+            if self
+                .by_mapped
+                .get(&mapped)
+                .is_some_and(|p| p.touch == touch)
+            {
                 self.by_mapped.remove(&mapped);
             }
         }

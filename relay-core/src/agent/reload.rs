@@ -35,7 +35,10 @@ impl Reload for AgentHandle {
         let mut slots = lock(&shared.egress);
         let mut fresh = Vec::new();
         for listener in &config.egress {
-            if !slots.iter().any(|s| s.config.load().listen == listener.listen) {
+            if !slots
+                .iter()
+                .any(|s| s.config.load().listen == listener.listen)
+            {
                 let (socket, local) =
                     egress::bind(listener).map_err(|source| AgentError::Egress {
                         addr: listener.listen,

@@ -9,17 +9,17 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, warn};
 
+use super::peers::mapped_source;
 use super::{
     AGENT_IDLE_TIMEOUT, CONNECT_TIMEOUT, HEADER_TIMEOUT, REFUSED_LOG, ServiceSlot, ServiceStats,
     Shared,
 };
-use super::peers::mapped_source;
 use crate::config::Source;
-use crate::{clock, net};
 use crate::relay::datagram::{MAX_DATAGRAM, read_datagram, write_datagram};
 use crate::relay::{Header, Status, encode_proxy_header, idle_watch, millis_since};
 use crate::transport::TunnelStream;
 use crate::transport::dial::{Place, unspecified};
+use crate::{clock, net};
 
 /// Why the agent refuses a stream whatever its header says.
 #[derive(Clone, Copy)]

@@ -5,14 +5,13 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::egress::DEFAULT_EGRESS_LISTENER_MAX_CONNECTIONS;
 use super::sentry_file::wireguard_window;
 use super::units::{Addr, HostPort, HumanDuration, HumanWindow, Key, Name};
-use super::egress::DEFAULT_EGRESS_LISTENER_MAX_CONNECTIONS;
 use super::{
-    AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT, Destination,
-    EgressListener, EgressMode, Source,
-    DEFAULT_MAX_STREAMS_PER_SENTRY, DEFAULT_SERVICE_MAX_CONNECTIONS, Locator, SentryPeer, Service,
-    TransportKind, deserialize, overlay_address,
+    AgentConfig, AgentWireGuard, Checker, ConfigErrors, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_STREAMS_PER_SENTRY, DEFAULT_SERVICE_MAX_CONNECTIONS, Destination, EgressListener,
+    EgressMode, Locator, SentryPeer, Service, Source, TransportKind, deserialize, overlay_address,
 };
 
 #[derive(Deserialize)]

@@ -257,13 +257,19 @@ mod tests {
         );
         let mut longer = good.clone();
         longer.push(0);
-        assert_eq!(EgressRequest::decode(&longer), Err(HeaderError::Trailing(1)));
+        assert_eq!(
+            EgressRequest::decode(&longer),
+            Err(HeaderError::Trailing(1))
+        );
         let mut flags = good.clone();
         flags[2] = 0;
         assert_eq!(EgressRequest::decode(&flags), Err(HeaderError::Flags(0)));
         let mut version = good.clone();
         version[0] = 2;
-        assert_eq!(EgressRequest::decode(&version), Err(HeaderError::Version(2)));
+        assert_eq!(
+            EgressRequest::decode(&version),
+            Err(HeaderError::Version(2))
+        );
         let mut family = good.clone();
         family[3] = 5;
         assert_eq!(EgressRequest::decode(&family), Err(HeaderError::Family(5)));

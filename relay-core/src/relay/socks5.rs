@@ -193,9 +193,15 @@ mod tests {
             parse_greeting(&[5, 1, 2]),
             Err(Socks5Error::NoAcceptableMethod)
         );
-        assert_eq!(parse_greeting(&[5, 0]), Err(Socks5Error::NoAcceptableMethod));
+        assert_eq!(
+            parse_greeting(&[5, 0]),
+            Err(Socks5Error::NoAcceptableMethod)
+        );
         assert_eq!(parse_greeting(&[4, 1, 0]), Err(Socks5Error::Version(4)));
-        assert_eq!(parse_greeting(b"GET / HTTP/1.1"), Err(Socks5Error::Version(b'G')));
+        assert_eq!(
+            parse_greeting(b"GET / HTTP/1.1"),
+            Err(Socks5Error::Version(b'G'))
+        );
     }
 
     #[test]
@@ -234,7 +240,10 @@ mod tests {
         );
         assert_eq!(parse_request(&[5, 2, 0, 1]), Err(Socks5Error::Command(2)));
         assert_eq!(parse_request(&[5, 3, 0, 1]), Err(Socks5Error::Command(3)));
-        assert_eq!(parse_request(&[5, 1, 0, 9]), Err(Socks5Error::AddressType(9)));
+        assert_eq!(
+            parse_request(&[5, 1, 0, 9]),
+            Err(Socks5Error::AddressType(9))
+        );
         let mut bad = vec![5, 1, 0, 3, 4];
         bad.extend_from_slice(b"a/b.");
         bad.extend_from_slice(&[0, 80]);

@@ -1,10 +1,10 @@
 //! Egress on the sentry: an agent's node dials out, and the connection leaves from here.
 //!
 //! The agent asks (an [`EgressRequest`] on a stream it opened); the sentry decides, in this
-//! order, before any packet leaves: the agent has `egress = true`; it is under its
-//! `max_connections` and `connect_rate`; a name resolves; an address passes the policy
-//! ([`check_destination`]: deny, the always-refused ranges and this host's own addresses,
-//! allow, ports). Only then is it dialed (from `[egress] source` when set), and the agent
+//! order, before any packet leaves: the agent has `egress = true`; an address passes the
+//! policy ([`check_destination`]: deny, the always-refused ranges and this host's own
+//! addresses, allow, ports); the agent is under its `max_connections` and `connect_rate`; a
+//! name resolves, and an address it resolves to passes the policy. Only then is it dialed (from `[egress] source` when set), and the agent
 //! told [`EgressStatus::Ok`]. Every refusal is counted by reason and logged rate-limited; an
 //! agent sees only the status, never why.
 
@@ -137,12 +137,9 @@ impl Egress {
         out.gauges(
             "egress_active",
             "Outbound connections of an agent open now: at most [egress] max_connections.",
-            agents.iter().map(|(n, a)| {
-                (
-                    label(n),
-                    i64::try_from(a.gate.active()).unwrap_or(i64::MAX),
-                )
-            }),
+            agents
+                .iter()
+                .map(|(n, a)| (label(n), i64::try_from(a.gate.active()).unwrap_or(i64::MAX))),
         )?;
         out.counters(
             "egress_refused",
@@ -232,6 +229,19 @@ pub(super) async fn serve(shared: Arc<Shared>, agent: String, mut stream: Tunnel
         answer(&mut stream, refuse(EgressRefusal::AgentNotAllowed)).await;
         return;
     }
+    let policy = egress.policy.load_full();
+    // An address is judged before it costs the agent any of its rate; a name only once
+    // resolved, which the rate bounds.
+    let checked = match &destination {
+        Destination::Addr(addr) => match admitted(&policy, &[*addr]) {
+            Ok(allowed) => Some(allowed),
+            Err(reason) => {
+                answer(&mut stream, refuse(reason)).await;
+                return;
+            }
+        },
+        Destination::Name(..) => None,
+    };
     let _permit = match stats.gate.admit(clock::now() - shared.epoch) {
         Ok(permit) => permit,
         Err(reason) => {
@@ -239,21 +249,25 @@ pub(super) async fn serve(shared: Arc<Shared>, agent: String, mut stream: Tunnel
             return;
         }
     };
-    let policy = egress.policy.load_full();
-    let candidates = match resolve(&destination).await {
-        Ok(candidates) => candidates,
-        Err(why) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            debug!(%agent, %destination, "egress: {why}");
-            answer(&mut stream, EgressStatus::ConnectFailed).await;
-            return;
-        }
-    };
-    let allowed = match admitted(&policy, &candidates) {
-        Ok(allowed) => allowed,
-        Err(reason) => {
-            answer(&mut stream, refuse(reason)).await;
-            return;
+    let allowed = match checked {
+        Some(allowed) => allowed,
+        None => {
+            let candidates = match resolve(&destination).await {
+                Ok(candidates) => candidates,
+                Err(why) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    debug!(%agent, %destination, "egress: {why}");
+                    answer(&mut stream, EgressStatus::ConnectFailed).await;
+                    return;
+                }
+            };
+            match admitted(&policy, &candidates) {
+                Ok(allowed) => allowed,
+                Err(reason) => {
+                    answer(&mut stream, refuse(reason)).await;
+                    return;
+                }
+            }
         }
     };
     let mut tcp = match dial(&allowed, policy.source).await {
@@ -271,8 +285,7 @@ pub(super) async fn serve(shared: Arc<Shared>, agent: String, mut stream: Tunnel
         }
     };
     let _ = tcp.set_nodelay(true);
-    if stream.write_all(&[EgressStatus::Ok as u8]).await.is_err() || stream.flush().await.is_err()
-    {
+    if stream.write_all(&[EgressStatus::Ok as u8]).await.is_err() || stream.flush().await.is_err() {
         return;
     }
     stats.connected.fetch_add(1, Ordering::Relaxed);
@@ -341,7 +354,10 @@ fn admitted(
 
 /// Dial the allowed addresses in turn within [`EGRESS_CONNECT_TIMEOUT`] in all; the last
 /// error if none answers.
-async fn dial(allowed: &[SocketAddr], source: Option<IpAddr>) -> std::io::Result<tokio::net::TcpStream> {
+async fn dial(
+    allowed: &[SocketAddr],
+    source: Option<IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
     let deadline = clock::now() + EGRESS_CONNECT_TIMEOUT;
     let mut last = std::io::Error::from(std::io::ErrorKind::AddrNotAvailable);
     for addr in allowed {

@@ -32,7 +32,8 @@ pub(super) fn policy(check: &mut Checker<'_>, table: Option<&EgressTable>) -> Eg
     let Some(table) = table else {
         return defaults;
     };
-    let nets = |list: &[Spanned<Cidr>]| -> Vec<IpNet> { list.iter().map(|c| c.get_ref().0).collect() };
+    let nets =
+        |list: &[Spanned<Cidr>]| -> Vec<IpNet> { list.iter().map(|c| c.get_ref().0).collect() };
     let allow = match &table.allow {
         None => defaults.allow,
         Some(list) if list.get_ref().is_empty() => {
@@ -58,8 +59,10 @@ pub(super) fn policy(check: &mut Checker<'_>, table: Option<&EgressTable>) -> Eg
             }
         })
         .collect();
-    let source = table.source.as_ref().and_then(|text| {
-        match text.get_ref().parse::<IpAddr>() {
+    let source = table
+        .source
+        .as_ref()
+        .and_then(|text| match text.get_ref().parse::<IpAddr>() {
             Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => Some(ip),
             _ => {
                 check.fail(
@@ -73,8 +76,7 @@ pub(super) fn policy(check: &mut Checker<'_>, table: Option<&EgressTable>) -> Eg
                 );
                 None
             }
-        }
-    });
+        });
     EgressPolicy {
         allow,
         deny: CidrSet::new(table.deny.as_deref().map(nets).unwrap_or_default()),
