@@ -157,7 +157,8 @@ pub fn pair(request: &Request<'_>) -> Result<String, String> {
          metrics_listen = \"{SENTRY_METRICS}\"  # `sentry status` reads it; keep it private\n\n\
          [[agent]]\n\
          name = \"validator\"\n\
-         public_key = \"{agent_pub}\"\n",
+         public_key = \"{agent_pub}\"\n\
+         egress = true                       # the node's outbound P2P leaves from here\n",
         preset = request.preset.name(),
         sentry_key_path = key_path("sentry.key"),
         agent_pub = agent_key.public_key(),
@@ -189,7 +190,9 @@ pub fn pair(request: &Request<'_>) -> Result<String, String> {
         );
         let _ = write!(
             agent,
-            "\n[[service]]\nname = \"{name}\"\ntarget = \"127.0.0.1:{port}\"\n",
+            "\n# Each peer reaches the node from its own 127.x.y.z (source = \"mapped\", the \
+             default\n# for a loopback target): `sentry status --peers` tells them apart.\n\
+             [[service]]\nname = \"{name}\"\ntarget = \"127.0.0.1:{port}\"\n",
             name = p.name,
             port = p.port,
         );
@@ -213,6 +216,24 @@ pub fn pair(request: &Request<'_>) -> Result<String, String> {
          [[service]]\nname = \"{name}\"\ntarget = \"127.0.0.1:{port}\"\n",
         name = rpc.name,
         port = rpc.port,
+    );
+
+    let _ = write!(
+        sentry,
+        "\n# What this sentry dials for the agent's node (egress = true above): the public\n\
+         # internet; private ranges, cloud metadata and this host's own addresses never.\n\
+         [egress]\n\
+         # ports = [\"{port}\"]                  # only peers' P2P ports, if they all use it\n\
+         max_connections = 1024\n\
+         connect_rate = \"50/s\"\n",
+        port = chain.routes[0].port,
+    );
+    let _ = write!(
+        agent,
+        "\n# The node's outbound connections leave from the sentry: load the nftables\n\
+         # redirect of docs/hidden-validator.md for the node's user (or point software that\n\
+         # takes a proxy at a socks5 listener).\n\
+         [[egress]]\nlisten = \"127.0.0.1:7199\"\nmode = \"transparent\"\n",
     );
 
     // The real parser checks what we generated before anything is written.

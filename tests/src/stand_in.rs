@@ -34,7 +34,10 @@ impl Drop for StandIn {
 const POLL: Duration = Duration::from_millis(50);
 
 /// Accept on `listener` and run `handle` on a thread per connection until dropped.
-fn serve(listener: TcpListener, handle: impl Fn(TcpStream) + Send + Sync + 'static) -> StandIn {
+pub fn serve_each(
+    listener: TcpListener,
+    handle: impl Fn(TcpStream) + Send + Sync + 'static,
+) -> StandIn {
     let handle = Arc::new(handle);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -68,7 +71,7 @@ fn serve(listener: TcpListener, handle: impl Fn(TcpStream) + Send + Sync + 'stat
 /// Echoes every byte; half-closes when the client does.
 #[must_use]
 pub fn echo(listener: TcpListener) -> StandIn {
-    serve(listener, |mut tcp| {
+    serve_each(listener, |mut tcp| {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match tcp.read(&mut buf) {
@@ -84,10 +87,74 @@ pub fn echo(listener: TcpListener) -> StandIn {
     })
 }
 
+/// A public peer that says whom it sees: it writes the connection's source address and a
+/// newline, then echoes every byte (half-closing when the client does).
+#[must_use]
+pub fn teller(listener: TcpListener) -> StandIn {
+    serve_each(listener, |mut tcp| {
+        let Ok(peer) = tcp.peer_addr() else { return };
+        if writeln!(tcp, "{}", peer.ip()).is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tcp.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tcp.shutdown(Shutdown::Write);
+    })
+}
+
+/// The same for an HTTP client (such as curl): any request is answered `200` with the
+/// connection's source address as the body.
+#[must_use]
+pub fn http_teller(listener: TcpListener) -> StandIn {
+    serve_each(listener, |mut tcp| {
+        let Ok(peer) = tcp.peer_addr() else { return };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let body = peer.ip().to_string();
+        let _ = write!(
+            tcp,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    })
+}
+
+/// Read the line a [`teller`] writes first: the address it saw.
+pub fn told(tcp: &mut TcpStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        tcp.read_exact(&mut byte)?;
+        if byte[0] == b'\n' {
+            return String::from_utf8(line).map_err(|e| std::io::Error::other(e.to_string()));
+        }
+        line.push(byte[0]);
+        if line.len() > 64 {
+            return Err(std::io::Error::other("no address line"));
+        }
+    }
+}
+
 /// Writes `tag` first, then echoes: tells which of two validators answered.
 #[must_use]
 pub fn tagged_echo(listener: TcpListener, tag: &'static [u8]) -> StandIn {
-    serve(listener, move |mut tcp| {
+    serve_each(listener, move |mut tcp| {
         if tcp.write_all(tag).is_ok() {
             let _ = std::io::copy(&mut tcp.try_clone().unwrap(), &mut tcp);
         }
@@ -99,7 +166,7 @@ pub fn tagged_echo(listener: TcpListener, tag: &'static [u8]) -> StandIn {
 /// fixture only: it trusts its input.
 #[must_use]
 pub fn jsonrpc(listener: TcpListener) -> StandIn {
-    serve(listener, |mut tcp| {
+    serve_each(listener, |mut tcp| {
         let mut pending = Vec::new();
         let mut buf = [0u8; 4096];
         loop {

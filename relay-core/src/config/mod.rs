@@ -45,7 +45,7 @@ pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A parsed config file of either role.
 #[derive(Debug, Clone)]
 pub enum Config {
-    Sentry(SentryConfig),
+    Sentry(Box<SentryConfig>),
     Agent(AgentConfig),
 }
 
@@ -375,7 +375,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let table: toml::Table = toml::from_str(&text).map_err(|e| toml_error(&loc, "", &e))?;
     let is_table = |key: &str| table.get(key).is_some_and(toml::Value::is_table);
     if is_table("sentry") {
-        sentry_file::parse(&loc).map(Config::Sentry)
+        sentry_file::parse(&loc).map(|c| Config::Sentry(Box::new(c)))
     } else if is_table("agent") {
         agent_file::parse(&loc).map(Config::Agent)
     } else {

@@ -24,6 +24,12 @@ pub const EGRESS_STATUS_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest opening the stream itself may take (a free QUIC stream, an overlay or TLS
 /// connection).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A QUIC tunnel that has received nothing at all this long after the request was sent (not
+/// even the acknowledgment of it) belongs to a sentry that is gone: the
+/// next sentry is asked at once rather than after [`EGRESS_STATUS_TIMEOUT`]. Opening a QUIC
+/// stream needs no packet from the peer, so without this a sentry killed a moment ago would
+/// hold every new connection for the whole timeout until the tunnel's idle timeout ends it.
+const SILENT_AFTER: Duration = Duration::from_secs(3);
 
 /// Why an egress stream gave no connection.
 #[derive(Debug)]
@@ -102,14 +108,30 @@ impl Live {
             stream.read_exact(&mut status).await.map_err(tunnel)?;
             Ok(EgressStatus::from_byte(status[0]))
         };
-        match tokio::time::timeout(EGRESS_STATUS_TIMEOUT, exchange).await {
-            Ok(Ok(Some(EgressStatus::Ok))) => Ok(stream),
-            Ok(Ok(status)) => Err(EgressOpenError::Refused(status)),
-            Ok(Err(e)) => {
+        let received = || match self {
+            Self::Quic(conn, _) => Some(conn.stats().udp_rx.datagrams),
+            Self::WireGuard(_) | Self::Tls(..) => None,
+        };
+        let before = received();
+        // A live sentry acknowledges the request within a round trip.
+        let silent = async {
+            tokio::time::sleep(SILENT_AFTER).await;
+            if before.is_none() || received() != before {
+                std::future::pending::<()>().await;
+            }
+        };
+        let answered = tokio::select! {
+            answered = tokio::time::timeout(EGRESS_STATUS_TIMEOUT, exchange) => answered.ok(),
+            () = silent => None,
+        };
+        match answered {
+            Some(Ok(Some(EgressStatus::Ok))) => Ok(stream),
+            Some(Ok(status)) => Err(EgressOpenError::Refused(status)),
+            Some(Err(e)) => {
                 stream.abort();
                 Err(e)
             }
-            Err(_) => {
+            None => {
                 stream.abort();
                 Err(EgressOpenError::Unresponsive)
             }

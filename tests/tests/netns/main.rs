@@ -10,6 +10,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod flood;
+mod hidden;
 mod reach;
 mod recovery;
 
