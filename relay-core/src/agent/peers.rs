@@ -7,8 +7,10 @@
 //! against the client (the first octet is lost: two clients that differ only there share an
 //! address). The three addresses the host itself uses or that mean "everyone" (`127.0.0.0`,
 //! `127.0.0.1`, `127.255.255.255`) have the top bit of their second octet flipped, so a peer
-//! never looks like the agent's own `127.0.0.1` to the node. An IPv6 client is hashed
-//! (SHA-256 of its 16 bytes) into the same range, likewise avoiding those three.
+//! never looks like the agent's own `127.0.0.1` to the node. An IPv6 client is its /64, as the
+//! sentry's admission counts it (a host usually owns a whole /64, and must not become 2^24
+//! peers to the node by cycling through it): the /64 is hashed (SHA-256 of its 8 bytes) into
+//! the same range, likewise avoiding those three.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -30,7 +32,7 @@ pub fn mapped_source(client: IpAddr) -> Ipv4Addr {
             [b, c, d]
         }
         IpAddr::V6(v6) => {
-            let digest = ring::digest::digest(&ring::digest::SHA256, &v6.octets());
+            let digest = ring::digest::digest(&ring::digest::SHA256, &v6.octets()[..8]);
             let h = digest.as_ref();
             [h[0], h[1], h[2]]
         }
@@ -219,7 +221,9 @@ mod tests {
     fn ipv6_clients_hash_into_the_range_stably() {
         let a = mapped_source(ip("2001:db8::1"));
         assert_eq!(a, mapped_source(ip("2001:db8::1")));
-        assert_ne!(a, mapped_source(ip("2001:db8::2")));
+        // One /64 is one peer; another /64 another.
+        assert_eq!(a, mapped_source(ip("2001:db8::ffff:2")));
+        assert_ne!(a, mapped_source(ip("2001:db8:0:1::1")));
         assert_eq!(a.octets()[0], 127);
     }
 

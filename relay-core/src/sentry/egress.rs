@@ -72,6 +72,11 @@ impl Egress {
     /// Apply a (reloaded) config to later connections; open ones keep going.
     pub(super) fn set_config(&self, config: &SentryConfig) {
         let policy = &config.egress;
+        if let Some(source) = policy.source
+            && net::own_addresses().is_ok_and(|own| !own.contains(&source))
+        {
+            warn!(%source, "egress.source is not an address of this host: every egress connection will fail until it is");
+        }
         let allowed: Vec<String> = config
             .agents
             .iter()
@@ -285,6 +290,11 @@ pub(super) async fn serve(shared: Arc<Shared>, agent: String, mut stream: Tunnel
         }
     };
     let _ = tcp.set_nodelay(true);
+    // A destination that stops reading holds this stream's tunnel credit: it is shed as a
+    // stalled client would be, the address holding the most first.
+    if let Ok(peer) = tcp.peer_addr() {
+        stream.set_client(peer.ip());
+    }
     if stream.write_all(&[EgressStatus::Ok as u8]).await.is_err() || stream.flush().await.is_err() {
         return;
     }
