@@ -194,7 +194,18 @@ impl Daemon {
 
     /// A socket address logged as field `field` of the first event `message`.
     pub fn logged_addr(&self, message: &str, having: &[(&str, &str)], field: &str) -> SocketAddr {
-        let fields = self.wait_event(message, having, 0, Duration::from_secs(20));
+        self.logged_addr_nth(message, having, field, 0)
+    }
+
+    /// A socket address logged as field `field` of the `nth` (from 0) event `message`.
+    pub fn logged_addr_nth(
+        &self,
+        message: &str,
+        having: &[(&str, &str)],
+        field: &str,
+        nth: usize,
+    ) -> SocketAddr {
+        let fields = self.wait_event(message, having, nth, Duration::from_secs(20));
         let value = fields
             .get(field)
             .and_then(serde_json::Value::as_str)

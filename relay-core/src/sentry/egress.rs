@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
@@ -32,12 +32,17 @@ use crate::{clock, lock, net};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Addresses of one name dialed, at most.
 const MAX_CANDIDATES: usize = 8;
+/// How long the list of this host's own addresses is reused: reading it is a netlink dump,
+/// which cost a churn of egress connections a tenth of its rate when done for each.
+const OWN_FOR: Duration = Duration::from_secs(1);
 
 static REFUSED_LOG: LogLimit = LogLimit::new(Duration::from_secs(10));
 
 /// Egress state: the policy in force, and each agent's allowance and counters.
 pub(super) struct Egress {
     policy: ArcSwap<EgressPolicy>,
+    /// This host's addresses, and when they were read (see [`OWN_FOR`]).
+    own: Mutex<Option<(Instant, Arc<Vec<IpAddr>>)>>,
     /// Agents allowed egress now.
     allowed: ArcSwap<Vec<String>>,
     /// Per agent that ever asked (or is allowed), kept across reloads for its counters.
@@ -62,6 +67,7 @@ impl Egress {
     pub(super) fn new(config: &SentryConfig) -> Self {
         let egress = Self {
             policy: ArcSwap::from_pointee(config.egress.clone()),
+            own: Mutex::new(None),
             allowed: ArcSwap::default(),
             agents: Mutex::new(HashMap::new()),
         };
@@ -125,6 +131,20 @@ impl Egress {
 
     fn allows(&self, agent: &str) -> bool {
         self.allowed.load().iter().any(|a| a == agent)
+    }
+
+    /// This host's addresses, read at most every [`OWN_FOR`].
+    fn own_addresses(&self) -> std::io::Result<Arc<Vec<IpAddr>>> {
+        let now = clock::now();
+        let mut own = lock(&self.own);
+        if let Some((at, list)) = own.as_ref()
+            && now.duration_since(*at) < OWN_FOR
+        {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(net::own_addresses()?);
+        *own = Some((now, list.clone()));
+        Ok(list)
     }
 
     /// The egress families of `/metrics`, per agent allowed egress or that asked for it.
@@ -238,7 +258,7 @@ pub(super) async fn serve(shared: Arc<Shared>, agent: String, mut stream: Tunnel
     // An address is judged before it costs the agent any of its rate; a name only once
     // resolved, which the rate bounds.
     let checked = match &destination {
-        Destination::Addr(addr) => match admitted(&policy, &[*addr]) {
+        Destination::Addr(addr) => match admitted(&policy, egress.own_addresses(), &[*addr]) {
             Ok(allowed) => Some(allowed),
             Err(reason) => {
                 answer(&mut stream, refuse(reason)).await;
@@ -266,7 +286,7 @@ pub(super) async fn serve(shared: Arc<Shared>, agent: String, mut stream: Tunnel
                     return;
                 }
             };
-            match admitted(&policy, &candidates) {
+            match admitted(&policy, egress.own_addresses(), &candidates) {
                 Ok(allowed) => allowed,
                 Err(reason) => {
                     answer(&mut stream, refuse(reason)).await;
@@ -331,9 +351,10 @@ async fn resolve(destination: &Destination) -> Result<Vec<SocketAddr>, String> {
 /// address past the policy.
 fn admitted(
     policy: &EgressPolicy,
+    own: std::io::Result<Arc<Vec<IpAddr>>>,
     candidates: &[SocketAddr],
 ) -> Result<Vec<SocketAddr>, EgressRefusal> {
-    let own = match net::own_addresses() {
+    let own = match own {
         Ok(own) => own,
         Err(e) => {
             // Without the list, every address counts as our own: refuse rather than guess.

@@ -26,6 +26,7 @@
 //! `SENTRY_BIN` (the release binary).
 #![allow(clippy::disallowed_methods)] // plain deadlines and process handling, outside the daemon
 
+mod egress;
 mod paths;
 mod results;
 mod system;
@@ -147,6 +148,8 @@ struct Section {
     site: &'static str,
     names: Vec<String>,
     samples: Vec<Samples>,
+    /// The node dialing out through the sentry against dialing directly.
+    egress: Option<egress::EgressSection>,
 }
 
 /// The runtimes of one site: the load generator's (client host), the services' (validator)
@@ -363,6 +366,7 @@ fn measure(site: &Site, s: Settings) -> Section {
         });
     }
 
+    let names: Vec<String> = paths.iter().map(|p| p.name.clone()).collect();
     let mut samples = vec![Samples::default(); paths.len()];
     let mut rss_after_rr = vec![Vec::<u64>::new(); paths.len()];
     for rep in 0..s.reps {
@@ -481,13 +485,16 @@ fn measure(site: &Site, s: Settings) -> Section {
         };
         samples[i].idle = Some(idle(&rt, &fresh, n));
     }
+    drop(paths);
+    let egress = egress::measure_egress(site, s);
     if let Site::Loopback = site {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Section {
         site: site.name(),
-        names: paths.iter().map(|p| p.name.clone()).collect(),
+        names,
         samples,
+        egress: Some(egress),
     }
 }
 

@@ -82,6 +82,9 @@ pub(super) fn report(sections: &[Section], s: Settings, sites: &str) -> String {
     }
     for section in sections {
         tables(&mut t, section);
+        if let Some(egress) = &section.egress {
+            crate::egress::egress_table(&mut t, egress);
+        }
     }
     t
 }
