@@ -71,20 +71,23 @@ pub fn serve_each(
 /// Echoes every byte; half-closes when the client does.
 #[must_use]
 pub fn echo(listener: TcpListener) -> StandIn {
-    serve_each(listener, |mut tcp| {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match tcp.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tcp.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
+    serve_each(listener, echo_to_end)
+}
+
+/// Echo every byte until the client's end of stream, then half-close.
+pub fn echo_to_end(mut tcp: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if tcp.write_all(&buf[..n]).is_err() {
+                    return;
                 }
             }
         }
-        let _ = tcp.shutdown(Shutdown::Write);
-    })
+    }
+    let _ = tcp.shutdown(Shutdown::Write);
 }
 
 /// A public peer that says whom it sees: it writes the connection's source address and a
@@ -93,21 +96,9 @@ pub fn echo(listener: TcpListener) -> StandIn {
 pub fn teller(listener: TcpListener) -> StandIn {
     serve_each(listener, |mut tcp| {
         let Ok(peer) = tcp.peer_addr() else { return };
-        if writeln!(tcp, "{}", peer.ip()).is_err() {
-            return;
+        if writeln!(tcp, "{}", peer.ip()).is_ok() {
+            echo_to_end(tcp);
         }
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match tcp.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tcp.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        let _ = tcp.shutdown(Shutdown::Write);
     })
 }
 

@@ -142,10 +142,7 @@ pub(crate) const DEFAULT_EGRESS_CONNECT_RATE: units::Rate = units::Rate {
 impl Default for EgressPolicy {
     fn default() -> Self {
         Self {
-            allow: CidrSet::new([
-                "0.0.0.0/0".parse().expect("invariant: valid CIDR"),
-                "::/0".parse().expect("invariant: valid CIDR"),
-            ]),
+            allow: super::everyone(),
             deny: CidrSet::default(),
             allow_private: CidrSet::default(),
             ports: Vec::new(),

@@ -253,13 +253,18 @@ pub(crate) const DEFAULT_CONNECT_RATE_PER_IP: units::Rate = units::Rate {
 /// Default of `[sentry] max_connections`: open relayed connections across all routes.
 pub(crate) const DEFAULT_SENTRY_MAX_CONNECTIONS: usize = 16384;
 
+/// Every address, IPv4 and IPv6: the default `allow` of routes and of `[egress]`.
+pub(crate) fn everyone() -> CidrSet {
+    CidrSet::new([
+        "0.0.0.0/0".parse().expect("invariant: valid CIDR"),
+        "::/0".parse().expect("invariant: valid CIDR"),
+    ])
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            allow: CidrSet::new([
-                "0.0.0.0/0".parse().expect("invariant: valid CIDR"),
-                "::/0".parse().expect("invariant: valid CIDR"),
-            ]),
+            allow: everyone(),
             deny: CidrSet::default(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,

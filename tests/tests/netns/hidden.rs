@@ -135,6 +135,21 @@ fn agent_toml(t: &Topology, sentries: &[(Ipv4Addr, String)], p2p: SocketAddr) ->
     path
 }
 
+/// The sentry and the agent (the P2P service on the validator's loopback, the three egress
+/// listeners), started; returns once both see the tunnel up.
+fn one_sentry_and_agent(t: &Topology) -> (Daemon, Daemon) {
+    let sentry_pub = key_file(t, "sentry.key");
+    let agent_pub = key_file(t, "agent.key");
+    let sentry_toml = sentry_toml(t, "sentry", SENTRY, &agent_pub, "");
+    let agent_toml = agent_toml(t, &[(SENTRY, sentry_pub)], loopback(P2P_PORT));
+    let sentry = t.daemon(Host::Sentry, "serve", &sentry_toml);
+    sentry.wait_log("sentry ready", 1, PATIENCE);
+    let agent = t.daemon(Host::Validator, "agent", &agent_toml);
+    sentry.wait_log("tunnel up", 1, PATIENCE);
+    agent.wait_log("tunnel up", 1, PATIENCE);
+    (sentry, agent)
+}
+
 /// Connect to `to` from the validator host as the node's user, read whom the peer saw, and
 /// send 8 MiB through its echo, hash-checked both ways.
 fn as_node(t: &Topology, to: SocketAddr) -> (String, bool) {
@@ -254,15 +269,7 @@ fn a_locked_down_validator_dials_out_only_through_the_sentry() {
     }
     let _cleanup = Cleanup(hosts_dir);
 
-    let sentry_pub = key_file(&t, "sentry.key");
-    let agent_pub = key_file(&t, "agent.key");
-    let sentry_toml = sentry_toml(&t, "sentry", SENTRY, &agent_pub, "");
-    let agent_toml = agent_toml(&t, &[(SENTRY, sentry_pub)], loopback(P2P_PORT));
-    let sentry = t.daemon(Host::Sentry, "serve", &sentry_toml);
-    sentry.wait_log("sentry ready", 1, PATIENCE);
-    let agent = t.daemon(Host::Validator, "agent", &agent_toml);
-    sentry.wait_log("tunnel up", 1, PATIENCE);
-    agent.wait_log("tunnel up", 1, PATIENCE);
+    let (_sentry, _agent) = one_sentry_and_agent(&t);
 
     // Transparent: the node dials the peer's own address; the redirect brings it to the agent.
     let (seen, intact) = as_node(&t, peer());
@@ -427,14 +434,7 @@ fn two_public_clients_are_two_peers_to_the_node() {
         ],
     );
     let node = per_address_teller(listen(&t, Host::Validator, loopback(P2P_PORT)));
-    let sentry_pub = key_file(&t, "sentry.key");
-    let agent_pub = key_file(&t, "agent.key");
-    let sentry_toml = sentry_toml(&t, "sentry", SENTRY, &agent_pub, "");
-    let agent_toml = agent_toml(&t, &[(SENTRY, sentry_pub)], loopback(P2P_PORT));
-    let sentry = t.daemon(Host::Sentry, "serve", &sentry_toml);
-    sentry.wait_log("sentry ready", 1, PATIENCE);
-    let _agent = t.daemon(Host::Validator, "agent", &agent_toml);
-    sentry.wait_log("tunnel up", 1, PATIENCE);
+    let (_sentry, _agent) = one_sentry_and_agent(&t);
 
     let from = |ip: Ipv4Addr| {
         t.enter(Host::Client, || {
@@ -545,18 +545,7 @@ fn per_address_teller(listener: std::net::TcpListener) -> PerAddress {
             *n += 1;
         }
         if writeln!(tcp, "{}", peer.ip()).is_ok() {
-            let mut buf = [0u8; 4096];
-            loop {
-                match tcp.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tcp.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            let _ = tcp.shutdown(std::net::Shutdown::Write);
+            stand_in::echo_to_end(tcp);
         }
         if let Some(n) = table.lock().unwrap().get_mut(&peer.ip()) {
             *n -= 1;

@@ -7,6 +7,7 @@
 //! the sentry's address.
 
 use super::*;
+use crate::paths::Ends;
 use crate::results::{cell, median};
 
 /// One path's egress samples.
@@ -88,26 +89,9 @@ pub(super) fn measure_egress(site: &Site, s: Settings) -> EgressSection {
 /// The release sentry (egress allowed for its agent) and agent over `transport`, the agent
 /// with a `forward` listener to each of `to`'s services. Returns the listeners.
 fn egress_path(site: &Site, dir: &Path, transport: &str, to: Routes) -> (Routes, Vec<Daemon>) {
-    let sentry_key = PrivateKey::generate().expect("key");
-    let agent_key = PrivateKey::generate().expect("key");
-    let key_file = |name: &str, key: &PrivateKey| {
-        let path = dir.join(format!("{transport}-{name}.key"));
-        write_private_key(&path, key).expect("key file");
-        path
-    };
-    let (sk, ak) = (
-        key_file("sentry", &sentry_key),
-        key_file("agent", &agent_key),
-    );
+    let ends = Ends::new(site, dir, transport);
     let ip = site.ip(Host::Sentry);
-    let (listener, agent_overlay) = match transport {
-        "wireguard" => (
-            format!("wireguard_listen = \"{ip}:0\"\nwireguard_address = \"100.64.0.1\"\n"),
-            "wireguard_address = \"100.64.0.2\"\n",
-        ),
-        "tls" => (format!("tls_listen = \"{ip}:0\"\n"), ""),
-        _ => (String::new(), ""),
-    };
+    let (listener, agent_overlay) = (&ends.listener, ends.agent_overlay);
     // On loopback the public services are on 127.0.0.1, which only allow_private lets the
     // sentry dial; in the topology they are on the public segment.
     let private = match site {
@@ -118,23 +102,13 @@ fn egress_path(site: &Site, dir: &Path, transport: &str, to: Routes) -> (Routes,
         "[sentry]\nprivate_key = \"{}\"\nquic_listen = \"{ip}:0\"\n{listener}\n\
          [[agent]]\nname = \"bench\"\npublic_key = \"{}\"\negress = true\n{agent_overlay}\n\
          [egress]\n{private}max_connections = 100000\nconnect_rate = \"1000000/s\"\n",
-        sk.display(),
-        agent_key.public_key()
+        ends.sentry_file.display(),
+        ends.agent_key.public_key()
     );
     let sentry_path = dir.join(format!("{transport}-sentry.toml"));
     std::fs::write(&sentry_path, sentry).expect("write");
     let sentry = site.daemon(Host::Sentry, "serve", &sentry_path);
-    let (dial, overlay) = match transport {
-        "wireguard" => (
-            sentry.logged_addr("WireGuard listening", &[], "listen"),
-            "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
-        ),
-        "tls" => (
-            sentry.logged_addr("TLS tunnel listening", &[], "listen"),
-            "",
-        ),
-        _ => (sentry.logged_addr("sentry ready", &[], "quic"), ""),
-    };
+    let (dial, overlay) = Ends::dial(&sentry, transport);
     // One loopback address per listener, so the log tells them apart.
     let services = [
         ("127.0.0.1", to.echo),
@@ -145,8 +119,8 @@ fn egress_path(site: &Site, dir: &Path, transport: &str, to: Routes) -> (Routes,
         "[agent]\nname = \"bench\"\nprivate_key = \"{}\"\n\n\
          [[sentry]]\naddress = \"{dial}\"\npublic_key = \"{}\"\ntransport = \"{transport}\"\n{overlay}\n\
          [[service]]\nname = \"unused\"\ntarget = \"127.0.0.1:9\"\n",
-        ak.display(),
-        sentry_key.public_key()
+        ends.agent_file.display(),
+        ends.sentry_key.public_key()
     );
     for (listen, target) in services {
         agent += &format!(

@@ -1,7 +1,65 @@
 //! The paths under test: the sentry over each transport, rathole, and what they need
 //! (identities, ports, a probe).
 
+use std::path::PathBuf;
+
 use super::*;
+
+/// What a sentry and an agent over one transport need: their keys (and key files), the
+/// sentry's tunnel listener lines, and the overlay line of its `[[agent]]` entry.
+pub(super) struct Ends {
+    pub(super) sentry_key: PrivateKey,
+    pub(super) agent_key: PrivateKey,
+    pub(super) sentry_file: PathBuf,
+    pub(super) agent_file: PathBuf,
+    pub(super) listener: String,
+    pub(super) agent_overlay: &'static str,
+}
+
+impl Ends {
+    pub(super) fn new(site: &Site, dir: &Path, transport: &str) -> Self {
+        let sentry_key = PrivateKey::generate().expect("key");
+        let agent_key = PrivateKey::generate().expect("key");
+        let key_file = |name: &str, key: &PrivateKey| {
+            let path = dir.join(format!("{transport}-{name}.key"));
+            write_private_key(&path, key).expect("key file");
+            path
+        };
+        let ip = site.ip(Host::Sentry);
+        let (listener, agent_overlay) = match transport {
+            "wireguard" => (
+                format!("wireguard_listen = \"{ip}:0\"\nwireguard_address = \"100.64.0.1\"\n"),
+                "wireguard_address = \"100.64.0.2\"\n",
+            ),
+            "tls" => (format!("tls_listen = \"{ip}:0\"\n"), ""),
+            _ => (String::new(), ""),
+        };
+        Self {
+            sentry_file: key_file("sentry", &sentry_key),
+            agent_file: key_file("agent", &agent_key),
+            sentry_key,
+            agent_key,
+            listener,
+            agent_overlay,
+        }
+    }
+
+    /// Where the agent dials the running `sentry` over `transport` (read from its log), and
+    /// the overlay lines of the agent's `[[sentry]]` entry.
+    pub(super) fn dial(sentry: &Daemon, transport: &str) -> (SocketAddr, &'static str) {
+        match transport {
+            "wireguard" => (
+                sentry.logged_addr("WireGuard listening", &[], "listen"),
+                "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
+            ),
+            "tls" => (
+                sentry.logged_addr("TLS tunnel listening", &[], "listen"),
+                "",
+            ),
+            _ => (sentry.logged_addr("sentry ready", &[], "quic"), ""),
+        }
+    }
+}
 
 /// The release `sentry serve` on the sentry host and `sentry agent` on the validator over
 /// `transport`. Every port is chosen by the kernel (a fixed one may be held by an earlier
@@ -13,26 +71,15 @@ pub(super) fn sentry_path(
     to: &Routes,
     idle: usize,
 ) -> PathUnderTest {
-    let sentry_key = PrivateKey::generate().expect("key");
-    let agent_key = PrivateKey::generate().expect("key");
-    let key_file = |name: &str, key: &PrivateKey| {
-        let path = dir.join(format!("{transport}-{name}.key"));
-        write_private_key(&path, key).expect("key file");
-        path
-    };
-    let (sk, ak) = (
-        key_file("sentry", &sentry_key),
-        key_file("agent", &agent_key),
+    let ends = Ends::new(site, dir, transport);
+    let (sk, ak, listener, sentry_agent_extra) = (
+        &ends.sentry_file,
+        &ends.agent_file,
+        &ends.listener,
+        ends.agent_overlay,
     );
+    let (sentry_key, agent_key) = (&ends.sentry_key, &ends.agent_key);
     let ip = site.ip(Host::Sentry);
-    let (listener, sentry_agent_extra) = match transport {
-        "wireguard" => (
-            format!("wireguard_listen = \"{ip}:0\"\nwireguard_address = \"100.64.0.1\"\n"),
-            "wireguard_address = \"100.64.0.2\"\n",
-        ),
-        "tls" => (format!("tls_listen = \"{ip}:0\"\n"), ""),
-        _ => (String::new(), ""),
-    };
     // The idle run holds many connections from one address: every cap is lifted above it.
     let cap = 2 * idle + 1000;
     let mut sentry = format!(
@@ -52,17 +99,7 @@ pub(super) fn sentry_path(
     let sentry_path = dir.join(format!("{transport}-sentry.toml"));
     std::fs::write(&sentry_path, sentry).expect("write");
     let sentry = site.daemon(Host::Sentry, "serve", &sentry_path);
-    let (dial, agent_extra) = match transport {
-        "wireguard" => (
-            sentry.logged_addr("WireGuard listening", &[], "listen"),
-            "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
-        ),
-        "tls" => (
-            sentry.logged_addr("TLS tunnel listening", &[], "listen"),
-            "",
-        ),
-        _ => (sentry.logged_addr("sentry ready", &[], "quic"), ""),
-    };
+    let (dial, agent_extra) = Ends::dial(&sentry, transport);
     let mut agent = format!(
         "[agent]\nname = \"bench\"\nprivate_key = \"{}\"\nmax_streams_per_sentry = {cap}\n\n\
          [[sentry]]\naddress = \"{dial}\"\npublic_key = \"{}\"\ntransport = \"{transport}\"\n{agent_extra}",
