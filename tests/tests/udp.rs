@@ -139,6 +139,34 @@ async fn udp_replies_reach_the_right_clients_over_wireguard() {
 
 /// Flows count against the per-address cap and expire after `idle_timeout`; a udp route never
 /// reaches a tcp service.
+/// A UDP flow reaches a loopback service from its client's own mapped address (the default
+/// `source = "mapped"`), so a node's discovery table keeps two peers apart; with the agent's
+/// own address they would both be 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_come_from_each_clients_mapped_address() {
+    // Answers each datagram with the address it came from.
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let whoami = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(from.ip().to_string().as_bytes(), from).await;
+        }
+    });
+    let (sentry, _agent, _) = deployment("quic", "", whoami).await;
+    let route = sentry.route("disc");
+    let mut seen = Vec::new();
+    for client in ["127.5.6.7", "127.8.9.10"] {
+        let socket = UdpSocket::bind((client, 0)).await.unwrap();
+        let reply = exchange(&socket, route, b"who am I").await.unwrap();
+        let expected = relay_core::agent::mapped_source(client.parse().unwrap());
+        assert_eq!(String::from_utf8(reply).unwrap(), expected.to_string());
+        seen.push(expected);
+    }
+    assert_ne!(seen[0], seen[1]);
+    assert!(!seen.contains(&std::net::Ipv4Addr::LOCALHOST));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_are_capped_expire_and_reach_only_udp_services() {
     let echo = udp_echo().await;
