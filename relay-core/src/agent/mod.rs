@@ -9,7 +9,7 @@
 //!   does not touch the tunnels to the others. `[[sentry]]` entries with the same pinned key
 //!   are one sentry over several transports: one tunnel, over the first entry that comes up.
 //! - A UDP flow reaches only a `udp` service, a TCP connection only a `tcp` one.
-//! - A reload ([`AgentHandle::reload`]) never cuts a relayed connection: the service table is
+//! - A reload ([`Reload::reload`](crate::reload::Reload::reload)) never cuts a relayed connection: the service table is
 //!   swapped for later streams; a sentry added gets its tunnel; a sentry removed (or whose
 //!   pinned key changed) stops taking new streams and keeps its tunnel until its open streams
 //!   end.

@@ -12,7 +12,7 @@
 //!
 //! A name (family 3, as in SOCKS5) is a DNS host name the sentry resolves, so the validator's
 //! host needs no DNS of its own; it is checked with
-//! [`check_host_name`](crate::config::check_host_name) both ways. The sentry answers with one
+//! [`check_host_name`] both ways. The sentry answers with one
 //! [`EgressStatus`] byte before any payload. Streams an agent opens carry egress requests
 //! only: the sentry never reads a relay header from them.
 

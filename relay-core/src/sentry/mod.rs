@@ -3,7 +3,8 @@
 //!
 //! [`Sentry::bind`] binds every socket first (so a port conflict fails start-up, not the
 //! first client), then [`Sentry::run`] accepts agents and clients until shutdown.
-//! [`SentryHandle::reload`] applies a new config to the running sentry.
+//! [`Reload::reload`](crate::reload::Reload::reload) on a [`SentryHandle`] applies a new config
+//! to the running sentry.
 //!
 //! Invariants:
 //! - The accept loops never wait on a handshake or a peer: each agent handshake and each
