@@ -23,6 +23,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use zeroize::Zeroize;
 
+mod credential;
+pub use credential::{KeySource, has_credentials, key_source, load_configured_key};
+
 /// Length of an Ed25519 seed and of an Ed25519 public key.
 pub(crate) const KEY_LEN: usize = 32;
 

@@ -23,6 +23,24 @@ pub mod reload;
 pub mod sentry;
 pub mod transport;
 
+/// This build: the crate version, the git commit it was built from (`unknown` outside a
+/// checkout) and the build date (UTC). `sentry --version` prints it; `sentry_build_info`
+/// carries it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// See [`VERSION`].
+pub const COMMIT: &str = env!("SENTRY_COMMIT");
+/// See [`VERSION`].
+pub const BUILD_DATE: &str = env!("SENTRY_BUILD_DATE");
+/// `sentry --version`: `0.1.0 (commit 0123456789ab, built 2026-12-07)`.
+pub const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SENTRY_COMMIT"),
+    ", built ",
+    env!("SENTRY_BUILD_DATE"),
+    ")"
+);
+
 /// Lock a mutex whose data stays consistent even if a holder panicked (every critical section
 /// in this crate leaves it so): a panic elsewhere never wedges the daemon.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -156,9 +156,14 @@ impl Families<'_> {
         )?;
         self.gauges(
             "build_info",
-            "The running version.",
+            "The running version: the release, the git commit and the build date.",
             [(
-                [("version", env!("CARGO_PKG_VERSION")), ("role", role)],
+                [
+                    ("version", crate::VERSION),
+                    ("commit", crate::COMMIT),
+                    ("built", crate::BUILD_DATE),
+                    ("role", role),
+                ],
                 1_i64,
             )],
         )

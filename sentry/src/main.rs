@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod key;
 mod pair;
 mod status;
 
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use relay_core::config::{self, Config};
-use relay_core::keys::{self, PrivateKey};
+use relay_core::keys::{self, KeySource, PrivateKey};
 use relay_core::reload::Reload;
 use tracing::{debug, error, info, warn};
 
@@ -37,7 +38,7 @@ Example configs: configs/sentry.example.toml and configs/agent.example.toml.
 Logs go to stderr; set the filter with RUST_LOG (default: info).";
 
 #[derive(Parser)]
-#[command(name = "sentry", version, about = ABOUT, after_help = AFTER_HELP)]
+#[command(name = "sentry", version = relay_core::VERSION_LINE, about = ABOUT, after_help = AFTER_HELP)]
 struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -102,8 +103,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "icon")]
         preset: pair::Preset,
         /// Where the key files will live on the hosts; the configs name them there (the
-        /// systemd units' StateDirectory).
-        #[arg(long, default_value = "/var/lib/sentry")]
+        /// systemd units pass /etc/sentry/sentry.key and /etc/sentry/agent.key to the
+        /// daemons as credentials).
+        #[arg(long, default_value = "/etc/sentry")]
         key_dir: PathBuf,
     },
     /// Show the tunnels, routes and counters of a running daemon (either role), read from
@@ -223,6 +225,15 @@ fn load_key(path: &Path) -> Result<PrivateKey, Failure> {
     keys::load_private_key(path).map_err(|e| Failure::Invalid(e.to_string()))
 }
 
+/// The daemon's key, named by `config_key` in its config (see [`key::load`]).
+fn daemon_key(config_key: &str, configured: &Path) -> Result<PrivateKey, Failure> {
+    let (key, source) = key::load(config_key, configured).map_err(Failure::Invalid)?;
+    if let KeySource::Credential { .. } = source {
+        info!(%source, "private key read from the unit's credentials");
+    }
+    Ok(key)
+}
+
 /// Raise the soft open-file limit to the hard one. Every relayed connection holds a socket (two
 /// on the sentry when TLS carries the tunnel), and the common default soft limit of 1024 would
 /// refuse connections long before any configured cap. Warns when even the hard limit is below
@@ -254,7 +265,7 @@ fn raise_open_files(needed: Option<u64>) {
 
 fn serve(path: &Path) -> Result<(), Failure> {
     let config = config::load_sentry(path).map_err(|e| Failure::Invalid(e.to_string()))?;
-    let key = load_key(&config.private_key)?;
+    let key = daemon_key("sentry.private_key", &config.private_key)?;
     let per_connection = if config.tls_listen.is_some() { 2 } else { 1 };
     raise_open_files(Some(config.max_connections as u64 * per_connection + 256));
     runtime()?.block_on(async {
@@ -278,7 +289,7 @@ fn serve(path: &Path) -> Result<(), Failure> {
 
 fn agent(path: &Path) -> Result<(), Failure> {
     let config = config::load_agent(path).map_err(|e| Failure::Invalid(e.to_string()))?;
-    let key = load_key(&config.private_key)?;
+    let key = daemon_key("agent.private_key", &config.private_key)?;
     raise_open_files(None);
     runtime()?.block_on(async {
         let agent = relay_core::agent::Agent::new(&config, &key)
@@ -315,7 +326,7 @@ where
         e
     };
     let config = load(path).map_err(|e| refused(e.to_string()))?;
-    let key = keys::load_private_key(config.key_path()).map_err(|e| refused(e.to_string()))?;
+    let (key, _) = key::load(H::Config::KEY, config.key_path()).map_err(refused)?;
     let changes = handle.reload(&config, &key).map_err(|e| e.to_string())?;
     warn_need_restart(&changes.need_restart);
     Ok(format!("{}{}", changes.summary(H::KEPT), config.pinned()))
@@ -323,6 +334,8 @@ where
 
 /// What the reload of either daemon needs of its config.
 trait DaemonConfig {
+    /// The config key that names the private key.
+    const KEY: &'static str;
     /// The daemon's private key file.
     fn key_path(&self) -> &Path;
     /// The keys the daemon pins, for the reload's log line.
@@ -330,6 +343,8 @@ trait DaemonConfig {
 }
 
 impl DaemonConfig for config::SentryConfig {
+    const KEY: &'static str = "sentry.private_key";
+
     fn key_path(&self) -> &Path {
         &self.private_key
     }
@@ -340,6 +355,8 @@ impl DaemonConfig for config::SentryConfig {
 }
 
 impl DaemonConfig for config::AgentConfig {
+    const KEY: &'static str = "agent.private_key";
+
     fn key_path(&self) -> &Path {
         &self.private_key
     }
@@ -445,6 +462,15 @@ async fn supervise(path: &Path, reload: impl Fn(&Path) -> Result<String, String>
     });
 }
 
+/// `check`'s key: loaded as the daemon would, and where from said when it is a credential.
+fn checked_key(config_key: &str, configured: &Path) -> Result<PrivateKey, Failure> {
+    let (key, source) = key::load(config_key, configured).map_err(Failure::Invalid)?;
+    if let KeySource::Credential { .. } = source {
+        println!("{config_key}: read from the {source}");
+    }
+    Ok(key)
+}
+
 fn keygen(out: &Path) -> Result<(), Failure> {
     let key = PrivateKey::generate().map_err(|e| Failure::Runtime(e.to_string()))?;
     keys::write_private_key(out, &key).map_err(|e| Failure::Invalid(e.to_string()))?;
@@ -466,7 +492,7 @@ fn check(path: &Path) -> Result<(), Failure> {
     let config = config::load(path).map_err(|e| Failure::Invalid(e.to_string()))?;
     match &config {
         Config::Sentry(c) => {
-            let key = load_key(&c.private_key)?;
+            let key = checked_key("sentry.private_key", &c.private_key)?;
             println!(
                 "{}: ok: sentry config, public key {}, {} agent(s), {} route(s)",
                 path.display(),
@@ -484,7 +510,7 @@ fn check(path: &Path) -> Result<(), Failure> {
             }
         }
         Config::Agent(c) => {
-            let key = load_key(&c.private_key)?;
+            let key = checked_key("agent.private_key", &c.private_key)?;
             println!(
                 "{}: ok: agent config {:?}, public key {}, {} sentry(ies), {} service(s)",
                 path.display(),

@@ -109,16 +109,17 @@ pub async fn report(addr: SocketAddr) -> Result<String, String> {
     let samples = metrics::parse(&text).map_err(|e| format!("{addr}/metrics: {e}"))?;
     let (_, health) = get(addr, "/healthz").await?;
     let view = View { samples: &samples };
-    let role = view
-        .find("sentry_build_info", &[])
-        .and_then(|s| s.label("role"))
-        .unwrap_or("unknown")
-        .to_owned();
-    let version = view
-        .find("sentry_build_info", &[])
-        .and_then(|s| s.label("version"))
-        .unwrap_or("?")
-        .to_owned();
+    let build = |label: &str, or: &str| {
+        view.find("sentry_build_info", &[])
+            .and_then(|s| s.label(label))
+            .unwrap_or(or)
+            .to_owned()
+    };
+    let role = build("role", "unknown");
+    let version = match build("commit", "") {
+        commit if commit.is_empty() => build("version", "?"),
+        commit => format!("{} (commit {commit})", build("version", "?")),
+    };
     let mut out = format!("{role} {version} at {addr}: {}\n", health.trim());
     match role.as_str() {
         "sentry" => view.sentry(&mut out),

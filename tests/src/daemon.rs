@@ -89,7 +89,7 @@ impl Daemon {
     }
 
     fn spawn(mut command: Command, role: &str, config: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = command
+        command
             .args([
                 "--log-format",
                 "json",
@@ -97,12 +97,20 @@ impl Daemon {
                 "--config",
                 config.to_str().unwrap(),
             ])
+            .envs(env.iter().copied());
+        Self::from_command(command)
+    }
+
+    /// Run a command made elsewhere (its arguments complete; it must exec the daemon, so its
+    /// PID is the daemon's), with the log captured.
+    #[must_use]
+    pub fn from_command(mut command: Command) -> Self {
+        let mut child = command
             // `SENTRY_TEST_LOG` sets the daemons' filter when debugging a test.
             .env(
                 "RUST_LOG",
                 std::env::var("SENTRY_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -77,3 +77,176 @@ fn the_units_score_ok_or_better_in_systemd_analyze_security() {
         );
     }
 }
+
+/// What the units promise an operator, read from the units themselves: a reload checks the
+/// new config before the daemon is told (so a bad one fails `systemctl reload`), a bad config
+/// is not restarted in a loop, the key is passed as a credential, and each unit has a state
+/// directory of its own.
+#[test]
+fn the_units_check_before_reloading_and_pass_the_key_as_a_credential() {
+    let mut state = Vec::new();
+    for (unit, config, key) in [
+        ("sentry.service", "sentry.toml", "sentry.key"),
+        ("sentry-agent.service", "agent.toml", "agent.key"),
+    ] {
+        let text = std::fs::read_to_string(repo_root().join("systemd").join(unit)).unwrap();
+        let reloads: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("ExecReload="))
+            .collect();
+        assert_eq!(
+            reloads,
+            [
+                format!("ExecReload=/usr/local/bin/sentry check --config /etc/sentry/{config}")
+                    .as_str(),
+                "ExecReload=/bin/kill -HUP $MAINPID"
+            ],
+            "{unit}"
+        );
+        assert!(text.contains("\nRestartPreventExitStatus=2\n"), "{unit}");
+        assert!(
+            text.contains(&format!("\nLoadCredential={key}:/etc/sentry/{key}\n")),
+            "{unit}"
+        );
+        let dir = text
+            .lines()
+            .find_map(|l| l.strip_prefix("StateDirectory="))
+            .unwrap();
+        state.push(dir.to_owned());
+    }
+    assert_ne!(
+        state[0], state[1],
+        "both units would share one state directory"
+    );
+}
+
+/// The daemon run as the unit runs it: an unprivileged user (nobody, as `DynamicUser=` picks
+/// one), the key passed as a systemd credential. Before a key is installed, `sentry check`
+/// (the unit's `ExecStartPre`) exits 2 naming the config key, the file, the user and the
+/// fix; a key installed as root's mode-0600 file is still unreadable to that user, and says
+/// so; once systemd has copied it into the credentials directory at the next start (owned
+/// by the unit's user, or root's with an ACL whose mask shows a group bit), the daemon reads
+/// it and starts.
+#[test]
+fn a_key_installed_after_the_first_start_is_read_as_a_credential() {
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "running as another user needs root, which CI has"
+        );
+        eprintln!("skipped: not root");
+        return;
+    }
+    if !tests::tool_available("setpriv", &["--version"], "the credential test") {
+        return;
+    }
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let open = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    open(root, 0o755);
+    let etc = root.join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    open(&etc, 0o755);
+    let creds = root.join("credentials");
+    std::fs::create_dir(&creds).unwrap();
+    open(&creds, 0o500);
+    chown(&creds, Some(NOBODY), Some(NOBODY)).unwrap();
+    let key_path = etc.join("agent.key");
+    let config = etc.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nname = \"v1\"\nprivate_key = \"{}\"\n\n\
+             [[sentry]]\naddress = \"127.0.0.1:9\"\npublic_key = \"{}\"\n\n\
+             [[service]]\nname = \"p2p\"\ntarget = \"127.0.0.1:7100\"\n",
+            key_path.display(),
+            tests::key().public_key()
+        ),
+    )
+    .unwrap();
+    open(&config, 0o644);
+    let check = || {
+        let out = as_unit(&creds)
+            .args(["check", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // The first start: no key anywhere.
+    let (code, _, err) = check();
+    assert_eq!(code, Some(2), "{err}");
+    for needed in [
+        "agent.private_key",
+        key_path.to_str().unwrap(),
+        "sentry keygen --out",
+        "LoadCredential=agent.key:",
+    ] {
+        assert!(err.contains(needed), "missing {needed:?} in: {err}");
+    }
+    // Installed as root's, 0600: the unit's user cannot read the file itself.
+    let out = Command::new(sentry_bin())
+        .args(["keygen", "--out", key_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (code, _, err) = check();
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("uid 65534"), "{err}");
+    assert!(err.contains("LoadCredential=agent.key:"), "{err}");
+    // The next start: systemd copies it in, owned by the unit's user...
+    let credential = creds.join("agent.key");
+    std::fs::copy(&key_path, &credential).unwrap();
+    open(&credential, 0o400);
+    chown(&credential, Some(NOBODY), Some(NOBODY)).unwrap();
+    let (code, out, err) = check();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("read from the systemd credential agent.key"),
+        "{out}"
+    );
+    // ...or root's and readable by it through an ACL, whose mask shows as a group bit in
+    // the mode (here through its group, which shows the same).
+    chown(&credential, Some(0), Some(NOBODY)).unwrap();
+    open(&credential, 0o440);
+    open(&creds, 0o555);
+    let (code, _, err) = check();
+    assert_eq!(code, Some(0), "{err}");
+    // And the daemon itself starts with it.
+    let mut agent = as_unit(&creds);
+    agent.args([
+        "--log-format",
+        "json",
+        "agent",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let agent = tests::daemon::Daemon::from_command(agent);
+    agent.wait_log(
+        "private key read from the unit's credentials",
+        1,
+        tests::PATIENCE,
+    );
+    agent.wait_log("agent starting", 1, tests::PATIENCE);
+}
+
+/// nobody: the user a unit's `DynamicUser=` stands in for here.
+const NOBODY: u32 = 65534;
+
+/// `sentry` as a unit runs it: as nobody, with `$CREDENTIALS_DIRECTORY` at `creds`.
+fn as_unit(creds: &std::path::Path) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(sentry_bin())
+        .env("CREDENTIALS_DIRECTORY", creds)
+        .env("USER", "nobody");
+    command
+}
