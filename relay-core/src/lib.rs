@@ -18,10 +18,12 @@ pub mod keys;
 pub(crate) mod log_limit;
 pub mod metrics;
 pub(crate) mod net;
+pub(crate) mod process;
 pub mod relay;
 pub mod reload;
 pub mod sentry;
 pub mod transport;
+pub(crate) mod x509;
 
 /// This build: the crate version, the git commit it was built from (`unknown` outside a
 /// checkout) and the build date (UTC). `sentry --version` prints it; `sentry_build_info`

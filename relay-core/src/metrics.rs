@@ -32,6 +32,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -101,6 +102,18 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(std)
 }
 
+/// Buckets of the latency histograms (seconds): a relayed connection's setup, a JSON-RPC
+/// answer. From a loopback round trip to the timeouts' order.
+pub(crate) const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// A latency histogram with [`LATENCY_BUCKETS`].
+#[must_use]
+pub(crate) fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
 /// Writes metric families; a thin layer over prometheus-client's descriptor encoder.
 pub struct Families<'a>(DescriptorEncoder<'a>);
 
@@ -143,11 +156,52 @@ impl Families<'_> {
         Ok(())
     }
 
-    /// The families every daemon writes last: its reloads by result, and its version and role.
+    /// A histogram family (`_bucket`, `_sum`, `_count` in the output).
+    ///
+    /// # Errors
+    /// When the encoder fails.
+    pub(crate) fn histograms<'h, L: EncodeLabelSet>(
+        &mut self,
+        name: &str,
+        help: &str,
+        rows: impl IntoIterator<Item = (L, &'h Histogram)>,
+    ) -> fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (labels, histogram) in rows {
+            histogram.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    /// The families every daemon writes last: its process (open files against the limit,
+    /// resident memory, CPU time), its reloads by result, and its version and role.
     ///
     /// # Errors
     /// When the encoder fails.
     pub fn common(&mut self, reloads: &Reloads, role: &str) -> fmt::Result {
+        let process = crate::process::Reading::now();
+        self.gauges(
+            "process_open_fds",
+            "Open file descriptors (each relayed connection holds at least one).",
+            process.open_fds.map(|n| ([("role", role)], n)),
+        )?;
+        self.gauges(
+            "process_max_fds",
+            "The open-file limit (LimitNOFILE): past it, new connections are refused.",
+            process.max_fds.map(|n| ([("role", role)], n)),
+        )?;
+        self.gauges(
+            "process_resident_memory_bytes",
+            "Resident memory.",
+            process.resident_bytes.map(|n| ([("role", role)], n)),
+        )?;
+        self.counters(
+            "process_cpu_seconds",
+            "CPU time, user and system, in whole seconds since start.",
+            process.cpu_seconds.map(|n| ([("role", role)], n)),
+        )?;
         self.counters(
             "config_reloads",
             "Config reloads by result.",

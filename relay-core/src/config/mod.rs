@@ -179,6 +179,8 @@ pub struct RouteTls {
     pub server: std::sync::Arc<rustls::ServerConfig>,
     /// SHA-256 over what was read: tells a changed file apart on reload.
     pub digest: [u8; 32],
+    /// When the leaf certificate expires (seconds since 1970, UTC), if it could be read.
+    pub not_after: Option<i64>,
 }
 
 impl PartialEq for RouteTls {

@@ -122,6 +122,8 @@ struct RouteSlot {
     route: ArcSwap<Route>,
     gate: Arc<Gate>,
     bytes: ByteCounters,
+    /// tcp routes: from a client's admission to its upstream's `Ok`.
+    setup: prometheus_client::metrics::histogram::Histogram,
     no_upstream: AtomicU64,
     /// UDP routes: datagrams dropped because their flow's queue was full.
     datagrams_dropped: AtomicU64,
@@ -289,6 +291,7 @@ impl RouteSlot {
             route: ArcSwap::from_pointee(route.clone()),
             gate: Gate::new(route.limits.clone(), open.clone()),
             bytes: ByteCounters::default(),
+            setup: metrics::latency_histogram(),
             no_upstream: AtomicU64::new(0),
             datagrams_dropped: AtomicU64::new(0),
             stop: stop.child_token(),

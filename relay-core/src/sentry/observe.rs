@@ -150,6 +150,16 @@ impl Observe for SentryHandle {
                     .collect::<Vec<_>>()
             }),
         )?;
+        out.histograms(
+            "route_relay_setup_seconds",
+            "tcp routes: time from a client's admission to its upstream's answer (the tunnel \
+             stream opened, the agent connected to the service): what a client waits before \
+             its first byte moves.",
+            routes
+                .iter()
+                .filter(|(_, r)| r.jsonrpc.is_none() && !r.udp)
+                .map(|(s, r)| (route_label(r), &s.setup)),
+        )?;
         let gateways: Vec<(String, Arc<gateway::Gateway>)> = routes
             .iter()
             .filter_map(|(s, r)| s.gateway.load_full().map(|g| (r.name.clone(), g)))
@@ -193,6 +203,23 @@ impl Observe for SentryHandle {
                     })
                     .collect::<Vec<_>>()
             }),
+        )?;
+        out.gauges(
+            "route_tls_not_after_seconds",
+            "When the certificate of a route's [route.tls] expires (Unix time): alert well \
+             before, and reload after renewing.",
+            routes.iter().filter_map(|(_, r)| {
+                let not_after = r.jsonrpc.as_ref()?.tls.as_ref()?.not_after?;
+                Some((route_label(r), not_after))
+            }),
+        )?;
+        out.histograms(
+            "jsonrpc_answer_seconds",
+            "JSON-RPC requests forwarded to the node: time from the request sent to the head of \
+             the node's answer.",
+            gateways
+                .iter()
+                .map(|(route, g)| ([("route", route.clone())], &g.stats.answer)),
         )?;
         out.gauges(
             "jsonrpc_upstream_idle",

@@ -117,6 +117,7 @@ pub(super) async fn relay_client(
     // Held for the connection's life; gives its place back when dropped.
     _permit: Permit,
 ) {
+    let admitted = clock::now();
     let _ = tcp.set_nodelay(true);
     let proxy = match (route.proxy_protocol, tcp.local_addr()) {
         (None, _) => None,
@@ -130,6 +131,8 @@ pub(super) async fn relay_client(
         }
     };
     if let Some((agent, mut stream)) = connect_upstream(&shared, &route, client, proxy).await {
+        slot.setup
+            .observe(clock::now().duration_since(admitted).as_secs_f64());
         let (end, stats) = stream
             .relay_tcp(&mut tcp, route.idle_timeout, &slot.bytes)
             .await;

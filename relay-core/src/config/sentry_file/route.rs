@@ -303,6 +303,7 @@ pub(super) fn tls(check: &mut Checker<'_>, i: usize, table: &TlsTable) -> Option
         check.fail(&table.key, format!("route[{i}].tls.key"), why);
         return None;
     };
+    let not_after = crate::x509::not_after(&certs[0]);
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let built = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -330,6 +331,7 @@ pub(super) fn tls(check: &mut Checker<'_>, i: usize, table: &TlsTable) -> Option
         key: key_path,
         server: std::sync::Arc::new(server),
         digest: bytes,
+        not_after,
     })
 }
 

@@ -557,10 +557,15 @@ impl Ctx {
         // waiting for the node, so hyper can reuse the buffer where it is when it reads the
         // connection meanwhile (to notice a client that leaves), not allocate another.
         drop((parts, body));
+        let sent = clock::now();
         let Answer { head, body } = match self.send_upstream(&request, &method).await {
             Ok(answer) => answer,
             Err(answer) => return answer,
         };
+        self.gateway
+            .stats
+            .answer
+            .observe(clock::now().duration_since(sent).as_secs_f64());
         self.gateway.stats.request(Outcome::Forwarded);
         let mut response = Response::new(());
         *response.status_mut() = head.status;

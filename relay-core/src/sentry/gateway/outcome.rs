@@ -93,10 +93,21 @@ impl CallOutcome {
 /// A route's JSON-RPC counters. Method labels are bounded: the first [`MAX_METHOD_LABELS`]
 /// distinct names seen keep their own label, later ones count as `other`; calls whose method
 /// is not known (refused, rate-limited) count as `-`.
-#[derive(Default)]
 pub(in crate::sentry) struct Stats {
     requests: [AtomicU64; Outcome::ALL.len()],
     calls: Mutex<Calls>,
+    /// Forwarded requests: from the request sent to the node to its answer's head.
+    pub(in crate::sentry) answer: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            requests: Default::default(),
+            calls: Mutex::default(),
+            answer: crate::metrics::latency_histogram(),
+        }
+    }
 }
 
 #[derive(Default)]
