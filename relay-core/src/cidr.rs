@@ -83,9 +83,16 @@ fn canonical(net: IpNet) -> IpNet {
 /// # Errors
 /// An operator-facing message naming the text.
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    parse_cidr_as_written(text).map(|net| net.trunc())
+}
+
+/// Parse one CIDR or bare address, host bits kept as written (see [`parse_cidr`]).
+///
+/// # Errors
+/// An operator-facing message naming the text.
+pub fn parse_cidr_as_written(text: &str) -> Result<IpNet, String> {
     text.parse::<IpNet>()
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-        .map(|net| net.trunc())
         .map_err(|_| {
             format!(
                 "invalid CIDR {text:?}: expected an address with a prefix length, such as \

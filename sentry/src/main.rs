@@ -5,6 +5,7 @@
 //! config (including key files), 1 runtime failure.
 #![forbid(unsafe_code)]
 
+mod check;
 mod demo;
 mod key;
 mod pair;
@@ -89,6 +90,10 @@ enum Command {
         /// The config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Check the config only, not its key file (a config written for another host, or
+        /// linted before the key is installed).
+        #[arg(long)]
+        no_key: bool,
     },
     /// Write two fresh keys and a matched sentry.toml and agent.toml for a chain, ready to
     /// copy to the public host and the validator host.
@@ -154,7 +159,9 @@ fn main() -> ExitCode {
         Command::Agent { config } => agent(&config),
         Command::Keygen { out } => keygen(&out),
         Command::Pubkey { key, wireguard } => pubkey(&key, wireguard),
-        Command::Check { config } => check(&config),
+        Command::Check { config, no_key } => {
+            check::check(&config, !no_key).map_err(Failure::Invalid)
+        }
         Command::Pair {
             sentry,
             out_dir,
@@ -266,6 +273,7 @@ fn raise_open_files(needed: Option<u64>) {
 fn serve(path: &Path) -> Result<(), Failure> {
     let config = config::load_sentry(path).map_err(|e| Failure::Invalid(e.to_string()))?;
     let key = daemon_key("sentry.private_key", &config.private_key)?;
+    config.log_warnings(&key);
     let per_connection = if config.tls_listen.is_some() { 2 } else { 1 };
     raise_open_files(Some(config.max_connections as u64 * per_connection + 256));
     runtime()?.block_on(async {
@@ -290,6 +298,7 @@ fn serve(path: &Path) -> Result<(), Failure> {
 fn agent(path: &Path) -> Result<(), Failure> {
     let config = config::load_agent(path).map_err(|e| Failure::Invalid(e.to_string()))?;
     let key = daemon_key("agent.private_key", &config.private_key)?;
+    config.log_warnings(&key);
     raise_open_files(None);
     runtime()?.block_on(async {
         let agent = relay_core::agent::Agent::new(&config, &key)
@@ -327,6 +336,7 @@ where
     };
     let config = load(path).map_err(|e| refused(e.to_string()))?;
     let (key, _) = key::load(H::Config::KEY, config.key_path()).map_err(refused)?;
+    config.log_warnings(&key);
     let changes = handle.reload(&config, &key).map_err(|e| e.to_string())?;
     warn_need_restart(&changes.need_restart);
     Ok(format!("{}{}", changes.summary(H::KEPT), config.pinned()))
@@ -336,6 +346,8 @@ where
 trait DaemonConfig {
     /// The config key that names the private key.
     const KEY: &'static str;
+    /// Log its warnings, and a peer pinned with this host's own key.
+    fn log_warnings(&self, key: &PrivateKey);
     /// The daemon's private key file.
     fn key_path(&self) -> &Path;
     /// The keys the daemon pins, for the reload's log line.
@@ -344,6 +356,11 @@ trait DaemonConfig {
 
 impl DaemonConfig for config::SentryConfig {
     const KEY: &'static str = "sentry.private_key";
+
+    fn log_warnings(&self, key: &PrivateKey) {
+        let pinned = check::own_key_pinned(&Config::Sentry(Box::new(self.clone())), key);
+        check::log_warnings(&self.warnings, pinned);
+    }
 
     fn key_path(&self) -> &Path {
         &self.private_key
@@ -356,6 +373,11 @@ impl DaemonConfig for config::SentryConfig {
 
 impl DaemonConfig for config::AgentConfig {
     const KEY: &'static str = "agent.private_key";
+
+    fn log_warnings(&self, key: &PrivateKey) {
+        let pinned = check::own_key_pinned(&Config::Agent(self.clone()), key);
+        check::log_warnings(&self.warnings, pinned);
+    }
 
     fn key_path(&self) -> &Path {
         &self.private_key
@@ -462,15 +484,6 @@ async fn supervise(path: &Path, reload: impl Fn(&Path) -> Result<String, String>
     });
 }
 
-/// `check`'s key: loaded as the daemon would, and where from said when it is a credential.
-fn checked_key(config_key: &str, configured: &Path) -> Result<PrivateKey, Failure> {
-    let (key, source) = key::load(config_key, configured).map_err(Failure::Invalid)?;
-    if let KeySource::Credential { .. } = source {
-        println!("{config_key}: read from the {source}");
-    }
-    Ok(key)
-}
-
 fn keygen(out: &Path) -> Result<(), Failure> {
     let key = PrivateKey::generate().map_err(|e| Failure::Runtime(e.to_string()))?;
     keys::write_private_key(out, &key).map_err(|e| Failure::Invalid(e.to_string()))?;
@@ -484,42 +497,6 @@ fn pubkey(path: &Path, wireguard: bool) -> Result<(), Failure> {
         println!("{}", key.wireguard_public_base64());
     } else {
         println!("{}", key.public_key());
-    }
-    Ok(())
-}
-
-fn check(path: &Path) -> Result<(), Failure> {
-    let config = config::load(path).map_err(|e| Failure::Invalid(e.to_string()))?;
-    match &config {
-        Config::Sentry(c) => {
-            let key = checked_key("sentry.private_key", &c.private_key)?;
-            println!(
-                "{}: ok: sentry config, public key {}, {} agent(s), {} route(s)",
-                path.display(),
-                key.public_key(),
-                c.agents.len(),
-                c.routes.len()
-            );
-            if c.wireguard.is_some() {
-                // What a plain peer's `wg` config needs as this sentry's key.
-                println!(
-                    "WireGuard: public key {}, {} plain peer(s)",
-                    key.wireguard_public_base64(),
-                    c.wireguard_peers.len()
-                );
-            }
-        }
-        Config::Agent(c) => {
-            let key = checked_key("agent.private_key", &c.private_key)?;
-            println!(
-                "{}: ok: agent config {:?}, public key {}, {} sentry(ies), {} service(s)",
-                path.display(),
-                c.name,
-                key.public_key(),
-                c.sentries.len(),
-                c.services.len()
-            );
-        }
     }
     Ok(())
 }

@@ -102,14 +102,105 @@ fn check_reports_file_line_column_and_key_and_exits_2() {
     assert_eq!(sentry(&["no-such-command"]).status.code(), Some(2));
 }
 
+/// Every example config passes `check` as shipped (its key lives on the host it is for:
+/// `--no-key`), without a warning.
+#[test]
+fn every_example_config_passes_check_as_shipped() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir(repo_root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let out = sentry(&["check", "--no-key", "--config", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            text(&out.stderr)
+        );
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains(": ok: "), "{stdout}");
+        assert!(!stdout.contains("warning"), "{}: {stdout}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 6, "{checked} example configs");
+}
+
+/// What a newcomer gets wrong is named: a list table written with single brackets, and what
+/// is valid but probably not meant (a CIDR with host bits, metrics on a public address, a
+/// sentry pinning its own key) is warned about with file, line and column.
+#[test]
+fn check_hints_at_brackets_and_warns_about_what_is_probably_not_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("s.key");
+    let public = keygen(&key);
+    let write = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    };
+    let single = write(
+        "single.toml",
+        "[sentry]\nprivate_key = \"s.key\"\nquic_listen = \"127.0.0.1:1\"\n[route]\nname = \"p2p\"\n",
+    );
+    let out = sentry(&["check", "--config", single.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("write [[route]], with double brackets"),
+        "{}",
+        text(&out.stderr)
+    );
+    let both = write(
+        "both.toml",
+        "[agent]\nname = \"v\"\nprivate_key = \"a.key\"\n[sentry]\naddress = \"x:1\"\n",
+    );
+    let out = sentry(&["check", "--config", both.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("[[sentry]] (double brackets"),
+        "{}",
+        text(&out.stderr)
+    );
+    let doubtful = write(
+        "doubtful.toml",
+        &format!(
+            "[sentry]\nprivate_key = \"s.key\"\nquic_listen = \"127.0.0.1:1\"\n\
+             metrics_listen = \"0.0.0.0:9900\"\n\n[[agent]]\nname = \"v\"\npublic_key = \"{public}\"\n\n\
+             [[route]]\nname = \"p2p\"\nlisten = \"127.0.0.1:7100\"\nupstream = [\"v/p2p\"]\n\
+             deny = [\"203.0.113.7/24\"]\n"
+        ),
+    );
+    let out = sentry(&["check", "--config", doubtful.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let file = doubtful.display();
+    for expected in [
+        format!(
+            "warning: {file}:14:9: route[0].deny[0]: 203.0.113.7/24 has host bits set: it means 203.0.113.0/24"
+        ),
+        format!(
+            "warning: {file}:4:18: sentry.metrics_listen: 0.0.0.0:9900 is reachable from other hosts"
+        ),
+        "warning: agent \"v\" is pinned with this sentry's own public key".to_owned(),
+    ] {
+        assert!(
+            stdout.contains(&expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+}
+
 #[test]
 fn version_and_help() {
     let out = sentry(&["--version"]);
     assert!(out.status.success());
+    let version = text(&out.stdout);
+    // `sentry 0.1.0 (commit 0123456789ab, built 2026-12-07)`
+    assert!(version.starts_with("sentry "), "{version}");
     assert!(
-        text(&out.stdout).starts_with("sentry "),
-        "{}",
-        text(&out.stdout)
+        version.contains("(commit ") && version.contains(", built 20"),
+        "{version}"
     );
     let out = sentry(&["--help"]);
     assert!(out.status.success());

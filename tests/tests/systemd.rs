@@ -250,3 +250,80 @@ fn as_unit(creds: &std::path::Path) -> Command {
         .env("USER", "nobody");
     command
 }
+
+/// A JSON-RPC route's certificate and key as the deploy hook leaves them (root's, the
+/// group's, 0640, in a 0750 directory): the sentry's user reads them through its
+/// supplementary group, and without the group `check` says what to do.
+#[test]
+fn route_certificates_are_read_through_the_units_group() {
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "running as another user needs root, which CI has"
+        );
+        eprintln!("skipped: not root");
+        return;
+    }
+    if !tests::tool_available("setpriv", &["--version"], "the certificate test") {
+        return;
+    }
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    mode(dir.path(), 0o755);
+    let tls = dir.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    mode(&tls, 0o750);
+    chown(&tls, Some(0), Some(NOBODY)).unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["rpc.example".to_owned()]).unwrap();
+    for (name, body, bits) in [
+        ("rpc.crt", generated.cert.pem(), 0o644),
+        ("rpc.key", generated.signing_key.serialize_pem(), 0o640),
+    ] {
+        let path = tls.join(name);
+        std::fs::write(&path, body).unwrap();
+        mode(&path, bits);
+        chown(&path, Some(0), Some(NOBODY)).unwrap();
+    }
+    let config = dir.path().join("sentry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sentry]\nprivate_key = \"sentry.key\"\nquic_listen = \"127.0.0.1:0\"\n\n\
+             [[agent]]\nname = \"v1\"\npublic_key = \"{}\"\n\n\
+             [[route]]\nname = \"rpc\"\nlisten = \"127.0.0.1:0\"\nprotocol = \"jsonrpc\"\n\
+             upstream = [\"v1/rpc\"]\n[route.jsonrpc]\npreset = \"icon\"\n\
+             [route.tls]\ncert = \"tls/rpc.crt\"\nkey = \"tls/rpc.key\"\n",
+            tests::key().public_key()
+        ),
+    )
+    .unwrap();
+    mode(&config, 0o644);
+    let check = |group: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                &format!("--regid={group}"),
+                "--clear-groups",
+                "--",
+            ])
+            .arg(sentry_bin())
+            .args(["check", "--no-key", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let with_group = check("65534");
+    assert!(
+        with_group.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_group.stderr)
+    );
+    let without = check("65533");
+    assert_eq!(without.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&without.stderr);
+    assert!(err.contains("route[0].tls"), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(err.contains("sentry-tls group"), "{err}");
+}

@@ -252,8 +252,12 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<AgentConfig, ConfigErrors> {
             .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
         max_streams_per_sentry,
         egress,
+        warnings: Vec::new(),
     };
-    check.finish(config)
+    check.metrics_listen(doc.agent.metrics_listen.as_ref(), "agent.metrics_listen");
+    let (mut config, warnings) = check.finish(config)?;
+    config.warnings = warnings;
+    Ok(config)
 }
 
 /// `[[service]] source`: `mapped` by default for an IPv4 loopback target (all of

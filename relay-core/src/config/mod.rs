@@ -78,6 +78,9 @@ pub struct SentryConfig {
     /// `[egress]`: what the sentry dials for agents with `egress = true` (defaults when the
     /// table is absent).
     pub egress: EgressPolicy,
+    /// What is valid but probably not meant (`sentry check` prints them, the daemon logs
+    /// them at start), each with its file, line and column.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// The sentry's WireGuard listener.
@@ -306,6 +309,8 @@ pub struct AgentConfig {
     /// `[[egress]]`: loopback listeners whose connections leave from the sentries (listen
     /// addresses unique).
     pub egress: Vec<EgressListener>,
+    /// What is valid but probably not meant (see [`SentryConfig::warnings`]).
+    pub warnings: Vec<ConfigError>,
 }
 
 /// Default of `[agent] max_streams_per_sentry`: what one sentry may make this agent hold at
@@ -381,6 +386,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     };
     let table: toml::Table = toml::from_str(&text).map_err(|e| toml_error(&loc, "", &e))?;
     let is_table = |key: &str| table.get(key).is_some_and(toml::Value::is_table);
+    if is_table("sentry") && is_table("agent") {
+        return Err(loc
+            .error(
+                None,
+                "",
+                "both a [sentry] and an [agent] table: an agent config lists its sentries as \
+                 [[sentry]] (double brackets, one per sentry), a sentry config its agents as \
+                 [[agent]]",
+            )
+            .into());
+    }
     if is_table("sentry") {
         sentry_file::parse(&loc).map(|c| Config::Sentry(Box::new(c)))
     } else if is_table("agent") {
@@ -439,6 +455,11 @@ fn read(path: &Path) -> Result<String, ConfigErrors> {
 
 fn toml_error(loc: &Locator<'_>, key: &str, error: &toml::de::Error) -> ConfigError {
     let message = error.message().trim_end();
+    let message = match brackets_hint(key, message) {
+        Some(hint) => format!("{message} ({hint})"),
+        None => message.to_owned(),
+    };
+    let message = message.as_str();
     let mut key = key.to_owned();
     if key.is_empty() && message.starts_with("duplicate key") {
         // The parser points at the repeated key but does not name it.
@@ -451,6 +472,32 @@ fn toml_error(loc: &Locator<'_>, key: &str, error: &toml::de::Error) -> ConfigEr
         }
     }
     loc.error(error.span(), key, message)
+}
+
+/// A hint for a table written with the wrong brackets: `[route]` for `[[route]]` (a list of
+/// tables), or `[[egress]]` in a sentry config for its one `[egress]`.
+fn brackets_hint(key: &str, message: &str) -> Option<String> {
+    let lists = [
+        "sentry",
+        "agent",
+        "route",
+        "service",
+        "wireguard_peer",
+        "egress",
+    ];
+    if lists.contains(&key) && message.contains("expected a sequence") {
+        return Some(format!(
+            "write [[{key}]], with double brackets: one such table per {key}"
+        ));
+    }
+    if key.starts_with("egress[") && message.contains("expected a sequence") {
+        return Some(
+            "a sentry config has one [egress] table, with single brackets; [[egress]] \
+             listeners belong in an agent config"
+                .to_owned(),
+        );
+    }
+    None
 }
 
 /// The key path of a serde error, without the private segments `toml::Spanned` adds.
@@ -489,10 +536,12 @@ fn overlay_address(text: &str) -> Result<Ipv4Addr, String> {
     Ok(ip)
 }
 
-/// Collects validation errors so the operator sees all of them at once.
+/// Collects validation errors so the operator sees all of them at once, and warnings about
+/// what is valid but probably not meant.
 struct Checker<'a> {
     loc: &'a Locator<'a>,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl<'a> Checker<'a> {
@@ -500,6 +549,56 @@ impl<'a> Checker<'a> {
         Self {
             loc,
             errors: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Something valid, but probably not what was meant.
+    fn warn<T>(
+        &mut self,
+        spanned: &Spanned<T>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let warning = self.loc.error(Some(spanned.span()), key, message);
+        self.warnings.push(warning);
+    }
+
+    /// A list of CIDRs as blocks: one written with host bits set means its block, and says so.
+    fn cidrs(&mut self, list: &[Spanned<units::Cidr>], key: &str) -> Vec<ipnet::IpNet> {
+        list.iter()
+            .enumerate()
+            .map(|(i, cidr)| {
+                let written = cidr.get_ref().0;
+                let block = written.trunc();
+                if block != written {
+                    self.warn(
+                        cidr,
+                        format!("{key}[{i}]"),
+                        format!("{written} has host bits set: it means {block}"),
+                    );
+                }
+                block
+            })
+            .collect()
+    }
+
+    /// A `metrics_listen` other hosts can reach: `/metrics` and `/peers` tell them the routes,
+    /// agents and peers' addresses.
+    fn metrics_listen(&mut self, value: Option<&Spanned<units::Addr>>, key: &str) {
+        if let Some(spanned) = value
+            && !spanned.get_ref().0.ip().is_loopback()
+        {
+            self.warn(
+                spanned,
+                key,
+                format!(
+                    "{} is reachable from other hosts: /metrics (and the agent's /peers) tell \
+                     whoever connects your routes, tunnels and peers' addresses; listen on \
+                     127.0.0.1, or keep it behind a firewall",
+                    spanned.get_ref().0
+                ),
+            );
         }
     }
 
@@ -553,9 +652,10 @@ impl<'a> Checker<'a> {
         }
     }
 
-    fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+    /// The value, with the warnings gathered; or every error.
+    fn finish<T>(self, value: T) -> Result<(T, Vec<ConfigError>), ConfigErrors> {
         if self.errors.is_empty() {
-            Ok(value)
+            Ok((value, self.warnings))
         } else {
             Err(ConfigErrors(self.errors))
         }

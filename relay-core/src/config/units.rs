@@ -242,11 +242,12 @@ mod tests {
 }
 
 string_value!(
-    /// A CIDR block, IPv4 or IPv6 (`203.0.113.0/24`, `2001:db8::/32`); a bare address is a
-    /// single host.
+    /// A CIDR block, IPv4 or IPv6 (`203.0.113.0/24`, `2001:db8::/32`), as written (host bits
+    /// and all: the config warns about them, see `Checker::cidrs`); a bare address is a single
+    /// host.
     Cidr(ipnet::IpNet),
     "a CIDR such as \"203.0.113.0/24\" or \"2001:db8::/32\"",
-    crate::cidr::parse_cidr
+    crate::cidr::parse_cidr_as_written
 );
 
 /// Events per interval, written `N/s` or `N/m`.

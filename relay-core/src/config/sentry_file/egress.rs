@@ -3,7 +3,6 @@
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
-use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -32,8 +31,6 @@ pub(super) fn policy(check: &mut Checker<'_>, table: Option<&EgressTable>) -> Eg
     let Some(table) = table else {
         return defaults;
     };
-    let nets =
-        |list: &[Spanned<Cidr>]| -> Vec<IpNet> { list.iter().map(|c| c.get_ref().0).collect() };
     let allow = match &table.allow {
         None => defaults.allow,
         Some(list) if list.get_ref().is_empty() => {
@@ -44,8 +41,13 @@ pub(super) fn policy(check: &mut Checker<'_>, table: Option<&EgressTable>) -> Eg
             );
             defaults.allow
         }
-        Some(list) => CidrSet::new(nets(list.get_ref())),
+        Some(list) => CidrSet::new(check.cidrs(list.get_ref(), "egress.allow")),
     };
+    let deny = check.cidrs(table.deny.as_deref().unwrap_or_default(), "egress.deny");
+    let allow_private = check.cidrs(
+        table.allow_private.as_deref().unwrap_or_default(),
+        "egress.allow_private",
+    );
     let ports = table
         .ports
         .iter()
@@ -79,8 +81,8 @@ pub(super) fn policy(check: &mut Checker<'_>, table: Option<&EgressTable>) -> Eg
         });
     EgressPolicy {
         allow,
-        deny: CidrSet::new(table.deny.as_deref().map(nets).unwrap_or_default()),
-        allow_private: CidrSet::new(table.allow_private.as_deref().map(nets).unwrap_or_default()),
+        deny: CidrSet::new(deny),
+        allow_private: CidrSet::new(allow_private),
         ports,
         max_connections: count(
             check,

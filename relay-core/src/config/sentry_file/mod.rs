@@ -308,8 +308,12 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
         wireguard,
         wireguard_peers,
         egress: egress::policy(&mut check, doc.egress.as_ref()),
+        warnings: Vec::new(),
     };
-    check.finish(config)
+    check.metrics_listen(s.metrics_listen.as_ref(), "sentry.metrics_listen");
+    let (mut config, warnings) = check.finish(config)?;
+    config.warnings = warnings;
+    Ok(config)
 }
 
 /// `wireguard_listen` with `wireguard_address`: both or neither.

@@ -223,13 +223,26 @@ pub(super) const MAX_PEM: u64 = 1 << 20;
 /// A `[route.tls]` key file, at most [`MAX_PEM`] bytes: refused when anyone but its owner and
 /// group may read it (checked on the opened file). Group-readable is allowed: Debian's
 /// `ssl-cert` group is how daemons are given keys.
+/// Why a certificate or key file cannot be read, with the fix when it is permissions: under
+/// systemd the sentry reads them through the `sentry-tls` group.
+fn cannot_read(path: &std::path::Path, e: &std::io::Error) -> String {
+    let mut why = format!("cannot read {}: {e}", path.display());
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        why += &format!(
+            " (the daemon runs as uid {}; sentry.service reads certificates through the \
+             sentry-tls group: install them root's, group sentry-tls, mode 0640, in a directory \
+             it can enter such as /etc/sentry/tls; certbot's deploy hook \
+             /usr/share/sentry/certbot-deploy-hook does that)",
+            rustix::process::geteuid().as_raw()
+        );
+    }
+    why
+}
+
 pub(super) fn read_tls_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let file = std::fs::File::open(path).map_err(|e| cannot_read(path, &e))?;
+    let meta = file.metadata().map_err(|e| cannot_read(path, &e))?;
     if let Err(crate::keys::OwnerOrMode::Mode(mode)) =
         crate::keys::check_owner_and_mode(&meta, 0o007)
     {
@@ -262,7 +275,7 @@ pub(super) fn tls(check: &mut Checker<'_>, i: usize, table: &TlsTable) -> Option
         let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|f| f.take(MAX_PEM + 1).read_to_end(&mut bytes))
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .map_err(|e| cannot_read(path, &e))?;
         if bytes.len() as u64 > MAX_PEM {
             return Err(format!("{} is larger than 1 MiB", path.display()));
         }
@@ -380,16 +393,11 @@ pub(super) fn check_method_glob(glob: &str) -> Result<(), String> {
 pub(super) fn limits(check: &mut Checker<'_>, i: usize, table: &RouteTable) -> Limits {
     let key = |field: &str| format!("route[{i}].{field}");
     let defaults = Limits::default();
-    let mut allow: Vec<IpNet> = table
-        .allow
-        .as_ref()
-        .map(|list| list.get_ref().iter().map(|c| c.get_ref().0).collect())
-        .unwrap_or_default();
-    let mut deny: Vec<IpNet> = table
-        .deny
-        .as_ref()
-        .map(|list| list.iter().map(|c| c.get_ref().0).collect())
-        .unwrap_or_default();
+    let mut allow: Vec<IpNet> = match &table.allow {
+        Some(list) => check.cidrs(list.get_ref(), &key("allow")),
+        None => Vec::new(),
+    };
+    let mut deny: Vec<IpNet> = check.cidrs(table.deny.as_deref().unwrap_or_default(), &key("deny"));
     let allow_file = list_file(check, table.allow_file.as_ref(), &key("allow_file"));
     let deny_file = list_file(check, table.deny_file.as_ref(), &key("deny_file"));
     deny.extend(deny_file.unwrap_or_default());
