@@ -323,7 +323,10 @@ pub async fn deployment_over(
             ),
         ),
         "tls" => (handle.tls_addr().expect("tls listener"), String::new()),
-        _ => (handle.quic_addr(), String::new()),
+        _ => (
+            handle.quic_addr().expect("quic_listen is set"),
+            String::new(),
+        ),
     };
     let dial = match one_way {
         Some(one_way) => {

@@ -47,7 +47,9 @@ pub fn check(path: &Path, with_key: bool) -> Result<(), String> {
                     format!("{proto} {} (route {})", r.listen, r.name)
                 })
                 .collect();
-            open.push(format!("udp {} (quic_listen)", c.quic_listen));
+            if let Some(quic) = c.quic_listen {
+                open.push(format!("udp {quic} (quic_listen)"));
+            }
             if let Some(wg) = c.wireguard {
                 open.push(format!("udp {} (wireguard_listen)", wg.listen));
             }

@@ -97,7 +97,7 @@ target = "{p2p}"
 name = "rpc"
 target = "{rpc}"
 "#,
-        quic = handle.quic_addr(),
+        quic = handle.quic_addr().expect("quic_listen is set"),
         sentry = sentry_key.public_key(),
     );
     let agent_path = dir.path().join("agent.toml");
@@ -224,7 +224,7 @@ async fn self_check(handle: &SentryHandle, sentry_key: &PrivateKey) -> Vec<Check
     });
     checks.push(Check {
         name: "unpinned agent",
-        result: rogue_agent(handle.quic_addr(), sentry_key).await,
+        result: rogue_agent(handle.quic_addr().expect("quic_listen is set"), sentry_key).await,
     });
     checks
 }

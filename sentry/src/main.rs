@@ -282,7 +282,7 @@ fn serve(path: &Path) -> Result<(), Failure> {
             .map_err(|e| Failure::Runtime(e.to_string()))?;
         let handle = sentry.handle();
         info!(
-            quic = %handle.quic_addr(),
+            quic = %handle.quic_addr().map_or_else(|| "-".to_owned(), |a| a.to_string()),
             metrics = ?handle.metrics_addr(),
             public_key = %key.public_key(),
             agents = config.agents.len(),

@@ -177,7 +177,12 @@ pub async fn deployment_with(
     let config = sentry_config(&[("v1", &agent_key)], &[(route, &[&upstream], extra)]);
     let sentry = start_sentry(&config, &sentry_key).await;
     let agent = start_agent(
-        agent_config("v1", sentry.handle.quic_addr(), &sentry_key, &[exported]),
+        agent_config(
+            "v1",
+            sentry.handle.quic_addr().expect("quic_listen is set"),
+            &sentry_key,
+            &[exported],
+        ),
         agent_key,
     );
     sentry.wait_agent("v1", true).await;

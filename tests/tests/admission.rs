@@ -252,7 +252,7 @@ async fn a_handshake_flood_from_unknown_keys_does_not_starve_agents() {
         )],
     );
     let sentry = start_sentry(&config, &sentry_key).await;
-    let quic_addr = sentry.handle.quic_addr();
+    let quic_addr = sentry.handle.quic_addr().expect("quic_listen is set");
     let echo = echo_service().await;
     let _first = start_agent(
         agent_config("v1", quic_addr, &sentry_key, &[("svc", echo)]),

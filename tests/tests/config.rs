@@ -173,8 +173,8 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
     (
         "missing-quic-listen",
         "1:1",
-        "sentry",
-        "missing field `quic_listen`",
+        "sentry.quic_listen",
+        "no tunnel listener",
     ),
     ("no-role", "", "", "neither a sentry config"),
     (

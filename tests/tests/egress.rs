@@ -45,7 +45,7 @@ fn agent_config(
     egress: &str,
 ) -> config::AgentConfig {
     let address = match transport {
-        "quic" => sentry.handle.quic_addr(),
+        "quic" => sentry.handle.quic_addr().expect("quic_listen is set"),
         "tls" => sentry.handle.tls_addr().unwrap(),
         _ => sentry.handle.wireguard_addr().unwrap(),
     };

@@ -276,7 +276,7 @@ async fn pinned_agents_connect_over_quic_while_strangers_stall_handshakes() {
         &sentry_key,
     )
     .await;
-    let quic_addr = sentry.handle.quic_addr();
+    let quic_addr = sentry.handle.quic_addr().expect("quic_listen is set");
     let echo = echo_service().await;
     // v1 connects before the flood: its address is known from then on.
     let v1 = start_agent(

@@ -88,7 +88,7 @@ async fn live() -> Live {
          [[sentry]]\naddress = \"{}\"\npublic_key = \"{}\"\n\n\
          [[service]]\nname = \"p2p\"\ntarget = \"{}\"\n\n\
          [[egress]]\nlisten = \"127.0.0.1:0\"\nmode = \"socks5\"\n",
-        sentry.handle.quic_addr(),
+        sentry.handle.quic_addr().expect("quic_listen is set"),
         sentry_key.public_key(),
         echo_service().await
     );
@@ -280,6 +280,6 @@ async fn a_real_prometheus_scrapes_the_sentry_and_the_agent() {
 }
 
 fn sentry_quic(live: &Live) -> String {
-    let addr: SocketAddr = live.sentry.handle.quic_addr();
+    let addr: SocketAddr = live.sentry.handle.quic_addr().expect("quic_listen is set");
     format!("\"sentry\":\"{addr}\"")
 }

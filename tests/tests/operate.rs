@@ -557,7 +557,7 @@ async fn reload_pins_and_unpins_agent_keys_for_new_tunnels() {
     let echo = echo_service().await;
     let one = sentry_config(&[("v1", &v1_key)], &[("p2p", &["v1/svc"], "")]);
     let sentry = start_sentry(&one, &sentry_key).await;
-    let quic = sentry.handle.quic_addr();
+    let quic = sentry.handle.quic_addr().expect("quic_listen is set");
     let _v1 = start_agent(
         agent_config("v1", quic, &sentry_key, &[("svc", echo)]),
         v1_key.clone(),
@@ -628,7 +628,7 @@ async fn an_unpinned_key_takes_no_new_clients(transport: &str) {
     let sentry = tests::start_sentry(&config(&old_key), &sentry_key).await;
     let address = match transport {
         "tls" => sentry.handle.tls_addr().unwrap(),
-        _ => sentry.handle.quic_addr(),
+        _ => sentry.handle.quic_addr().expect("quic_listen is set"),
     };
     let agent_config = |echo: SocketAddr| {
         let text = format!(

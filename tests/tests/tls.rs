@@ -243,3 +243,37 @@ async fn a_service_reset_reaches_the_client_as_a_reset_over_tls() {
     let (sentry, _agent) = deployment(resetting_service().await).await;
     a_cut_answer_reaches_the_client_as_a_reset(sentry.route("p2p")).await;
 }
+
+/// A sentry with only a TLS tunnel listener (no `quic_listen`: a network that drops UDP) binds
+/// no UDP socket and relays over TLS; a sentry with no tunnel listener at all is a config
+/// error at its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_only_sentry_needs_no_quic_listen() {
+    let (sentry_key, agent_key) = (key(), key());
+    let text = format!(
+        "[sentry]\nprivate_key = \"s.key\"\ntls_listen = \"127.0.0.1:0\"\n\n\
+         [[agent]]\nname = \"v1\"\npublic_key = \"{}\"\n\n\
+         [[route]]\nname = \"p2p\"\nlisten = \"127.0.0.1:0\"\nupstream = [\"v1/svc\"]\n",
+        agent_key.public_key()
+    );
+    let config = config::parse_sentry(Path::new("tls-only.toml"), &text).unwrap();
+    assert_eq!(config.quic_listen, None);
+    let sentry = start_sentry(&config, &sentry_key).await;
+    assert_eq!(sentry.handle.quic_addr(), None);
+    let tls_addr = sentry.handle.tls_addr().unwrap();
+    let _agent = start_agent(
+        tls_agent_config(&[(tls_addr, "tls")], &sentry_key, echo_service().await),
+        agent_key,
+    );
+    sentry.wait_agent("v1", true).await;
+    concurrent_echoes(sentry.route("p2p"), 4).await;
+
+    let none = text.replace("tls_listen = \"127.0.0.1:0\"\n", "");
+    let error = config::parse_sentry(Path::new("none.toml"), &none)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("sentry.quic_listen: no tunnel listener"),
+        "{error}"
+    );
+}

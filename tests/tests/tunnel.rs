@@ -130,7 +130,11 @@ async fn an_unlisted_agent_key_is_refused_in_the_handshake() {
     let config = sentry_config(&[("v1", &listed)], &[("p2p", &["v1/svc"], "")]);
     let sentry = start_sentry(&config, &sentry_key).await;
     let peer = SentryPeer {
-        address: sentry.handle.quic_addr().to_string(),
+        address: sentry
+            .handle
+            .quic_addr()
+            .expect("quic_listen is set")
+            .to_string(),
         public_key: sentry_key.public_key(),
         transport: TransportKind::Quic,
         wireguard: None,
@@ -150,7 +154,7 @@ async fn an_unlisted_agent_key_is_refused_in_the_handshake() {
     let agent = start_agent(
         agent_config(
             "v1",
-            sentry.handle.quic_addr(),
+            sentry.handle.quic_addr().expect("quic_listen is set"),
             &sentry_key,
             &[("svc", echo_service().await)],
         ),
@@ -166,7 +170,11 @@ async fn a_sentry_with_the_wrong_key_is_refused_by_the_agent() {
     let config = sentry_config(&[("v1", &agent_key)], &[("p2p", &["v1/svc"], "")]);
     let sentry = start_sentry(&config, &sentry_key).await;
     let peer = SentryPeer {
-        address: sentry.handle.quic_addr().to_string(),
+        address: sentry
+            .handle
+            .quic_addr()
+            .expect("quic_listen is set")
+            .to_string(),
         public_key: impostor_pin.public_key(),
         transport: TransportKind::Quic,
         wireguard: None,
@@ -181,7 +189,7 @@ async fn a_sentry_with_the_wrong_key_is_refused_by_the_agent() {
     let agent = start_agent(
         agent_config(
             "v1",
-            sentry.handle.quic_addr(),
+            sentry.handle.quic_addr().expect("quic_listen is set"),
             &impostor_pin,
             &[("svc", echo_service().await)],
         ),
@@ -259,7 +267,7 @@ async fn a_restarted_agent_serves_again_without_restarting_the_sentry() {
     let sentry = start_sentry(&config, &sentry_key).await;
     let agent_cfg = agent_config(
         "v1",
-        sentry.handle.quic_addr(),
+        sentry.handle.quic_addr().expect("quic_listen is set"),
         &sentry_key,
         &[("svc", echo)],
     );
@@ -287,7 +295,7 @@ async fn failover_follows_the_upstream_order() {
         &[("p2p", &["a/svc", "b/svc"], "")],
     );
     let sentry = start_sentry(&config, &sentry_key).await;
-    let quic_addr = sentry.handle.quic_addr();
+    let quic_addr = sentry.handle.quic_addr().expect("quic_listen is set");
     let cfg_a = agent_config(
         "a",
         quic_addr,
@@ -337,7 +345,7 @@ async fn a_refusing_upstream_is_held_down_and_tried_last() {
     let sentry = start_sentry(&config, &sentry_key).await;
     let mut agent = agent_config(
         "a",
-        sentry.handle.quic_addr(),
+        sentry.handle.quic_addr().expect("quic_listen is set"),
         &sentry_key,
         &[
             ("down", closed_port().await),
@@ -512,7 +520,11 @@ async fn an_agent_that_is_alive_but_silent_keeps_its_tunnel() {
     let config = sentry_config(&[("v1", &agent_key)], &[("p2p", &["v1/svc"], "")]);
     let sentry = start_sentry(&config, &sentry_key).await;
     let peer = SentryPeer {
-        address: sentry.handle.quic_addr().to_string(),
+        address: sentry
+            .handle
+            .quic_addr()
+            .expect("quic_listen is set")
+            .to_string(),
         public_key: sentry_key.public_key(),
         transport: TransportKind::Quic,
         wireguard: None,

@@ -52,7 +52,7 @@ async fn deployment(
             sentry.handle.wireguard_addr().unwrap(),
             "wireguard_address = \"100.64.0.2\"\nsentry_wireguard_address = \"100.64.0.1\"\n",
         ),
-        _ => (sentry.handle.quic_addr(), ""),
+        _ => (sentry.handle.quic_addr().expect("quic_listen is set"), ""),
     };
     let text = format!(
         "[agent]\nname = \"v1\"\nprivate_key = \"a.key\"\n\n\

@@ -54,8 +54,9 @@ pub enum Config {
 pub struct SentryConfig {
     /// The private key file, resolved against the config file's directory.
     pub private_key: PathBuf,
-    /// Where agents connect over QUIC (UDP).
-    pub quic_listen: SocketAddr,
+    /// Where agents connect over QUIC (UDP), when set. At least one of `quic_listen`,
+    /// `wireguard_listen` and `tls_listen` is.
+    pub quic_listen: Option<SocketAddr>,
     /// Where agents connect over TCP+TLS, when set (networks that block UDP). Never a route's
     /// or the metrics address.
     pub tls_listen: Option<SocketAddr>,

@@ -314,9 +314,10 @@ impl RouteSlot {
 }
 
 impl SentryHandle {
-    /// The bound QUIC address (useful when configured with port 0).
+    /// The bound QUIC address (useful when configured with port 0), when `quic_listen` is
+    /// set.
     #[must_use]
-    pub fn quic_addr(&self) -> SocketAddr {
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
         self.shared.listeners.quic_addr()
     }
 

@@ -74,8 +74,9 @@ type PeerEvents = mpsc::UnboundedReceiver<(Arc<wireguard::Peer>, bool)>;
 /// The sentry's tunnel listeners, and what they count.
 pub(crate) struct Listeners {
     key: PrivateKey,
-    endpoint: Endpoint,
-    quic_addr: SocketAddr,
+    /// The QUIC endpoint, when `quic_listen` is set.
+    endpoint: Option<Endpoint>,
+    quic_addr: Option<SocketAddr>,
     /// The WireGuard listener, when configured.
     wireguard: Option<wireguard::Device>,
     /// WireGuard peers going up and down (taken by [`Listeners::start`]).
@@ -130,12 +131,18 @@ impl Listeners {
         accepting: CancellationToken,
         epoch: Instant,
     ) -> Result<Self, ListenError> {
-        let endpoint =
-            quic::server_endpoint(config.quic_listen, key, names.clone(), &Tuning::default())?;
-        let quic_addr = endpoint.local_addr().map_err(|source| QuicError::Bind {
-            addr: config.quic_listen,
-            source,
-        })?;
+        let (endpoint, quic_addr) = match config.quic_listen {
+            Some(listen) => {
+                let endpoint =
+                    quic::server_endpoint(listen, key, names.clone(), &Tuning::default())?;
+                let bound = endpoint.local_addr().map_err(|source| QuicError::Bind {
+                    addr: listen,
+                    source,
+                })?;
+                (Some(endpoint), Some(bound))
+            }
+            None => (None, None),
+        };
         let tls_config = tls::server_config(key, names.clone())?;
         let tls_listener = match config.tls_listen {
             Some(addr) => Some(
@@ -193,7 +200,9 @@ impl Listeners {
             listeners: self.clone(),
             sink,
         };
-        tokio::spawn(accept_agents(run.clone()));
+        if let Some(endpoint) = self.endpoint.clone() {
+            tokio::spawn(accept_agents(run.clone(), endpoint));
+        }
         if let Some(device) = &self.wireguard
             && let Some(listen) = device.local_addr()
         {
@@ -219,7 +228,9 @@ impl Listeners {
     ) -> Result<(), ListenError> {
         let server = quic::server_config(&self.key, names.clone(), &Tuning::default())?;
         let tls_server = tls::server_config(&self.key, names.clone())?;
-        self.endpoint.set_server_config(Some(server));
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.set_server_config(Some(server));
+        }
         self.tls_config.store(tls_server);
         if let Some(device) = &self.wireguard {
             device.set_peers(&wireguard_peers(config));
@@ -247,8 +258,10 @@ impl Listeners {
     /// close frame and up to a second for the agents to see it.
     pub(crate) async fn shutdown(&self) {
         self.stop.cancel();
-        self.endpoint.close(code::SHUTDOWN, b"sentry shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.close(code::SHUTDOWN, b"sentry shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
     }
 
     /// The pool of idle TLS data connections authenticated with `key`.
@@ -256,8 +269,8 @@ impl Listeners {
         lock(&self.tls_pools).entry(key).or_default().clone()
     }
 
-    /// The bound QUIC address.
-    pub(crate) fn quic_addr(&self) -> SocketAddr {
+    /// The bound QUIC address, when `quic_listen` is set.
+    pub(crate) fn quic_addr(&self) -> Option<SocketAddr> {
         self.quic_addr
     }
 
@@ -370,9 +383,8 @@ impl Listeners {
     }
 }
 
-async fn accept_agents(run: Run) {
+async fn accept_agents(run: Run, endpoint: Endpoint) {
     let gate = run.quic_gate.clone();
-    let endpoint = run.endpoint.clone();
     loop {
         let incoming = tokio::select! {
             () = run.accepting.cancelled() => return,

@@ -53,7 +53,7 @@ async fn https_is_terminated_at_the_sentry_and_a_reload_rereads_the_certificate(
     let _agent = start_agent(
         agent_config(
             "v1",
-            sentry.handle.quic_addr(),
+            sentry.handle.quic_addr().expect("quic_listen is set"),
             &sentry_key,
             &[("rpc", node_addr)],
         ),

@@ -42,7 +42,7 @@ struct WireGuardPeerTable {
 #[serde(deny_unknown_fields)]
 struct SentryTable {
     private_key: Spanned<String>,
-    quic_listen: Spanned<Addr>,
+    quic_listen: Option<Spanned<Addr>>,
     wireguard_listen: Option<Spanned<Addr>>,
     wireguard_address: Option<Spanned<String>>,
     wireguard_window: Option<Spanned<HumanWindow>>,
@@ -224,8 +224,11 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
     // TCP listeners (tcp and jsonrpc routes), by route index; UDP ones apart: a tcp and a
     // udp route may share a port, as Ethereum's 30303 does.
     let mut listens: Vec<SocketAddr> = Vec::new();
-    let mut udp_listens: Vec<(SocketAddr, String)> =
-        vec![(s.quic_listen.get_ref().0, "sentry.quic_listen".to_owned())];
+    let quic_listen = s.quic_listen.as_ref().map(|q| q.get_ref().0);
+    let mut udp_listens: Vec<(SocketAddr, String)> = quic_listen
+        .map(|q| (q, "sentry.quic_listen".to_owned()))
+        .into_iter()
+        .collect();
     if let Some(wg) = &wireguard {
         udp_listens.push((wg.listen, "sentry.wireguard_listen".to_owned()));
     }
@@ -290,7 +293,7 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
 
     let config = SentryConfig {
         private_key: check.key_path(s.private_key.get_ref()),
-        quic_listen: s.quic_listen.get_ref().0,
+        quic_listen,
         tls_listen,
         agents,
         routes,
@@ -311,6 +314,16 @@ pub(super) fn parse(loc: &Locator<'_>) -> Result<SentryConfig, ConfigErrors> {
         warnings: Vec::new(),
     };
     check.metrics_listen(s.metrics_listen.as_ref(), "sentry.metrics_listen");
+    if config.quic_listen.is_none() && config.wireguard.is_none() && config.tls_listen.is_none() {
+        // At the [sentry] table, where the key belongs.
+        let table = loc.text.find("[sentry]").map(|at| at..at);
+        check.errors.push(loc.error(
+            table,
+            "sentry.quic_listen",
+            "no tunnel listener: set quic_listen (QUIC, the usual one), wireguard_listen or \
+             tls_listen, or several; agents connect to it",
+        ));
+    }
     let (mut config, warnings) = check.finish(config)?;
     config.warnings = warnings;
     Ok(config)
@@ -322,8 +335,9 @@ fn wireguard(check: &mut Checker<'_>, doc: &Doc) -> Option<WireGuard> {
     match (&s.wireguard_listen, &s.wireguard_address) {
         (Some(listen), Some(address)) => {
             let listen_addr = listen.get_ref().0;
-            let quic = s.quic_listen.get_ref().0;
-            if overlaps(listen_addr, quic) {
+            if let Some(quic) = s.quic_listen.as_ref().map(|q| q.get_ref().0)
+                && overlaps(listen_addr, quic)
+            {
                 check.fail(
                     listen,
                     "sentry.wireguard_listen",
