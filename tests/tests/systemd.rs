@@ -129,15 +129,7 @@ fn the_units_check_before_reloading_and_pass_the_key_as_a_credential() {
 /// it and starts.
 #[test]
 fn a_key_installed_after_the_first_start_is_read_as_a_credential() {
-    if !rustix::process::geteuid().is_root() {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "running as another user needs root, which CI has"
-        );
-        eprintln!("skipped: not root");
-        return;
-    }
-    if !tests::tool_available("setpriv", &["--version"], "the credential test") {
+    if !can_run_as_another_user("the credential test") {
         return;
     }
     use std::os::unix::fs::{PermissionsExt, chown};
@@ -237,6 +229,20 @@ fn a_key_installed_after_the_first_start_is_read_as_a_credential() {
     agent.wait_log("agent starting", 1, tests::PATIENCE);
 }
 
+/// Whether this test may run the daemon as another user (root, and `setpriv`); said when it is
+/// skipped, and a failure under `CI=true`.
+fn can_run_as_another_user(what: &str) -> bool {
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "running as another user needs root, which CI has"
+        );
+        eprintln!("{what} skipped: not root");
+        return false;
+    }
+    tests::tool_available("setpriv", &["--version"], what)
+}
+
 /// nobody: the user a unit's `DynamicUser=` stands in for here.
 const NOBODY: u32 = 65534;
 
@@ -256,15 +262,7 @@ fn as_unit(creds: &std::path::Path) -> Command {
 /// supplementary group, and without the group `check` says what to do.
 #[test]
 fn route_certificates_are_read_through_the_units_group() {
-    if !rustix::process::geteuid().is_root() {
-        assert!(
-            !std::env::var("CI").is_ok_and(|v| v == "true"),
-            "running as another user needs root, which CI has"
-        );
-        eprintln!("skipped: not root");
-        return;
-    }
-    if !tests::tool_available("setpriv", &["--version"], "the certificate test") {
+    if !can_run_as_another_user("the certificate test") {
         return;
     }
     use std::os::unix::fs::{PermissionsExt, chown};
