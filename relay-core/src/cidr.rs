@@ -60,6 +60,14 @@ impl CidrSet {
     pub fn len(&self) -> usize {
         self.v4.len() + self.v6.len()
     }
+
+    /// The blocks after merging, IPv4 first, each in address order.
+    pub fn blocks(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.v4
+            .iter()
+            .map(|n| IpNet::V4(*n))
+            .chain(self.v6.iter().map(|n| IpNet::V6(*n)))
+    }
 }
 
 /// Blocks are disjoint and sorted, so only the last one starting at or below `ip` can hold it.

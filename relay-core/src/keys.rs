@@ -209,6 +209,12 @@ impl PublicKey {
     }
 }
 
+/// A WireGuard public key as `wg pubkey` prints it.
+#[must_use]
+pub fn wireguard_key_base64(key: &[u8; 32]) -> String {
+    B64.encode(key)
+}
+
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&B64.encode(self.0))

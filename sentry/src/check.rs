@@ -7,11 +7,12 @@ use std::path::Path;
 use relay_core::config::{self, Config, ConfigError};
 use relay_core::keys::{KeySource, PrivateKey, PublicKey};
 
-/// Check the config at `path` (and its key, when `with_key`); print what was found.
+/// Check the config at `path` (and its key, when `with_key`); print what was found, and with
+/// `print` the effective config.
 ///
 /// # Errors
 /// The config or its key is invalid, with every reason.
-pub fn check(path: &Path, with_key: bool) -> Result<(), String> {
+pub fn check(path: &Path, with_key: bool, print: bool) -> Result<(), String> {
     let config = config::load(path).map_err(|e| e.to_string())?;
     let (role, key_name, key_path, warnings) = match &config {
         Config::Sentry(c) => ("sentry", "sentry.private_key", &c.private_key, &c.warnings),
@@ -88,6 +89,13 @@ pub fn check(path: &Path, with_key: bool) -> Result<(), String> {
         && let Some(pinned) = own_key_pinned(&config, key)
     {
         println!("warning: {pinned}");
+    }
+    if print {
+        let text = match &config {
+            Config::Sentry(c) => crate::effective::sentry(c),
+            Config::Agent(c) => crate::effective::agent(c),
+        };
+        println!("\n# The effective config: every default filled in.\n{text}");
     }
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 mod check;
 mod demo;
+mod effective;
 mod key;
 mod pair;
 mod status;
@@ -94,6 +95,10 @@ enum Command {
         /// linted before the key is installed).
         #[arg(long)]
         no_key: bool,
+        /// Print the config as the daemon will run it: every default filled in, list files
+        /// merged, as TOML.
+        #[arg(long)]
+        print: bool,
     },
     /// Write two fresh keys and a matched sentry.toml and agent.toml for a chain, ready to
     /// copy to the public host and the validator host.
@@ -159,9 +164,11 @@ fn main() -> ExitCode {
         Command::Agent { config } => agent(&config),
         Command::Keygen { out } => keygen(&out),
         Command::Pubkey { key, wireguard } => pubkey(&key, wireguard),
-        Command::Check { config, no_key } => {
-            check::check(&config, !no_key).map_err(Failure::Invalid)
-        }
+        Command::Check {
+            config,
+            no_key,
+            print,
+        } => check::check(&config, !no_key, print).map_err(Failure::Invalid),
         Command::Pair {
             sentry,
             out_dir,

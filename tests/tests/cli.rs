@@ -127,6 +127,45 @@ fn every_example_config_passes_check_as_shipped() {
     assert!(checked >= 6, "{checked} example configs");
 }
 
+/// `check --print` writes the config as the daemon runs it, defaults filled in, as a config
+/// that `check` takes again.
+#[test]
+fn check_print_writes_the_effective_config_back_as_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    for example in [
+        "sentry.example.toml",
+        "agent.example.toml",
+        "cosmos.sentry.toml",
+    ] {
+        let path = repo_root().join("configs").join(example);
+        let out = sentry(&[
+            "check",
+            "--no-key",
+            "--print",
+            "--config",
+            path.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{example}: {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let (_, effective) = stdout
+            .split_once("# The effective config: every default filled in.\n")
+            .unwrap_or_else(|| panic!("{example}: no effective config in:\n{stdout}"));
+        // Defaults the example leaves out are there.
+        assert!(
+            effective.contains("drain_timeout = \"30s\""),
+            "{example}:\n{effective}"
+        );
+        let again = dir.path().join(example);
+        std::fs::write(&again, effective).unwrap();
+        let out = sentry(&["check", "--no-key", "--config", again.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{example}: the printed config does not check: {}\n{effective}",
+            text(&out.stderr)
+        );
+    }
+}
+
 /// What a newcomer gets wrong is named: a list table written with single brackets, and what
 /// is valid but probably not meant (a CIDR with host bits, metrics on a public address, a
 /// sentry pinning its own key) is warned about with file, line and column.
