@@ -448,3 +448,33 @@ async fn each_relayed_peer_comes_from_its_own_stable_loopback_address() {
     );
     drop(b);
 }
+
+/// An idle WireGuard tunnel stays up on the agent's side too. WireGuard answers no keepalive,
+/// so before the sentry sent keepalives of its own, an agent that heard nothing for its
+/// liveness (15 s) counted the tunnel down, failed its node's outbound connections, and
+/// rebuilt the tunnel 30 s later, idle tunnel after idle tunnel (found by the egress bench).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_wireguard_tunnel_stays_up_for_the_agent_and_carries_egress() {
+    let echo = echo_service().await;
+    let proxy = free_port();
+    let d = deploy("wireguard", true, "", &socks(proxy)).await;
+    let proxy = d.bound(proxy);
+    // Past the agent's liveness, with nothing relayed.
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    let metrics = d.agent.render_metrics();
+    let up = metric(
+        &metrics,
+        "sentry_agent_tunnel_up",
+        &[
+            (
+                "sentry",
+                &d.sentry.handle.wireguard_addr().unwrap().to_string(),
+            ),
+            ("transport", "wireguard"),
+        ],
+    );
+    assert_eq!(up, Some(1.0), "{metrics}");
+    let (code, mut tcp) = socks5(proxy, "127.0.0.1", echo.port()).await;
+    assert_eq!(code, 0, "egress after an idle spell");
+    echo_once(&mut tcp, b"still there").await;
+}

@@ -481,7 +481,10 @@ pub(crate) fn wireguard_peers(config: &SentryConfig) -> Vec<wireguard::PeerSpec>
             public: agent.public_key.wireguard()?,
             address: agent.wireguard_address?,
             endpoint: None,
-            keepalive: None,
+            // Keepalives both ways: WireGuard answers none, and an agent that hears nothing
+            // from its sentry for AGENT_LIVENESS counts the tunnel down (and rebuilds it)
+            // however well its own packets arrive.
+            keepalive: Some(wireguard::AGENT_KEEPALIVE),
             liveness: wireguard::AGENT_LIVENESS,
             // An agent's egress streams; the engine refuses them unless it has egress.
             accept: true,

@@ -283,7 +283,9 @@ impl PeerState {
             } else {
                 port + 1
             };
-            if !self.ports.contains_key(&port) {
+            // RELAY_PORT is inside the ephemeral range, and both ends may listen on it (the
+            // sentry for egress): never a local port of a stream, so only new streams reach it.
+            if port != RELAY_PORT && !self.ports.contains_key(&port) {
                 return Some(port);
             }
         }
