@@ -52,6 +52,7 @@ License: Apache-2.0
  /usr/share/common-licenses/Apache-2.0.
 COPYRIGHT
 chmod 0644 "$doc/copyright"
+# procps: /bin/kill, which the units' ExecReload= sends the SIGHUP with (a minimal Debian has none).
 
 installed=$(du -sk "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL
@@ -61,7 +62,7 @@ Architecture: $arch
 Maintainer: sentry developers <sentry@localhost>
 Section: net
 Priority: optional
-Depends: libc6 (>= $glibc), adduser
+Depends: libc6 (>= $glibc), adduser, procps
 Installed-Size: $installed
 Description: keep a blockchain validator private behind a hardened sentry
  sentry serve runs on a public host and relays P2P and JSON-RPC traffic, filtered

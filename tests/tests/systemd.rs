@@ -97,17 +97,28 @@ fn the_units_check_before_reloading_and_pass_the_key_as_a_credential() {
         assert_eq!(
             reloads,
             [
-                format!("ExecReload=/usr/local/bin/sentry check --config /etc/sentry/{config}")
-                    .as_str(),
+                format!(
+                    "ExecReload=/usr/local/bin/sentry check --no-key --config /etc/sentry/{config}"
+                )
+                .as_str(),
                 "ExecReload=/bin/kill -HUP $MAINPID"
             ],
             "{unit}"
         );
         assert!(text.contains("\nRestartPreventExitStatus=2\n"), "{unit}");
-        assert!(
-            text.contains(&format!("\nLoadCredential={key}:/etc/sentry/{key}\n")),
-            "{unit}"
-        );
+        for line in [
+            format!("LoadCredential={key}:/etc/sentry/{key}"),
+            format!("SetCredential={key}:unset"),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{unit}: {line} (the key as a credential, with a placeholder while it is not \
+                 installed)"
+            );
+        }
+        // systemd's RestartPreventExitStatus= sees only the main process: a check in
+        // ExecStartPre that exits 2 would be restarted in a loop.
+        assert!(!text.contains("\nExecStartPre="), "{unit}");
         let dir = text
             .lines()
             .find_map(|l| l.strip_prefix("StateDirectory="))
@@ -121,8 +132,8 @@ fn the_units_check_before_reloading_and_pass_the_key_as_a_credential() {
 }
 
 /// The daemon run as the unit runs it: an unprivileged user (nobody, as `DynamicUser=` picks
-/// one), the key passed as a systemd credential. Before a key is installed, `sentry check`
-/// (the unit's `ExecStartPre`) exits 2 naming the config key, the file, the user and the
+/// one), the key passed as a systemd credential. Before a key is installed (the credential is
+/// the unit's `SetCredential=` placeholder), `sentry check` exits 2 naming the config key, the file, the user and the
 /// fix; a key installed as root's mode-0600 file is still unreadable to that user, and says
 /// so; once systemd has copied it into the credentials directory at the next start (owned
 /// by the unit's user, or root's with an ACL whose mask shows a group bit), the daemon reads
@@ -172,7 +183,11 @@ fn a_key_installed_after_the_first_start_is_read_as_a_credential() {
         )
     };
 
-    // The first start: no key anywhere.
+    // The first start: no key anywhere, and systemd passes the unit's placeholder.
+    let empty = creds.join("agent.key");
+    std::fs::write(&empty, "unset").unwrap();
+    open(&empty, 0o400);
+    chown(&empty, Some(NOBODY), Some(NOBODY)).unwrap();
     let (code, _, err) = check();
     assert_eq!(code, Some(2), "{err}");
     for needed in [
@@ -195,6 +210,7 @@ fn a_key_installed_after_the_first_start_is_read_as_a_credential() {
     assert!(err.contains("LoadCredential=agent.key:"), "{err}");
     // The next start: systemd copies it in, owned by the unit's user...
     let credential = creds.join("agent.key");
+    std::fs::remove_file(&credential).unwrap();
     std::fs::copy(&key_path, &credential).unwrap();
     open(&credential, 0o400);
     chown(&credential, Some(NOBODY), Some(NOBODY)).unwrap();

@@ -44,16 +44,42 @@ impl std::fmt::Display for KeySource {
 }
 
 /// Where the key configured at `configured` is read from: the credential of the same file
-/// name when the unit passes one, else the file itself.
+/// name when the unit passes one, else the file itself. The shipped units pair
+/// `LoadCredential=` with a `SetCredential=` placeholder ([`UNSET_CREDENTIAL`]), so a unit whose key file is not
+/// installed yet still starts its daemon, which then says which key is missing and the fix,
+/// rather than failing in systemd with `243/CREDENTIALS` and nothing about the key.
 #[must_use]
 pub fn key_source(configured: &Path) -> KeySource {
     let credential = std::env::var_os(CREDENTIALS_DIRECTORY).and_then(|dir| {
         let name = configured.file_name()?.to_str()?.to_owned();
         let path = Path::new(&dir).join(&name);
-        path.is_file()
-            .then_some(KeySource::Credential { name, path })
+        // The unit's `SetCredential=NAME:unset` default means systemd had no file to load:
+        // the file itself is then read, so a missing one is reported as such.
+        let loaded = fs::metadata(&path).is_ok_and(|m| m.is_file()) && !is_unset(&path);
+        loaded.then_some(KeySource::Credential { name, path })
     });
     credential.unwrap_or_else(|| KeySource::File(configured.to_owned()))
+}
+
+/// What the shipped units pass as a key's credential while its file is not installed
+/// (`SetCredential=sentry.key:unset`, the default systemd uses when `LoadCredential=` finds no
+/// file; systemd 252 refuses an empty value).
+pub const UNSET_CREDENTIAL: &str = "unset";
+
+/// Whether the credential at `path` is the units' placeholder (or empty) rather than a key. A
+/// key is 44 bytes or more, so nothing secret is read here.
+fn is_unset(path: &Path) -> bool {
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    let mut head = String::new();
+    if (&file).take(16).read_to_string(&mut head).is_err() || head.len() >= 16 {
+        head.zeroize();
+        return false;
+    }
+    let unset = matches!(head.trim(), "" | UNSET_CREDENTIAL);
+    head.zeroize();
+    unset
 }
 
 /// Whether the daemon runs with systemd credentials at all (a unit with `LoadCredential=`).
