@@ -60,6 +60,9 @@ impl Site {
     pub fn runtime(&self, host: Host) -> Runtime {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.enable_all();
+        // Named per host, so the suite can read one host's threads (an in-process relay's
+        // CPU) apart from the others'.
+        builder.thread_name(format!("bench-{}", host.short()));
         if let Some(ns) = self.ns(host) {
             builder.on_thread_start(move || enter_ns(&ns));
         }

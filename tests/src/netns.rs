@@ -54,7 +54,9 @@ pub enum Host {
 impl Host {
     const ALL: [Self; 4] = [Self::Client, Self::Sentry, Self::Router, Self::Validator];
 
-    fn short(self) -> &'static str {
+    /// The host's short name, as in its namespace's.
+    #[must_use]
+    pub fn short(self) -> &'static str {
         match self {
             Self::Client => "client",
             Self::Sentry => "sentry",

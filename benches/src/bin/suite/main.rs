@@ -26,6 +26,7 @@
 //! `SENTRY_BIN` (the release binary).
 #![allow(clippy::disallowed_methods)] // plain deadlines and process handling, outside the daemon
 
+mod cost;
 mod egress;
 mod paths;
 mod results;
@@ -141,6 +142,8 @@ struct Samples {
     /// Idle connections held, and each end's resident growth per connection in KiB; or why
     /// not measured.
     idle: Option<Result<(usize, Vec<f64>), String>>,
+    /// What each request of each request/response run cost.
+    cost: Vec<cost::Cost>,
 }
 
 /// One site's results.
@@ -375,10 +378,12 @@ fn measure(site: &Site, s: Settings) -> Section {
             let r = path.routes;
             // Request/response first, so the resident memory read after it (first
             // repetition) is what that load needs, before any bulk transfer grew the heap.
+            let probe = cost::Probe::start(site, cost_targets(site, path), &dir);
             let rr = run(
                 &rt.client,
                 load::request_response(r.echo, s.conns, 64, s.seconds),
             );
+            sample.cost.push(probe.finish(site, rr.requests));
             sample.rps.push(rr.per_second);
             sample.p50.push(rr.p50_us as f64 / 1e3);
             sample.p99.push(rr.p99_us as f64 / 1e3);
@@ -495,6 +500,21 @@ fn measure(site: &Site, s: Settings) -> Section {
         names,
         samples,
         egress: Some(egress),
+    }
+}
+
+/// Whose CPU, switches and syscalls a request on `path` costs: its tunnel ends, and in the
+/// namespace topology the in-process relay's threads on the sentry host (on loopback they share
+/// one runtime with the load generator and cannot be told apart).
+fn cost_targets(site: &Site, path: &PathUnderTest) -> cost::Targets {
+    let relay = path.name == "plain relay" || path.kind == Kind::WireGuardGo;
+    let tids = match site {
+        Site::Netns(_) if relay => cost::own_threads(&format!("bench-{}", Host::Sentry.short())),
+        _ => Vec::new(),
+    };
+    cost::Targets {
+        pids: path.ends.iter().map(|(_, p)| p.pid()).collect(),
+        tids,
     }
 }
 

@@ -212,6 +212,7 @@ pub(super) fn tables(t: &mut String, x: &Section) {
             s.failed
         );
     }
+    cost_table(t, x);
     let _ = writeln!(t, "\n## Tunnel ends, {}: CPU and memory\n", x.site);
     let _ = writeln!(
         t,
@@ -243,4 +244,46 @@ pub(super) fn tables(t: &mut String, x: &Section) {
         }
     }
     let _ = writeln!(t);
+}
+
+/// What one request of the request/response runs cost, per path (medians over the runs).
+fn cost_table(t: &mut String, x: &Section) {
+    let _ = writeln!(t, "\n## Cost per request, {}\n", x.site);
+    let _ = writeln!(
+        t,
+        "Per completed request of the request/response runs (64 B each way): CPU (user + \
+         system), context switches and syscalls of both tunnel ends together (the plain \
+         relay's and wireguard-go's relay threads in the namespace topology; `–` where they \
+         share a process with the load generator, or for syscalls where `perf` is missing), \
+         and packets on the hosts' links ({}).\n",
+        if x.site == "loopback" {
+            "on loopback every leg crosses `lo`, counted once"
+        } else {
+            "the sentry host's and the validator host's, received plus sent"
+        }
+    );
+    let _ = writeln!(
+        t,
+        "| path | CPU µs | context switches | syscalls | packets, sentry host | packets, validator host |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|");
+    let cells = |v: Vec<Option<f64>>, digits: usize| -> String {
+        let v: Vec<f64> = v.into_iter().flatten().collect();
+        if v.is_empty() {
+            "–".into()
+        } else {
+            cell(&v, digits)
+        }
+    };
+    for (name, s) in x.names.iter().zip(&x.samples) {
+        let _ = writeln!(
+            t,
+            "| {name} | {} | {} | {} | {} | {} |",
+            cells(s.cost.iter().map(|c| c.cpu_us).collect(), 1),
+            cells(s.cost.iter().map(|c| c.switches).collect(), 2),
+            cells(s.cost.iter().map(|c| c.syscalls).collect(), 1),
+            cells(s.cost.iter().map(|c| Some(c.packets_sentry)).collect(), 2),
+            cells(s.cost.iter().map(|c| c.packets_validator).collect(), 2),
+        );
+    }
 }
