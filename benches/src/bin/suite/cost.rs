@@ -24,6 +24,8 @@ pub(super) struct Targets {
 pub(super) struct Cost {
     /// CPU microseconds (user + system) of the ends, or `None` without ends.
     pub cpu_us: Option<f64>,
+    /// Of which in the kernel (system time).
+    pub system_us: Option<f64>,
     /// Context switches (voluntary and not) of the ends.
     pub switches: Option<f64>,
     /// Syscalls entered by the ends.
@@ -37,7 +39,7 @@ pub(super) struct Cost {
 /// Counters read before a run; [`Probe::finish`] reads them again.
 pub(super) struct Probe {
     targets: Targets,
-    cpu: f64,
+    cpu: (f64, f64),
     switches: u64,
     packets: (u64, Option<u64>),
     perf: Option<(Child, std::path::PathBuf)>,
@@ -58,7 +60,9 @@ impl Probe {
     pub(super) fn finish(self, site: &Site, requests: u64) -> Cost {
         let n = requests.max(1) as f64;
         let measured = !(self.targets.pids.is_empty() && self.targets.tids.is_empty());
-        let cpu = (cpu(&self.targets) - self.cpu) * 1e6 / n;
+        let now = cpu(&self.targets);
+        let user = (now.0 - self.cpu.0) * 1e6 / n;
+        let system = (now.1 - self.cpu.1) * 1e6 / n;
         let switches = switches(&self.targets).saturating_sub(self.switches) as f64 / n;
         let syscalls = self
             .perf
@@ -66,7 +70,8 @@ impl Probe {
             .map(|c| c as f64 / n);
         let (sentry, validator) = packets(site);
         Cost {
-            cpu_us: measured.then_some(cpu),
+            cpu_us: measured.then_some(user + system),
+            system_us: measured.then_some(system),
             switches: measured.then_some(switches),
             syscalls: if measured { syscalls } else { None },
             packets_sentry: sentry.saturating_sub(self.packets.0) as f64 / n,
@@ -91,25 +96,36 @@ pub(super) fn own_threads(prefix: &str) -> Vec<u32> {
         .collect()
 }
 
-fn cpu(t: &Targets) -> f64 {
-    t.pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>()
-        + t.tids
-            .iter()
-            .map(|&tid| stat_ticks(&format!("/proc/self/task/{tid}/stat")))
-            .sum::<f64>()
+/// (user, system) CPU seconds of the targets so far.
+fn cpu(t: &Targets) -> (f64, f64) {
+    t.pids
+        .iter()
+        .map(|&p| format!("/proc/{p}/stat"))
+        .chain(
+            t.tids
+                .iter()
+                .map(|&tid| format!("/proc/self/task/{tid}/stat")),
+        )
+        .map(|path| stat_seconds(&path))
+        .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds))
 }
 
-fn stat_ticks(path: &str) -> f64 {
+/// (user, system) CPU seconds from a `stat` file (a process's threads summed).
+fn stat_seconds(path: &str) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(path) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    ticks as f64 / rustix::param::clock_ticks_per_second() as f64
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    (field(11) as f64 / hz, field(12) as f64 / hz)
 }
 
 fn switches(t: &Targets) -> u64 {

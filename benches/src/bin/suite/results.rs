@@ -264,9 +264,9 @@ fn cost_table(t: &mut String, x: &Section) {
     );
     let _ = writeln!(
         t,
-        "| path | CPU µs | context switches | syscalls | packets, sentry host | packets, validator host |"
+        "| path | CPU µs | of which system µs | context switches | syscalls | packets, sentry host | packets, validator host |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|");
     let cells = |v: Vec<Option<f64>>, digits: usize| -> String {
         let v: Vec<f64> = v.into_iter().flatten().collect();
         if v.is_empty() {
@@ -278,8 +278,9 @@ fn cost_table(t: &mut String, x: &Section) {
     for (name, s) in x.names.iter().zip(&x.samples) {
         let _ = writeln!(
             t,
-            "| {name} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} |",
             cells(s.cost.iter().map(|c| c.cpu_us).collect(), 1),
+            cells(s.cost.iter().map(|c| c.system_us).collect(), 1),
             cells(s.cost.iter().map(|c| c.switches).collect(), 2),
             cells(s.cost.iter().map(|c| c.syscalls).collect(), 1),
             cells(s.cost.iter().map(|c| Some(c.packets_sentry)).collect(), 2),
