@@ -10,6 +10,7 @@
 //! where it carries every leg).
 
 use super::*;
+use crate::system::stat_seconds;
 
 /// Whose costs a probe reads.
 pub(super) struct Targets {
@@ -108,24 +109,6 @@ fn cpu(t: &Targets) -> (f64, f64) {
         )
         .map(|path| stat_seconds(&path))
         .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds))
-}
-
-/// (user, system) CPU seconds from a `stat` file (a process's threads summed).
-fn stat_seconds(path: &str) -> (f64, f64) {
-    let Ok(stat) = std::fs::read_to_string(path) else {
-        return (0.0, 0.0);
-    };
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let hz = rustix::param::clock_ticks_per_second() as f64;
-    (field(11) as f64 / hz, field(12) as f64 / hz)
 }
 
 fn switches(t: &Targets) -> u64 {

@@ -4,17 +4,27 @@ use super::*;
 
 /// User plus system CPU seconds of `pid` so far.
 pub(super) fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+    let (user, system) = stat_seconds(&format!("/proc/{pid}/stat"));
+    user + system
+}
+
+/// (user, system) CPU seconds from a `stat` file (`/proc/PID/stat`: a process's threads
+/// summed; `/proc/self/task/TID/stat`: one thread).
+pub(super) fn stat_seconds(path: &str) -> (f64, f64) {
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return (0.0, 0.0);
     };
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
-        .sum();
-    ticks as f64 / rustix::param::clock_ticks_per_second() as f64
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    (field(11) as f64 / hz, field(12) as f64 / hz)
 }
 
 /// A `/proc/PID/status` size line (`VmRSS:`, `VmHWM:`) in KiB.
