@@ -45,9 +45,10 @@ impl std::fmt::Display for KeySource {
 
 /// Where the key configured at `configured` is read from: the credential of the same file
 /// name when the unit passes one, else the file itself. The shipped units pair
-/// `LoadCredential=` with a `SetCredential=` placeholder ([`UNSET_CREDENTIAL`]), so a unit whose key file is not
-/// installed yet still starts its daemon, which then says which key is missing and the fix,
-/// rather than failing in systemd with `243/CREDENTIALS` and nothing about the key.
+/// `LoadCredential=` with a `SetCredential=` placeholder ([`UNSET_CREDENTIAL`]), so a unit
+/// whose key file is not installed yet still starts its daemon, which then says which key is
+/// missing and the fix, rather than failing in systemd with `243/CREDENTIALS` and nothing
+/// about the key.
 #[must_use]
 pub fn key_source(configured: &Path) -> KeySource {
     let credential = std::env::var_os(CREDENTIALS_DIRECTORY).and_then(|dir| {
@@ -67,7 +68,7 @@ pub fn key_source(configured: &Path) -> KeySource {
 pub const UNSET_CREDENTIAL: &str = "unset";
 
 /// Whether the credential at `path` is the units' placeholder (or empty) rather than a key. A
-/// key is 44 bytes or more, so nothing secret is read here.
+/// key is 44 bytes or more: at most its first 16 are read here, and wiped at once.
 fn is_unset(path: &Path) -> bool {
     let Ok(file) = fs::File::open(path) else {
         return false;
