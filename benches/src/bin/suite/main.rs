@@ -60,6 +60,9 @@ struct Settings {
     conns: usize,
     workers: usize,
     idle: usize,
+    /// `BENCH_ONLY=rr`: request/response alone (with its cost table), for quick A/B runs of a
+    /// change; the other scenarios' columns are then empty. Never for RESULTS.md.
+    all_scenarios: bool,
 }
 
 /// The ports of one path: echo, sink, source.
@@ -192,6 +195,7 @@ fn main() {
         conns: read_env("BENCH_CONNS", 64),
         workers: read_env("BENCH_WORKERS", 16),
         idle: read_env("BENCH_IDLE", 10_000),
+        all_scenarios: std::env::var("BENCH_ONLY").map_or(true, |v| v != "rr"),
     };
     let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "benches/RESULTS.md".into());
     let wanted = std::env::var("BENCH_SITES").unwrap_or_else(|_| "loopback,netns".into());
@@ -396,6 +400,16 @@ fn measure(site: &Site, s: Settings) -> Section {
                     .map(|(_, p)| status_kib(p.pid(), "VmRSS:"))
                     .collect();
             }
+            if !s.all_scenarios {
+                eprintln!(
+                    "rep {}/{} {}: {:.0} req/s (request/response only)",
+                    rep + 1,
+                    s.reps,
+                    path.name,
+                    rr.per_second
+                );
+                continue;
+            }
             let c = run(&rt.client, load::churn(r.echo, s.workers, 64, s.seconds));
             sample.cps.push(c.per_second);
             sample.ttfb99.push(c.ttfb_p99_us as f64 / 1e3);
@@ -491,7 +505,7 @@ fn measure(site: &Site, s: Settings) -> Section {
         samples[i].idle = Some(idle(&rt, &fresh, n));
     }
     drop(paths);
-    let egress = egress::measure_egress(site, s);
+    let egress = s.all_scenarios.then(|| egress::measure_egress(site, s));
     if let Site::Loopback = site {
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -499,7 +513,7 @@ fn measure(site: &Site, s: Settings) -> Section {
         site: site.name(),
         names,
         samples,
-        egress: Some(egress),
+        egress,
     }
 }
 
