@@ -323,7 +323,13 @@ pub(super) async fn timer_loop(inner: Arc<Inner>, peer: Arc<Peer>) {
             () = peer.stop.cancelled() => break,
             () = tokio::time::sleep(sleep), if !stalled => {}
             _ = inner.udp.writable(), if stalled => {}
-            () = peer.timer.notified() => {}
+            () = peer.timer.notified() => {
+                // A stream asked for the stack (see `PeerState::defer_poll`): let the other
+                // tasks ready now move their bytes first, then run it once for all of them.
+                if lock(&peer.state).pending {
+                    tokio::task::yield_now().await;
+                }
+            }
         }
     }
     // Removed: reset what is open so owners see an error instead of a silent stream.

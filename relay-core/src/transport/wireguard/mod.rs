@@ -283,6 +283,9 @@ struct PeerState {
     measuring: Option<Instant>,
     /// Counters for metrics.
     handshakes: u64,
+    /// A stream moved bytes or changed state since the stack last ran: the timer task runs it
+    /// (see [`PeerState::defer_poll`]).
+    pending: bool,
 }
 
 impl Device {

@@ -93,6 +93,7 @@ impl Peer {
                 up: false,
                 deadline: now,
                 handshakes: 0,
+                pending: false,
                 measuring: None,
             }),
             timer: Notify::new(),

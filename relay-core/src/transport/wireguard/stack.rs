@@ -18,6 +18,7 @@ impl PeerState {
     /// Run the stack: deliver queued packets, send what is due. Returns whether the timer
     /// must be woken (its deadline moved earlier).
     pub(super) fn poll(&mut self, epoch: Instant, now: Instant) -> bool {
+        self.pending = false;
         let at = stamp(epoch, now);
         // `Interface::poll`, with the receive windows aligned between ingress and egress.
         self.iface.poll_maintenance(at);
@@ -70,6 +71,15 @@ impl PeerState {
         self.rtt_floor
             .map(|(floor, _)| floor)
             .or_else(|| handshake.map(|ms| Duration::from_millis(u64::from(ms))))
+    }
+
+    /// A stream wrote, read, closed or opened: the stack must run, but not here. The peer's
+    /// timer task runs it once the tasks ready now have had their turn, so what many streams
+    /// did in one round of the scheduler leaves in one pass: their segments in one send (GSO),
+    /// instead of one `sendmsg` and one walk over every socket per stream. Returns whether the
+    /// timer task must be woken (it is not yet due to run the stack).
+    pub(super) fn defer_poll(&mut self) -> bool {
+        !std::mem::replace(&mut self.pending, true)
     }
 
     /// Start one handshake of our own when the peer came up and this end knows no round trip

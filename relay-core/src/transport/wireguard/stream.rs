@@ -1,10 +1,12 @@
 //! A TCP connection inside the overlay, as tokio `AsyncRead` + `AsyncWrite`.
 //!
 //! The socket lives in its peer's stack; every operation locks the peer's state briefly, moves
-//! bytes between the caller's buffer and the socket's fixed buffers, and runs the stack so
-//! that what was written leaves at once (and a reader's freed window is announced). When a
-//! buffer is full or empty the socket's own waker is registered and the stack wakes the task
-//! when that changes: no polling.
+//! bytes between the caller's buffer and the socket's fixed buffers, and asks the peer's timer
+//! task to run the stack, which it does once the tasks ready now have had their turn: what
+//! was written leaves then (and a reader's freed window is announced), together with what the
+//! other streams wrote meanwhile (see `PeerState::defer_poll`). When a buffer is full or empty
+//! the socket's own waker is registered and the stack wakes the task when that changes: no
+//! polling.
 //!
 //! Both halves may be used at once through `&OverlayStream` (a relay pumps both directions
 //! from one task). Dropping the stream closes it gracefully (FIN after the buffered data); the
@@ -74,7 +76,7 @@ impl OverlayStream {
             state.ports.insert(port, handle);
             state.port_of.insert(handle, port);
             state.streams += 1;
-            let wake = state.poll(peer.epoch, clock::now());
+            let wake = state.defer_poll();
             (handle, wake)
         };
         let (handle, wake) = wake;
@@ -120,12 +122,22 @@ impl OverlayStream {
         });
     }
 
-    /// Reset the connection now.
+    /// Reset the connection now: the stack runs here, not later, so the reset leaves before
+    /// the socket can be released (an aborted socket is closed at once, and dropping a closed
+    /// stream forgets its socket).
     pub fn abort(&self) {
-        self.with_socket(|socket| {
-            socket.abort();
-            ((), true)
-        });
+        let wake = {
+            let mut guard = lock(&self.peer.state);
+            let state = &mut *guard;
+            state
+                .sockets
+                .get_mut::<tcp::Socket<'static>>(self.handle)
+                .abort();
+            state.poll(self.peer.epoch, clock::now())
+        };
+        if wake {
+            self.peer.timer.notify_one();
+        }
     }
 
     /// Run `f` on the socket, then the stack if `f` asks for it.
@@ -134,7 +146,7 @@ impl OverlayStream {
             let mut guard = lock(&self.peer.state);
             let state = &mut *guard;
             let (result, run) = f(state.sockets.get_mut::<tcp::Socket<'static>>(self.handle));
-            let wake = run && state.poll(self.peer.epoch, clock::now());
+            let wake = run && state.defer_poll();
             (result, wake)
         };
         if wake {
@@ -175,7 +187,7 @@ impl OverlayStream {
             }
             let socket = state.sockets.get_mut::<tcp::Socket<'static>>(self.handle);
             let (poll, run) = Self::poll_read_socket(socket, cx, buf);
-            (poll, run && state.poll(self.peer.epoch, clock::now()))
+            (poll, run && state.defer_poll())
         };
         if wake {
             self.peer.timer.notify_one();
@@ -244,7 +256,7 @@ impl OverlayStream {
             let mut guard = lock(&self.peer.state);
             let state = &mut *guard;
             state.close(self.handle);
-            state.poll(self.peer.epoch, clock::now())
+            state.defer_poll()
         };
         if wake {
             self.peer.timer.notify_one();
@@ -266,7 +278,7 @@ impl Drop for OverlayStream {
             } else {
                 state.close(self.handle);
                 state.orphans.push((self.handle, now + LINGER));
-                state.poll(self.peer.epoch, now)
+                state.defer_poll()
             }
         };
         if wake {
