@@ -517,3 +517,17 @@ fn pubkey(path: &Path, wireguard: bool) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The build applies `.cargo/config.toml`: without `--cfg tokio_unstable` the daemon would
+    /// keep tokio's LIFO slot (see [`super::runtime`]), and cost more per relayed request, with
+    /// nothing else to show for it.
+    #[test]
+    fn the_daemon_runtime_is_built_without_the_lifo_slot() {
+        assert!(
+            cfg!(tokio_unstable),
+            "built without --cfg tokio_unstable (an explicit RUSTFLAGS replaces .cargo/config.toml's)"
+        );
+    }
+}
