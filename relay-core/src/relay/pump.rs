@@ -19,8 +19,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::clock;
 
-/// First buffer size of each direction.
-const MIN_BUF: usize = 4 * 1024;
+/// First buffer size of each direction: what an idle connection holds per direction. Small
+/// messages fit (a CometBFT frame is about 1 KiB; a larger one doubles it on the first read).
+/// Was 4 KiB: an idle relayed connection then cost 6 KiB more per end (benches/README.md).
+const MIN_BUF: usize = 1024;
 /// Largest buffer of each direction; large enough that bulk transfers cost few syscalls.
 const MAX_BUF: usize = 256 * 1024;
 /// A direction quiet this long gives its grown buffer back.
