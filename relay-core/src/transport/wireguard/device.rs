@@ -79,8 +79,15 @@ pub(super) fn ingest(
 ) -> bool {
     let link = &mut state.link;
     let wire = &mut link.wire;
+    // Whether a session both ends may send on is established: the peer sent data (a
+    // keepalive included), or answered our handshake initiation (we answer with a keepalive,
+    // type 4). Answering the peer's initiation (with a response, type 2) is not enough: as
+    // the responder we may not send until its first data arrives, and boringtun holds back
+    // what we send meanwhile and starts a handshake of its own.
+    let mut confirmed = false;
     let authenticated = match wire.tunn.decapsulate(Some(src.ip()), datagram, out) {
         TunnResult::WriteToNetwork(reply) => {
+            confirmed = reply.first() == Some(&4);
             // A cookie reply (type 3) is sent before anything is authenticated.
             let cookie = reply.first() == Some(&3);
             let _ = wire.udp.try_send_to(reply, src);
@@ -95,6 +102,7 @@ pub(super) fn ingest(
             !cookie
         }
         TunnResult::WriteToTunnelV4(packet, source) => {
+            confirmed = true;
             if source == peer.spec.address && link.rx.len() < BATCH * 2 {
                 let syn = peer.spec.accept && is_syn_to(packet, RELAY_PORT);
                 let mut buf = link.free.pop().unwrap_or_default();
@@ -110,7 +118,15 @@ pub(super) fn ingest(
             }
             true
         }
-        TunnResult::WriteToTunnelV6(..) | TunnResult::Done => true,
+        TunnResult::WriteToTunnelV6(..) => {
+            confirmed = true;
+            true
+        }
+        TunnResult::Done => {
+            // A keepalive (data, type 4), or a cookie reply.
+            confirmed = datagram.first() == Some(&4);
+            true
+        }
         TunnResult::Err(e) => {
             debug!(peer = %peer.spec.name, %src, "dropped a datagram: {e:?}");
             false
@@ -123,6 +139,9 @@ pub(super) fn ingest(
             link.wire.endpoint = Some(src);
         }
         state.last_rx = Some(now);
+        if confirmed {
+            state.last_confirmed = Some(now);
+        }
     }
     authenticated
 }
@@ -141,9 +160,12 @@ pub(super) fn after_batch(inner: &Inner, peer: &Arc<Peer>, now: Instant) {
         } else {
             Vec::new()
         };
+        // Up once a session is confirmed (see `ingest`), not when the peer's first handshake
+        // initiation arrives: a stream opened then waited for the peer's next packet (a plain
+        // peer's handshake retry: 5 s).
         let came_up = !state.up
             && state
-                .last_rx
+                .last_confirmed
                 .is_some_and(|t| now.duration_since(t) < peer.spec.liveness);
         if came_up {
             state.up = true;

@@ -275,6 +275,8 @@ struct PeerState {
     next_port: u16,
     streams: usize,
     last_rx: Option<Instant>,
+    /// The last packet that showed a session both ends may send on (see `device::ingest`).
+    last_confirmed: Option<Instant>,
     up: bool,
     /// When the timer task will next run.
     deadline: Instant,

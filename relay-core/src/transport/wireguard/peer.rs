@@ -90,6 +90,7 @@ impl Peer {
                 next_port,
                 streams: 0,
                 last_rx: None,
+                last_confirmed: None,
                 up: false,
                 deadline: now,
                 handshakes: 0,
@@ -125,7 +126,8 @@ impl Peer {
     }
 
     #[cfg(test)]
-    /// Whether an authenticated packet arrived within the liveness window.
+    /// Whether the peer is up: a session both ends may send on was confirmed (see
+    /// `device::ingest`), and an authenticated packet arrived within the liveness window.
     #[must_use]
     pub(crate) fn is_up(&self) -> bool {
         lock(&self.state).up

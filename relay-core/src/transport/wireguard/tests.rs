@@ -504,3 +504,93 @@ async fn streams_on_reused_sockets_start_clean() {
     pair.stop.cancel();
     server.abort();
 }
+
+/// A plain WireGuard peer (boringtun driven by hand here, as wireguard-go or the kernel would
+/// be) initiates: the sentry's end answers, but counts the peer up only once the peer's first
+/// data arrives (its keepalive confirming the session). Up on the initiation alone, the first
+/// stream's SYN was held back by boringtun, which started a handshake of its own instead (seen
+/// in CI: the first relayed connection to a wireguard-go peer went unanswered for 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_peer_is_up_once_its_session_is_confirmed_and_the_first_packet_is_data() {
+    use boringtun::noise::{Tunn, TunnResult};
+    let stop = CancellationToken::new();
+    let sentry_key = PrivateKey::generate().unwrap();
+    let plain_secret = StaticSecret::from(PrivateKey::generate().unwrap().wireguard_secret());
+    let plain_public = WgPublic::from(&plain_secret);
+    let sentry = Device::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        sentry_key.wireguard_secret(),
+        SENTRY_IP,
+        &[PeerSpec {
+            name: "plain".into(),
+            public: plain_public.to_bytes(),
+            address: AGENT_IP,
+            endpoint: None,
+            keepalive: None,
+            liveness: PLAIN_LIVENESS,
+            accept: false,
+            window: Window::Fixed(STREAM_BUFFER),
+        }],
+        quiet(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let sentry_public = WgPublic::from(sentry.public_key());
+    let mut tunn = Tunn::new(plain_secret, sentry_public, None, None, 7, None);
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = sentry.local_addr().unwrap();
+    let mut out = vec![0u8; 2048];
+    let mut buf = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut out, false) else {
+        panic!("no handshake initiation");
+    };
+    udp.send_to(init, to).await.unwrap();
+    let wait = Duration::from_secs(5);
+    let n = tokio::time::timeout(wait, udp.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(buf[0], 2, "the sentry answers with a handshake response");
+    let peer = sentry.peer("plain").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !peer.is_up(),
+        "up before the session is confirmed (only the initiation arrived)"
+    );
+    // The response completes our handshake; boringtun answers it with a keepalive.
+    let TunnResult::WriteToNetwork(keepalive) = tunn.decapsulate(None, &buf[..n], &mut out) else {
+        panic!("the response did not complete the handshake");
+    };
+    assert_eq!(keepalive[0], 4, "a keepalive (data) confirms the session");
+    udp.send_to(keepalive, to).await.unwrap();
+    wait_up(&peer).await;
+    // The first stream's SYN leaves at once, as data in the confirmed session.
+    let connecting = tokio::spawn({
+        let peer = peer.clone();
+        async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(3),
+                peer.connect(SocketAddrV4::new(AGENT_IP, 7100)),
+            )
+            .await;
+        }
+    });
+    let n = tokio::time::timeout(wait, udp.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        buf[0], 4,
+        "the first packet after up is data, not a handshake of the sentry's own"
+    );
+    match tunn.decapsulate(None, &buf[..n], &mut out) {
+        TunnResult::WriteToTunnelV4(packet, source) => {
+            assert_eq!(source, SENTRY_IP);
+            assert_eq!(packet[9], 6, "a TCP segment (the SYN)");
+        }
+        _ => panic!("the sentry's first data packet did not decrypt to its SYN"),
+    }
+    connecting.abort();
+    stop.cancel();
+}
