@@ -524,6 +524,10 @@ mod tests {
     /// keep tokio's LIFO slot (see [`super::runtime`]), and cost more per relayed request, with
     /// nothing else to show for it.
     #[test]
+    #[expect(
+        clippy::assertions_on_constants,
+        reason = "the constant is the build's configuration, which is what is checked"
+    )]
     fn the_daemon_runtime_is_built_without_the_lifo_slot() {
         assert!(
             cfg!(tokio_unstable),
