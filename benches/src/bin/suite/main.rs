@@ -147,6 +147,8 @@ struct Samples {
     idle: Option<Result<(usize, Vec<f64>), String>>,
     /// What each request of each request/response run cost.
     cost: Vec<cost::Cost>,
+    /// What each connection of each churn run cost.
+    churn_cost: Vec<cost::Cost>,
 }
 
 /// One site's results.
@@ -410,7 +412,9 @@ fn measure(site: &Site, s: Settings) -> Section {
                 );
                 continue;
             }
+            let probe = cost::Probe::start(site, cost_targets(site, path), &dir);
             let c = run(&rt.client, load::churn(r.echo, s.workers, 64, s.seconds));
+            sample.churn_cost.push(probe.finish(site, c.connections));
             sample.cps.push(c.per_second);
             sample.ttfb99.push(c.ttfb_p99_us as f64 / 1e3);
             sample.failed += c.failed;

@@ -246,7 +246,8 @@ pub(super) fn tables(t: &mut String, x: &Section) {
             s.failed
         );
     }
-    cost_table(t, x);
+    cost_table(t, x, Costed::Requests);
+    cost_table(t, x, Costed::Connections);
     let _ = writeln!(t, "\n## Tunnel ends, {}: CPU and memory\n", x.site);
     let _ = writeln!(
         t,
@@ -280,12 +281,30 @@ pub(super) fn tables(t: &mut String, x: &Section) {
     let _ = writeln!(t);
 }
 
-/// What one request of the request/response runs cost, per path (medians over the runs).
-fn cost_table(t: &mut String, x: &Section) {
-    let _ = writeln!(t, "\n## Cost per request, {}\n", x.site);
+/// What a cost table is per: a request of the request/response runs, or a connection of the
+/// churn runs.
+#[derive(Clone, Copy)]
+enum Costed {
+    Requests,
+    Connections,
+}
+
+/// What one request (or one new connection) cost, per path (medians over the runs).
+fn cost_table(t: &mut String, x: &Section, per: Costed) {
+    let (title, unit) = match per {
+        Costed::Requests => (
+            "request",
+            "completed request of the request/response runs (64 B each way)",
+        ),
+        Costed::Connections => (
+            "new connection",
+            "connection of the churn runs (connect, 64 B each way, close)",
+        ),
+    };
+    let _ = writeln!(t, "\n## Cost per {title}, {}\n", x.site);
     let _ = writeln!(
         t,
-        "Per completed request of the request/response runs (64 B each way): CPU (user + \
+        "Per {unit}: CPU (user + \
          system), context switches and syscalls of both tunnel ends together (the plain \
          relay's and wireguard-go's relay threads in the namespace topology; `–` where they \
          share a process with the load generator, or for syscalls where `perf` is missing), \
@@ -310,15 +329,19 @@ fn cost_table(t: &mut String, x: &Section) {
         }
     };
     for (name, s) in x.names.iter().zip(&x.samples) {
+        let costs = match per {
+            Costed::Requests => &s.cost,
+            Costed::Connections => &s.churn_cost,
+        };
         let _ = writeln!(
             t,
             "| {name} | {} | {} | {} | {} | {} | {} |",
-            cells(s.cost.iter().map(|c| c.cpu_us).collect(), 1),
-            cells(s.cost.iter().map(|c| c.system_us).collect(), 1),
-            cells(s.cost.iter().map(|c| c.switches).collect(), 2),
-            cells(s.cost.iter().map(|c| c.syscalls).collect(), 1),
-            cells(s.cost.iter().map(|c| Some(c.packets_sentry)).collect(), 2),
-            cells(s.cost.iter().map(|c| c.packets_validator).collect(), 2),
+            cells(costs.iter().map(|c| c.cpu_us).collect(), 1),
+            cells(costs.iter().map(|c| c.system_us).collect(), 1),
+            cells(costs.iter().map(|c| c.switches).collect(), 2),
+            cells(costs.iter().map(|c| c.syscalls).collect(), 1),
+            cells(costs.iter().map(|c| Some(c.packets_sentry)).collect(), 2),
+            cells(costs.iter().map(|c| c.packets_validator).collect(), 2),
         );
     }
 }
