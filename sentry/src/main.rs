@@ -233,7 +233,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     // it alone, one datagram per message. Now it runs once the connections ready in the same
     // round have written, and their messages leave together in one datagram or one GSO send.
     // Measured over QUIC in the namespace topology: CPU per relayed request 46 -> 33 us, tunnel
-    // datagrams per request 2.2 -> 0.3 at the agent (benches/README.md, "Cost per request").
+    // datagrams per request 2.2 -> 0.3 at the agent (benches/README.md, "Coalescing across streams").
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
     builder

@@ -140,7 +140,8 @@ impl OverlayStream {
         }
     }
 
-    /// Run `f` on the socket, then the stack if `f` asks for it.
+    /// Run `f` on the socket; if `f` asks for the stack, have the timer task run it (see
+    /// `PeerState::defer_poll`).
     fn with_socket<R>(&self, f: impl FnOnce(&mut tcp::Socket<'static>) -> (R, bool)) -> R {
         let (result, wake) = {
             let mut guard = lock(&self.peer.state);
